@@ -1,0 +1,81 @@
+"""Perplexity in JAX: non-overlapping windows, jitted, batched with a padding mask."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prunenet_jax.errors import UserError
+
+
+def windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts ids into non-overlapping windows of seq_len; the last one is padded (mask 0)."""
+    if seq_len < 2:
+        raise UserError(f"--seq_len={seq_len} is too short; use at least 2 (512 is typical)")
+    count = -(-len(ids) // seq_len)
+    tokens = np.zeros((count, seq_len), np.int32)
+    mask = np.zeros((count, seq_len), np.int32)
+    for w in range(count):
+        chunk = ids[w * seq_len:(w + 1) * seq_len]
+        tokens[w, :len(chunk)] = chunk
+        mask[w, :len(chunk)] = 1
+    keep = mask.sum(1) >= 2  # a window of one token predicts nothing
+    return tokens[keep], mask[keep]
+
+
+def _window_nll(graphdef, state, tokens, mask):
+    """Summed next-token negative log-likelihood and the number of scored targets."""
+    logits = nnx.merge(graphdef, state)(tokens, mask)[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    valid = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    return jnp.sum(nll * valid), jnp.sum(valid)
+
+
+class Scorer:
+    """Scores windows with one compiled function per (batch, seq_len) shape."""
+
+    def __init__(self, model: nnx.Module):
+        graphdef, self.state = nnx.split(model)
+        self._nll = jax.jit(functools.partial(_window_nll, graphdef))
+
+    def nll(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> tuple[float, int]:
+        total, count = 0.0, 0
+        for start in range(0, len(tokens), batch_size):
+            t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
+            pad = batch_size - len(t)  # keep one shape, so one compilation
+            if pad:
+                t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
+                m = np.concatenate([m, np.zeros((pad, m.shape[1]), m.dtype)])
+            s, c = self._nll(self.state, jnp.asarray(t), jnp.asarray(m))
+            total += float(s)
+            count += int(c)
+        return total, count
+
+
+def tokenize(tokenizer, text: str, max_tokens: Optional[int] = None) -> np.ndarray:
+    ids = np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def perplexity(model: nnx.Module, tokenizer, texts: dict[str, str], seq_len: int = 512,
+               batch_size: int = 4, max_tokens: Optional[int] = None) -> dict:
+    """{"ppl": over all texts, "tokens": scored targets, "files": {name: {"ppl", "tokens"}}}."""
+    if batch_size < 1:
+        raise UserError(f"--batch_size={batch_size} must be at least 1")
+    scorer = Scorer(model)
+    files, total_nll, total_count = {}, 0.0, 0
+    for name, text in texts.items():
+        tokens, mask = windows(tokenize(tokenizer, text, max_tokens), seq_len)
+        if len(tokens) == 0:
+            raise UserError(f"eval text {name} has fewer than 2 tokens; pass a longer text")
+        nll, count = scorer.nll(tokens, mask, batch_size)
+        files[name] = {"ppl": math.exp(nll / count), "tokens": count}
+        total_nll += nll
+        total_count += count
+    return {"ppl": math.exp(total_nll / total_count), "tokens": total_count, "files": files}

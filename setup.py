@@ -1,0 +1,30 @@
+"""prunenet-jax. The repository's models/ and launch/ are installed as prunenet_jax.models and
+prunenet_jax.launch, so no generic top-level `models` or `launch` lands in site-packages."""
+import pathlib
+
+from setuptools import setup
+
+here = pathlib.Path(__file__).parent
+
+
+def _requirements(name):
+    lines = (here / name).read_text().splitlines()
+    return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+setup(
+    name="prunenet-jax",
+    version="0.1.0",
+    description="Calibration-free FFN pruning of LLaMA-family models with a learned policy (PruneNet), in JAX/Flax",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["prunenet_jax", "prunenet_jax.models", "prunenet_jax.launch"],
+    package_dir={"prunenet_jax": "prunenet_jax", "prunenet_jax.models": "models",
+                 "prunenet_jax.launch": "launch"},
+    install_requires=_requirements("requirements.txt"),
+    extras_require={"test": _requirements("requirements-test.txt")},
+    entry_points={"console_scripts": [
+        "prunenet-evaluate=prunenet_jax.launch.evaluate:run",
+    ]},
+)
