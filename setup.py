@@ -26,5 +26,6 @@ setup(
     extras_require={"test": _requirements("requirements-test.txt")},
     entry_points={"console_scripts": [
         "prunenet-evaluate=prunenet_jax.launch.evaluate:run",
+        "prunenet-prune=prunenet_jax.launch.prune:run",
     ]},
 )

@@ -41,3 +41,42 @@ def dtype(name: str):
     if name not in DTYPES:
         raise UserError(f"--dtype={name} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def define_parallel_flags() -> None:
+    flags.DEFINE_integer("mesh", 0, "Devices on the layer axis (0: all devices of all hosts)")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
+                        "(jax.distributed.initialize); unset on one host")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index")
+
+
+def init_distributed() -> None:
+    """jax.distributed.initialize from the multi-host flags, when they are given."""
+    f = flags.FLAGS
+    if f.coordinator_address is None and f.num_processes is None and f.process_id is None:
+        return
+    if None in (f.coordinator_address, f.num_processes, f.process_id):
+        raise UserError("multi-host runs need all of --coordinator_address, --num_processes and "
+                        "--process_id (or none of them, on one host)")
+    if not 0 <= f.process_id < f.num_processes:
+        raise UserError(f"--process_id={f.process_id} must be in [0, --num_processes="
+                        f"{f.num_processes})")
+    import jax
+
+    jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                               num_processes=f.num_processes, process_id=f.process_id)
+
+
+def make_mesh():
+    """The 1-D layer mesh over --mesh devices (all by default); None for a single device."""
+    import jax
+
+    from prunenet_jax import sharding
+
+    n, available = flags.FLAGS.mesh, jax.device_count()
+    if n < 0 or n > available:
+        raise UserError(f"--mesh={n} asks for more devices than the {available} present; use "
+                        f"--mesh between 1 and {available} (0: all)")
+    n = n or available
+    return None if n == 1 else sharding.make_mesh(n)

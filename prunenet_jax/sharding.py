@@ -1,0 +1,111 @@
+"""Device mesh and layer-axis sharding for the stacked (L, ...) arrays of the method.
+
+The method's only parallel axis is the layer axis L: gate matrices (L, I, H), reference spectra
+(L, m), actions (L, k) are split over a 1-D mesh axis named `LAYER_AXIS`; the policy and its
+optimiser state are replicated. `NamedSharding` needs L divisible by the number of devices, so L is
+padded up (zeros) to a multiple of it; the training code masks padded layers out (their reward and
+loss are zero, and no optimiser step is taken for them), and results are cut back with `unpad`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+LAYER_AXIS = "layers"
+
+
+def make_mesh(num_devices: Optional[int] = None,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh over `num_devices` devices (default: all), axis `LAYER_AXIS`.
+
+    Axis type Auto: outside `shard_map`, jit propagates shardings as usual (GSPMD).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices) if num_devices is None else int(num_devices)
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"asked for a mesh of {n} devices but {len(devices)} are available")
+    return jax.make_mesh((n,), (LAYER_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
+
+
+def mesh_size(mesh: Optional[Mesh]) -> int:
+    return 1 if mesh is None else int(mesh.shape[LAYER_AXIS])
+
+
+def layer_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (layer) axis split over the mesh, other axes whole."""
+    return NamedSharding(mesh, P(LAYER_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def padded_num_layers(num_layers: int, mesh_or_devices) -> int:
+    """The smallest multiple of the device count that is >= num_layers."""
+    n = mesh_or_devices if isinstance(mesh_or_devices, int) else mesh_size(mesh_or_devices)
+    return -(-int(num_layers) // n) * n
+
+
+def pad_layers(x: np.ndarray, num_padded: int) -> np.ndarray:
+    """Host array (L, ...) -> (num_padded, ...), zero rows appended (a copy only when padding)."""
+    L = x.shape[0]
+    if num_padded < L:
+        raise ValueError(f"cannot pad {L} layers down to {num_padded}")
+    if num_padded == L:
+        return x
+    return np.concatenate([x, np.zeros((num_padded - L,) + x.shape[1:], x.dtype)])
+
+
+def valid_mask(num_layers: int, num_padded: int) -> np.ndarray:
+    """(num_padded,) bool, True for real layers."""
+    return np.arange(num_padded) < num_layers
+
+
+def unpad(x, num_layers: int):
+    """Drops padded layers from a stacked array (or every leaf of a pytree) with leading axis L."""
+    return jax.tree.map(lambda a: a[:num_layers], x)
+
+
+def place_stacked(array: np.ndarray, mesh: Mesh, num_padded: Optional[int] = None) -> jax.Array:
+    """Puts a host (L, ...) array on the mesh, split along L, padded with zero layers to
+    `num_padded` (default: the next multiple of the mesh size).
+
+    Each device receives only its own slice (`jax.make_array_from_callback`): the padded array is
+    never materialised on the host, and on multi-host setups each host supplies its own devices'
+    slices from its own copy of `array`.
+    """
+    array = np.asarray(array) if not hasattr(array, "shape") else array
+    L = array.shape[0]
+    Lp = padded_num_layers(L, mesh) if num_padded is None else int(num_padded)
+    if Lp < L or Lp % mesh_size(mesh):
+        raise ValueError(f"num_padded={Lp} must be >= {L} and a multiple of the mesh size "
+                         f"{mesh_size(mesh)}")
+    shape = (Lp,) + tuple(array.shape[1:])
+
+    def slice_of(index):
+        rows = index[0]
+        start, stop, _ = rows.indices(Lp)
+        real = np.asarray(array[start:min(stop, L)])[(slice(None),) + tuple(index[1:])]
+        if stop <= L:
+            return real
+        pad_shape = (stop - max(start, L),) + real.shape[1:]
+        return np.concatenate([real, np.zeros(pad_shape, real.dtype)])
+
+    return jax.make_array_from_callback(shape, layer_sharding(mesh), slice_of, dtype=array.dtype)
+
+
+def replicate(tree, mesh: Mesh):
+    """Puts every leaf of a pytree on all devices of the mesh."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host) jax.Array as a whole host numpy array, on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
