@@ -84,13 +84,17 @@ def main(argv) -> None:
     mesh = common.make_mesh()
     logging.info("mesh: %d devices over %d processes", 1 if mesh is None else mesh.size,
                  jax.process_count())
-    weights = hf_io.load_model(FLAGS.model, revision=FLAGS.revision)
-    I = weights.config.intermediate_size
+    if jax.process_index() == 0:
+        weights = hf_io.load_model(FLAGS.model, revision=FLAGS.revision)
+        config, W = weights.config, weights.layers[registry.GATE]
+    else:  # other hosts only train: they read just their own layers' gate matrices, lazily
+        weights = None
+        config, W = hf_io.load_gate_stack(FLAGS.model, revision=FLAGS.revision)
+    I = config.intermediate_size
     for r in ratios + [train_ratio]:
         sampling.num_kept(I, r)  # refuses a ratio that keeps no channel
-    logging.info("loaded %s: %d layers, I=%d, H=%d", weights.source,
-                 weights.config.num_hidden_layers, I, weights.config.hidden_size)
-    W = weights.layers[registry.GATE]
+    logging.info("loaded %s: %d layers, I=%d, H=%d", FLAGS.model, config.num_hidden_layers, I,
+                 config.hidden_size)
 
     bar = tqdm(total=FLAGS.episodes, desc="episodes", disable=jax.process_index() != 0)
     seconds, last = [], [time.perf_counter()]
@@ -105,8 +109,12 @@ def main(argv) -> None:
     result = train.train(W, cfg, seed=FLAGS.seed, num_episodes=FLAGS.episodes, mesh=mesh,
                          callback=on_episode)
     bar.close()
-    state = result.state
-    best_params = jax.tree.map(sharding.to_host, state.best_params)
+    # Gathering to the host is a collective on multi-host runs: every process takes part.
+    best_params = jax.tree.map(sharding.to_host, result.state.best_params)
+    best_episode = int(sharding.to_host(result.state.best_episode))
+    best_reward = float(sharding.to_host(result.state.best_reward))
+    if weights is None:
+        return  # process 0 prunes, evaluates and writes
 
     tokenizer = hf_io.load_tokenizer(weights) if eval_texts else None
 
@@ -129,18 +137,17 @@ def main(argv) -> None:
         rows.append({"ratio": r, "kept": k, "params": pruned.num_params(), "ppl": ppl(pruned)})
 
     summary = {"results": rows, "dense_ppl": dense_ppl, "dense_params": weights.num_params(),
-               "episode_seconds": seconds, "best_episode": int(sharding.to_host(state.best_episode)),
-               "best_total_reward": float(sharding.to_host(state.best_reward)),
-               "episode_total_rewards": [float(m.total_reward) for m in result.history], "train_ratio": train_ratio,
-               "mode": FLAGS.mode, "seed": FLAGS.seed}
-    if jax.process_index() == 0:
-        if FLAGS.out_dir:
-            history = {"ks": np.stack([m.ks for m in result.history]),
-                       "rewards": np.stack([m.rewards for m in result.history]),
-                       "indices": np.stack([m.indices for m in result.history])}
-            outputs.write_run(FLAGS.out_dir, summary, best_params, kept, history)
-        print_table(rows, weights.num_params(), dense_ppl)
-        print(json.dumps(summary))
+               "episode_seconds": seconds, "best_episode": best_episode,
+               "best_total_reward": best_reward,
+               "episode_total_rewards": [float(m.total_reward) for m in result.history],
+               "train_ratio": train_ratio, "mode": FLAGS.mode, "seed": FLAGS.seed}
+    if FLAGS.out_dir:
+        history = {"ks": np.stack([m.ks for m in result.history]),
+                   "rewards": np.stack([m.rewards for m in result.history]),
+                   "indices": np.stack([m.indices for m in result.history])}
+        outputs.write_run(FLAGS.out_dir, summary, best_params, kept, history)
+    print_table(rows, weights.num_params(), dense_ppl)
+    print(json.dumps(summary))
 
 
 def run():

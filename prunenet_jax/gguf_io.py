@@ -151,6 +151,22 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     return weights
 
 
+def gguf_gate_stack(path: str):
+    """(config, gate matrices as a LazyLayerStack) without dequantising any other tensor."""
+    from prunenet_jax.layer_stack import LazyLayerStack
+
+    path = os.fspath(path)
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = LlamaConfig.from_hf(gguf_hf_config(reader, path, tensors), source=path)
+    shape = registry.expected_shapes(config)[registry.GATE]
+    names = [f"blk.{i}.{registry.GGUF_LAYER[registry.GATE]}" for i in range(config.num_hidden_layers)]
+    for n in names:
+        if n not in tensors:
+            raise UserError(f"{path}: tensor {n!r} is missing; the file is incomplete; re-download it")
+    return config, LazyLayerStack(shape, np.float32, lambda i: _dequantize(tensors[names[i]], path))
+
+
 def load_gguf_tokenizer(path: str):
     """The `transformers` tokenizer described by the GGUF file's metadata."""
     from transformers import AutoTokenizer

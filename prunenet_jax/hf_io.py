@@ -11,6 +11,7 @@ import numpy as np
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
 from prunenet_jax.errors import UserError
+from prunenet_jax.layer_stack import LazyLayerStack
 from prunenet_jax.safetensors_io import SafetensorsFile
 from prunenet_jax.weights import ModelWeights
 
@@ -24,15 +25,20 @@ def load_model(source: str, dtype=np.float32, revision: Optional[str] = None) ->
         return _gguf().load_gguf(_gguf().default_model_path(), dtype=dtype, source="default")
     if os.path.isdir(source):
         return load_hf_folder(source, dtype=dtype)
+    if os.path.isfile(source) and source.endswith(".gguf"):
+        return _gguf().load_gguf(source, dtype=dtype)
+    return load_hf_folder(_hub_folder(source, revision), dtype=dtype, source=source)
+
+
+def _hub_folder(source: str, revision: Optional[str]) -> str:
+    """The local folder of a hub id; a clear error for anything else that is not a model."""
     if os.path.isfile(source):
-        if source.endswith(".gguf"):
-            return _gguf().load_gguf(source, dtype=dtype)
         raise UserError(f"{source} is a file but not a .gguf file; pass a Hugging Face folder "
                         "(with config.json and safetensors), a .gguf file, a hub id or 'default'")
-    if _HUB_ID.match(source) and not source.endswith(".gguf"):
-        return load_hf_folder(download(source, revision), dtype=dtype, source=source)
-    raise UserError(f"{source}: no such file or folder; pass an existing Hugging Face folder, a "
-                    "'.gguf' file, a hub id like 'org/name', or 'default'")
+    if not _HUB_ID.match(source) or source.endswith(".gguf"):
+        raise UserError(f"{source}: no such file or folder; pass an existing Hugging Face folder, "
+                        "a '.gguf' file, a hub id like 'org/name', or 'default'")
+    return download(source, revision)
 
 
 def _gguf():
@@ -129,6 +135,25 @@ def load_hf_folder(folder: str, dtype=np.float32, source: Optional[str] = None) 
         layers[suffix] = stacked
     return ModelWeights(config=cfg, hf_config=hf_config, globals=globals_, layers=layers,
                         source=source, tokenizer_dir=folder)
+
+
+def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[LlamaConfig, LazyLayerStack]:
+    """The config and the gate matrices (L, I, H) as a float32 stack read layer by layer on use
+    (multi-host training: each host reads only the layers of its own devices)."""
+    if source == "default" or (os.path.isfile(source) and source.endswith(".gguf")):
+        path = _gguf().default_model_path() if source == "default" else source
+        return _gguf().gguf_gate_stack(path)
+    if not os.path.isdir(source):
+        source = _hub_folder(source, revision)
+    cfg = LlamaConfig.from_hf(read_config(source), source=os.path.join(source, "config.json"))
+    where = _open_shards(source)
+    names = [registry.LAYER_PREFIX.format(i) + registry.GATE for i in range(cfg.num_hidden_layers)]
+    shape = registry.expected_shapes(cfg)[registry.GATE]
+    for n in names:
+        if n not in where or where[n].shape(n) != shape[1:]:
+            raise UserError(f"{source}: tensor {n!r} is missing or has the wrong shape; the "
+                            "checkpoint is incomplete or its config.json describes another model")
+    return cfg, LazyLayerStack(shape, np.float32, lambda i: where[names[i]].get(names[i]))
 
 
 def load_tokenizer(weights: ModelWeights):

@@ -69,7 +69,8 @@ def unpad(x, num_layers: int):
     return jax.tree.map(lambda a: a[:num_layers], x)
 
 
-def place_stacked(array: np.ndarray, mesh: Mesh, num_padded: Optional[int] = None) -> jax.Array:
+def place_stacked(array: np.ndarray, mesh: Mesh, num_padded: Optional[int] = None,
+                  dtype=None) -> jax.Array:
     """Puts a host (L, ...) array on the mesh, split along L, padded with zero layers to
     `num_padded` (default: the next multiple of the mesh size).
 
@@ -78,6 +79,7 @@ def place_stacked(array: np.ndarray, mesh: Mesh, num_padded: Optional[int] = Non
     slices from its own copy of `array`.
     """
     array = np.asarray(array) if not hasattr(array, "shape") else array
+    dtype = np.dtype(array.dtype if dtype is None else dtype)
     L = array.shape[0]
     Lp = padded_num_layers(L, mesh) if num_padded is None else int(num_padded)
     if Lp < L or Lp % mesh_size(mesh):
@@ -88,13 +90,13 @@ def place_stacked(array: np.ndarray, mesh: Mesh, num_padded: Optional[int] = Non
     def slice_of(index):
         rows = index[0]
         start, stop, _ = rows.indices(Lp)
-        real = np.asarray(array[start:min(stop, L)])[(slice(None),) + tuple(index[1:])]
+        real = np.asarray(array[start:min(stop, L)], dtype)[(slice(None),) + tuple(index[1:])]
         if stop <= L:
             return real
         pad_shape = (stop - max(start, L),) + real.shape[1:]
         return np.concatenate([real, np.zeros(pad_shape, real.dtype)])
 
-    return jax.make_array_from_callback(shape, layer_sharding(mesh), slice_of, dtype=array.dtype)
+    return jax.make_array_from_callback(shape, layer_sharding(mesh), slice_of, dtype=dtype)
 
 
 def replicate(tree, mesh: Mesh):

@@ -397,7 +397,7 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
         params = policy_lib.init_params(jax.random.fold_in(key, 0), I, H)
     ep_key = jax.random.fold_in(key, 1)
     if mesh is not None:
-        W_dev = sharding.place_stacked(np.asarray(W, np.float32), mesh)
+        W_dev = sharding.place_stacked(W, mesh, dtype=np.float32)  # W may be a LazyLayerStack
         state = sharding.replicate(init_state(params, cfg), mesh)
     else:
         W_dev = jnp.asarray(W, jnp.float32)

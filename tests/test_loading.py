@@ -137,3 +137,15 @@ def test_non_gguf_file(tmp_path):
 def test_hub_id_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _raises("no-such-org/no-such-model", "no-such-org/no-such-model", "hub")
+
+
+def test_lazy_gate_stack_reads_only_the_layers_asked_for(folder):
+    cfg, stack = hf_io.load_gate_stack(folder)
+    full = hf_io.load_model(folder).layers[registry.GATE]
+    assert cfg.intermediate_size == 48 and stack.shape == full.shape
+    reads = []
+    read = stack._read
+    stack._read = lambda i: (reads.append(i), read(i))[1]
+    np.testing.assert_array_equal(stack[1:3, :, :5], full[1:3, :, :5])
+    assert reads == [1, 2]
+    np.testing.assert_array_equal(np.asarray(stack), full)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from prunenet_jax import hf_io
-from prunenet_jax.models import llama
+from prunenet_jax.models import llama, registry
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest "
             "to find some water before the sun goes down.")
@@ -26,3 +26,10 @@ def test_default_model_logits_match_transformers(hf_default_model):
     logp = np.asarray(jax.nn.log_softmax(got[0, :-1], axis=-1))
     ppl = float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
     assert ppl < 100  # a uniform guess over 49,152 tokens would score ~49,152
+
+
+def test_default_gate_stack_equals_full_load():
+    full = hf_io.load_model("default").layers[registry.GATE]
+    cfg, stack = hf_io.load_gate_stack("default")
+    assert stack.shape == full.shape == (30, 1536, 576)
+    np.testing.assert_array_equal(stack[28:30], full[28:30])
