@@ -40,8 +40,6 @@ def time_reference(venv: str, model_dir: str, episodes: int, ratio: float) -> di
 
 
 def time_ours(model_dir: str, episodes: int, ratio: float, schedule: str) -> dict:
-    import numpy as np
-
     from prunenet_jax import hf_io, train
     from prunenet_jax.models import registry
 

@@ -1,7 +1,6 @@
 """HF folder loading: sharded files, dtypes, and every bad input giving one clear UserError."""
 import json
 import os
-import shutil
 
 import ml_dtypes
 import numpy as np
@@ -86,7 +85,7 @@ def test_unsupported_model_type(folder):
     cfg = json.load(open(os.path.join(folder, "config.json")))
     cfg["model_type"] = "gpt2"
     json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
-    msg = _raises(folder, "gpt2", "llama", "mistral", "qwen2")
+    _raises(folder, "gpt2", "llama", "mistral", "qwen2")
 
 
 def test_truncated_safetensors(folder):
