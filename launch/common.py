@@ -64,8 +64,11 @@ def init_distributed() -> None:
                         f"{f.num_processes})")
     import jax
 
+    # After training, processes other than 0 wait at shutdown while process 0 prunes, evaluates
+    # and writes, which can take far longer than jax's default 5-minute shutdown barrier.
     jax.distributed.initialize(coordinator_address=f.coordinator_address,
-                               num_processes=f.num_processes, process_id=f.process_id)
+                               num_processes=f.num_processes, process_id=f.process_id,
+                               shutdown_timeout_seconds=24 * 3600)
 
 
 def make_mesh():
