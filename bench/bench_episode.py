@@ -46,15 +46,8 @@ def time_ours(model_dir: str, episodes: int, ratio: float, schedule: str) -> dic
     t0 = time.perf_counter()
     W = hf_io.load_model(model_dir).layers[registry.GATE]
     load = time.perf_counter() - t0
-    seconds, last = [], [time.perf_counter()]
-
-    def tick(e, m):
-        now = time.perf_counter()
-        seconds.append(now - last[0])
-        last[0] = now
-
-    train.train(W, train.TrainConfig(ratio=ratio, schedule=schedule), num_episodes=episodes,
-                callback=tick)
+    seconds = train.train(W, train.TrainConfig(ratio=ratio, schedule=schedule),
+                          num_episodes=episodes).episode_seconds
     steady = seconds[1:] or seconds
     return {"impl": f"ours ({schedule} schedule)", "episodes": episodes, "episode_seconds": seconds,
             "median_episode_seconds": statistics.median(steady), "load_seconds": load,

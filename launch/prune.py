@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import numpy as np
@@ -96,12 +95,8 @@ def main(argv) -> None:
                  config.hidden_size)
 
     bar = tqdm(total=FLAGS.episodes, desc="episodes", disable=jax.process_index() != 0)
-    seconds, last = [], [time.perf_counter()]
 
     def on_episode(e, m):
-        now = time.perf_counter()
-        seconds.append(now - last[0])
-        last[0] = now
         bar.set_postfix(mean_ks=f"{float(np.mean(m.ks)):.4f}", total_reward=f"{float(m.total_reward):.2f}")
         bar.update(1)
 
@@ -136,7 +131,8 @@ def main(argv) -> None:
         rows.append({"ratio": r, "kept": k, "params": pruned.num_params(), "ppl": ppl(pruned)})
 
     summary = {"results": rows, "dense_ppl": dense_ppl, "dense_params": weights.num_params(),
-               "episode_seconds": seconds, "best_episode": best_episode,
+               "setup_seconds": result.setup_seconds,
+               "episode_seconds": result.episode_seconds, "best_episode": best_episode,
                "best_total_reward": best_reward,
                "episode_total_rewards": [float(m.total_reward) for m in result.history],
                "train_ratio": train_ratio, "mode": FLAGS.mode, "seed": FLAGS.seed}

@@ -21,24 +21,28 @@ _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def load_model(source: str, dtype=np.float32, revision: Optional[str] = None) -> ModelWeights:
     """Loads weights as host numpy arrays; dtype None keeps the checkpoint's own dtype."""
+    kind, path = resolve_source(source, revision)
+    if kind == "gguf":
+        return _gguf().load_gguf(path, dtype=dtype, source=source)
+    return load_hf_folder(path, dtype=dtype, source=source)
+
+
+def resolve_source(source: str, revision: Optional[str] = None) -> tuple[str, str]:
+    """("gguf", file) or ("hf", local folder) for what the user named; a hub id is downloaded,
+    anything else that is not a model gets a clear error."""
     if source == "default":
-        return _gguf().load_gguf(_gguf().default_model_path(), dtype=dtype, source="default")
+        return "gguf", _gguf().default_model_path()
     if os.path.isdir(source):
-        return load_hf_folder(source, dtype=dtype)
-    if os.path.isfile(source) and source.endswith(".gguf"):
-        return _gguf().load_gguf(source, dtype=dtype)
-    return load_hf_folder(_hub_folder(source, revision), dtype=dtype, source=source)
-
-
-def _hub_folder(source: str, revision: Optional[str]) -> str:
-    """The local folder of a hub id; a clear error for anything else that is not a model."""
+        return "hf", source
     if os.path.isfile(source):
+        if source.endswith(".gguf"):
+            return "gguf", source
         raise UserError(f"{source} is a file but not a .gguf file; pass a Hugging Face folder "
                         "(with config.json and safetensors), a .gguf file, a hub id or 'default'")
     if not _HUB_ID.match(source) or source.endswith(".gguf"):
         raise UserError(f"{source}: no such file or folder; pass an existing Hugging Face folder, "
                         "a '.gguf' file, a hub id like 'org/name', or 'default'")
-    return download(source, revision)
+    return "hf", download(source, revision)
 
 
 def _gguf():
@@ -140,11 +144,9 @@ def load_hf_folder(folder: str, dtype=np.float32, source: Optional[str] = None) 
 def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[LlamaConfig, LazyLayerStack]:
     """The config and the gate matrices (L, I, H) as a float32 stack read layer by layer on use
     (multi-host training: each host reads only the layers of its own devices)."""
-    if source == "default" or (os.path.isfile(source) and source.endswith(".gguf")):
-        path = _gguf().default_model_path() if source == "default" else source
-        return _gguf().gguf_gate_stack(path)
-    if not os.path.isdir(source):
-        source = _hub_folder(source, revision)
+    kind, source = resolve_source(source, revision)
+    if kind == "gguf":
+        return _gguf().gguf_gate_stack(source)
     cfg = LlamaConfig.from_hf(read_config(source), source=os.path.join(source, "config.json"))
     where = _open_shards(source)
     names = [registry.LAYER_PREFIX.format(i) + registry.GATE for i in range(cfg.num_hidden_layers)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -373,6 +374,8 @@ def _cached_episode_fn(cfg, num_layers, mesh):
 class TrainResult:
     state: TrainState  # final state (params after the last episode, best_params, ...)
     history: list  # per episode: EpisodeMetrics as host numpy arrays, cut to num_layers
+    setup_seconds: float  # placing W and the reference spectra
+    episode_seconds: list  # wall time per episode (the first includes compilation)
 
 
 def episode_key(key: jax.Array, episode: int) -> jax.Array:
@@ -392,6 +395,7 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
     if num_episodes < 1:
         raise UserError(f"num_episodes={num_episodes}: train for at least one episode")
     L, I, H = W.shape
+    start = time.perf_counter()
     key = jax.random.key(seed)
     if params is None:
         params = policy_lib.init_params(jax.random.fold_in(key, 0), I, H)
@@ -402,15 +406,19 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
     else:
         W_dev = jnp.asarray(W, jnp.float32)
         state = init_state(params, cfg)
-    ref_sv = reference_singular_values(W_dev, mesh=mesh, method=cfg.sv_method)
+    ref_sv = jax.block_until_ready(reference_singular_values(W_dev, mesh=mesh, method=cfg.sv_method))
+    setup_seconds = time.perf_counter() - start
     episode_fn = _cached_episode_fn(cfg, L, mesh)
-    history = []
+    history, seconds = [], []
     for e in range(num_episodes):
+        t0 = time.perf_counter()
         state, metrics = episode_fn(state, W_dev, ref_sv, episode_key(ep_key, e))
         host = EpisodeMetrics(*(sharding.to_host(m) for m in metrics))
         host = host._replace(**{f: host_f[:L] for f, host_f in host._asdict().items()
                                 if f != "total_reward"})
         history.append(host)
+        seconds.append(time.perf_counter() - t0)  # to_host above waited for the episode
         if callback is not None:
             callback(e, host)
-    return TrainResult(state=state, history=history)
+    return TrainResult(state=state, history=history, setup_seconds=setup_seconds,
+                       episode_seconds=seconds)
