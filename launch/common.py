@@ -1,10 +1,16 @@
 """What every launcher shares: user errors as one `error:` line and exit code 2, dtype names."""
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 
 import jax.numpy as jnp
+import numpy as np
+import logging as stdlib_logging
+
 from absl import app, flags
+from absl import logging as absl_logging
 
 from prunenet_jax.errors import UserError  # noqa: F401  (re-exported for launchers)
 
@@ -23,10 +29,18 @@ def _parse_flags(argv):
         _fail(f"{e}; run with --help to see the flags")
 
 
+class _QuietOrbax(stdlib_logging.Filter):
+    """orbax logs every save and restore step at INFO; keep its warnings and errors only."""
+
+    def filter(self, record):
+        return record.levelno >= stdlib_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def run(main) -> None:
     """absl app.run, with flag errors and UserErrors reported as one line and exit code 2."""
 
     def guarded(argv):
+        absl_logging.get_absl_logger().addFilter(_QuietOrbax())
         if len(argv) > 1:
             _fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
         try:
@@ -41,6 +55,11 @@ def dtype(name: str):
     if name not in DTYPES:
         raise UserError(f"--dtype={name} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def numpy_dtype(name: str):
+    """The host (numpy/ml_dtypes) dtype of a --dtype name, for writing checkpoints."""
+    return np.dtype(dtype(name))
 
 
 def define_parallel_flags() -> None:
@@ -83,3 +102,11 @@ def make_mesh():
                         f"--mesh between 1 and {available} (0: all)")
     n = n or available
     return None if n == 1 else sharding.make_mesh(n)
+
+
+def command_line() -> str:
+    """The command this process was started with, for model cards and manifests."""
+    prog = os.path.basename(sys.argv[0])
+    if prog.endswith(".py"):  # python -m launch.<name>
+        return " ".join([f"python -m launch.{prog[:-3]}", shlex.join(sys.argv[1:])]).strip()
+    return shlex.join([prog, *sys.argv[1:]])

@@ -24,15 +24,22 @@ def load_model(source: str, dtype=np.float32, revision: Optional[str] = None) ->
     kind, path = resolve_source(source, revision)
     if kind == "gguf":
         return _gguf().load_gguf(path, dtype=dtype, source=source)
+    if kind == "orbax":
+        from prunenet_jax import checkpoints  # imported on use: orbax is slow to import
+
+        return checkpoints.load_model(path, dtype=dtype, source=source)
     return load_hf_folder(path, dtype=dtype, source=source)
 
 
 def resolve_source(source: str, revision: Optional[str] = None) -> tuple[str, str]:
-    """("gguf", file) or ("hf", local folder) for what the user named; a hub id is downloaded,
-    anything else that is not a model gets a clear error."""
+    """("gguf", file), ("hf", local folder) or ("orbax", a sliced model checkpoint of ours) for
+    what the user named; a hub id is downloaded, anything else that is not a model gets a clear
+    error."""
     if source == "default":
         return "gguf", _gguf().default_model_path()
     if os.path.isdir(source):
+        if os.path.isfile(os.path.join(source, "_CHECKPOINT_METADATA")):
+            return "orbax", source
         return "hf", source
     if os.path.isfile(source):
         if source.endswith(".gguf"):
@@ -147,6 +154,9 @@ def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[LlamaC
     kind, source = resolve_source(source, revision)
     if kind == "gguf":
         return _gguf().gguf_gate_stack(source)
+    if kind == "orbax":  # a sliced model of ours: small enough to read whole
+        weights = load_model(source)
+        return weights.config, weights.layers[registry.GATE]
     cfg = LlamaConfig.from_hf(read_config(source), source=os.path.join(source, "config.json"))
     where = _open_shards(source)
     names = [registry.LAYER_PREFIX.format(i) + registry.GATE for i in range(cfg.num_hidden_layers)]

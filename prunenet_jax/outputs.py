@@ -1,36 +1,80 @@
-"""What a pruning run writes: results.json, the trained policy, its history, the kept channels.
+"""Safe writing of outputs: checking --out_dir, atomic files and folders.
 
-Files are written under a temporary name and renamed, so a crash leaves the old file or the
+Files and folders are written under a temporary name and renamed, so a crash leaves the old one or the
 complete new one, never a partial one. The input checkpoint is never written into.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 
-import numpy as np
 
 from prunenet_jax.errors import UserError
 
 
-def check_out_dir(out_dir: str, model_source: str) -> None:
-    """Refuses an --out_dir inside the input checkpoint, or one that cannot be written. Creates
-    nothing: the folder is made when the first output is written."""
+def check_out_dir(out_dir: str, inputs, *, reuse: bool = True) -> None:
+    """Refuses an --out_dir inside an input (a path or a list of paths), one that cannot be
+    written, and (unless `reuse`, i.e. --overwrite/--resume) one that already holds files.
+    Creates nothing: the folder is made when the first output is written."""
     out = os.path.realpath(out_dir)
-    if os.path.isdir(model_source):
-        src = os.path.realpath(model_source)
-        if out == src or out.startswith(src + os.sep):
-            raise UserError(f"--out_dir={out_dir} is inside the input checkpoint {model_source}; "
-                            "choose a folder outside it (inputs are never written into)")
+    for source in [inputs] if isinstance(inputs, str) else inputs:
+        if os.path.exists(source):
+            src = os.path.realpath(source)
+            if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
+                raise UserError(f"--out_dir={out_dir} is inside the input {source}; choose a "
+                                "folder outside it (inputs are never written into)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out_dir={out_dir} exists and is not a folder; choose another path")
+    if not reuse and os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"--out_dir={out_dir} already holds files; pass --overwrite to replace "
+                        "an earlier run's outputs, --resume to continue it, or choose an empty "
+                        "folder")
     existing = out
     while not os.path.exists(existing):  # the nearest existing ancestor must let us create it
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out_dir={out_dir} cannot be written ({existing} is not a writable "
                         "folder); choose a writable path")
+
+
+@contextlib.contextmanager
+def staged_dir(final: str, *, create: bool = True):
+    """Yields a temporary sibling path of folder `final` to fill; on success it is renamed to
+    `final`. An existing `final` is renamed away first and deleted after the swap, so at every
+    instant `final` is the old complete folder, the new complete one, or (for the instant between
+    two renames) absent, never partial. On an exception the temporary folder is removed.
+    `create=False` yields the path without making it (for writers that insist on creating it)."""
+    final = os.path.abspath(final)
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    if create:
+        os.mkdir(tmp)
+    try:
+        yield tmp
+        old = None
+        if os.path.lexists(final):
+            old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic(path: str, write) -> None:
@@ -53,17 +97,3 @@ def _atomic(path: str, write) -> None:
 
 def write_json(path: str, obj) -> None:
     _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def write_arrays(path: str, arrays: dict) -> None:
-    _atomic(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
-
-
-def write_run(out_dir: str, summary: dict, policy_params: dict, kept: dict, history: dict) -> None:
-    """policy.npz (P, b, r), kept_channels.npz (ratio_<r>: (L, k)), history.npz (per episode:
-    ks, rewards (E, L), indices (E, L, k)), results.json (the summary the launcher prints)."""
-    os.makedirs(out_dir, exist_ok=True)
-    write_arrays(os.path.join(out_dir, "policy.npz"), policy_params)
-    write_arrays(os.path.join(out_dir, "history.npz"), history)
-    write_arrays(os.path.join(out_dir, "kept_channels.npz"), kept)
-    write_json(os.path.join(out_dir, "results.json"), summary)

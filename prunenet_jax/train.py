@@ -383,34 +383,70 @@ def episode_key(key: jax.Array, episode: int) -> jax.Array:
     return jax.random.fold_in(key, episode)
 
 
+def initial_params(seed: int, intermediate_size: int, hidden_size: int) -> policy_lib.Params:
+    """The policy a run seeded with `seed` starts from."""
+    return policy_lib.init_params(jax.random.fold_in(jax.random.key(seed), 0), intermediate_size,
+                                  hidden_size)
+
+
+def history_arrays(history: list) -> dict[str, np.ndarray]:
+    """Per-episode host metrics stacked on a leading episode axis, one array per field."""
+    return {f: np.stack([getattr(m, f) for m in history]) for f in EpisodeMetrics._fields}
+
+
+def history_from_arrays(arrays: dict[str, np.ndarray]) -> list:
+    n = len(arrays["total_reward"])
+    return [EpisodeMetrics(**{f: np.asarray(arrays[f][e]) for f in EpisodeMetrics._fields})
+            for e in range(n)]
+
+
+def history_template(num_episodes: int, num_layers: int, k: int) -> dict[str, np.ndarray]:
+    """Zero arrays shaped like `history_arrays` of `num_episodes` episodes (for restoring)."""
+    E, L = num_episodes, num_layers
+    per_layer = lambda: np.zeros((E, L), np.float32)
+    return {"indices": np.zeros((E, L, k), np.int32), "ks": per_layer(), "rewards": per_layer(),
+            "discounted_rewards": per_layer(), "losses": per_layer(),
+            "total_reward": np.zeros((E,), np.float32)}
+
+
 def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params] = None,
           seed: int = 42, num_episodes: int = 20, mesh: Optional[Mesh] = None,
-          callback: Optional[Callable[[int, EpisodeMetrics], None]] = None) -> TrainResult:
+          callback: Optional[Callable[[int, EpisodeMetrics], None]] = None,
+          resume_from: Optional[tuple[TrainState, list]] = None,
+          on_state: Optional[Callable[[int, TrainState, list], None]] = None) -> TrainResult:
     """Trains the policy on host gate matrices W (L, I, H) for `num_episodes` episodes.
 
     `seed` fixes everything: key = jax.random.key(seed); the policy (when `params` is None) is
     initialised from fold_in(key, 0), episode e uses fold_in(fold_in(key, 1), e).
     `callback(episode, metrics)` is called after each episode with host metrics.
+    `resume_from=(state, history)` (host arrays, e.g. restored from a checkpoint after
+    `state.episode` episodes) continues that run: the result equals an uninterrupted run's.
+    `on_state(episodes_done, state, history)` is called after each episode (for checkpointing).
     """
     if num_episodes < 1:
         raise UserError(f"num_episodes={num_episodes}: train for at least one episode")
     L, I, H = W.shape
     start = time.perf_counter()
-    key = jax.random.key(seed)
-    if params is None:
-        params = policy_lib.init_params(jax.random.fold_in(key, 0), I, H)
-    ep_key = jax.random.fold_in(key, 1)
+    ep_key = jax.random.fold_in(jax.random.key(seed), 1)
+    if resume_from is not None:
+        state, history = resume_from[0], list(resume_from[1])
+    else:
+        state = init_state(initial_params(seed, I, H) if params is None else params, cfg)
+        history = []
+    first = int(np.asarray(state.episode))
+    if first != len(history):
+        raise ValueError(f"resume state is after {first} episodes but history has {len(history)}")
     if mesh is not None:
         W_dev = sharding.place_stacked(W, mesh, dtype=np.float32)  # W may be a LazyLayerStack
-        state = sharding.replicate(init_state(params, cfg), mesh)
+        state = sharding.replicate(state, mesh)
     else:
         W_dev = jnp.asarray(W, jnp.float32)
-        state = init_state(params, cfg)
+        state = jax.tree.map(jnp.asarray, state)
     ref_sv = jax.block_until_ready(reference_singular_values(W_dev, mesh=mesh, method=cfg.sv_method))
     setup_seconds = time.perf_counter() - start
     episode_fn = _cached_episode_fn(cfg, L, mesh)
-    history, seconds = [], []
-    for e in range(num_episodes):
+    seconds = []
+    for e in range(first, num_episodes):
         t0 = time.perf_counter()
         state, metrics = episode_fn(state, W_dev, ref_sv, episode_key(ep_key, e))
         host = EpisodeMetrics(*(sharding.to_host(m) for m in metrics))
@@ -420,5 +456,7 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
         seconds.append(time.perf_counter() - t0)  # to_host above waited for the episode
         if callback is not None:
             callback(e, host)
+        if on_state is not None:
+            on_state(e + 1, state, history)
     return TrainResult(state=state, history=history, setup_seconds=setup_seconds,
                        episode_seconds=seconds)

@@ -1,0 +1,289 @@
+"""orbax checkpoints of everything the project writes in JAX form.
+
+Three kinds, each an orbax composite checkpoint with a JSON `meta` item that says what it is:
+- a policy (`save_policy`/`load_policy`): P, b, r plus its shapes, seed, hyper-parameters and
+  best-episode statistics;
+- the training state after every episode (`TrainCheckpoints`, an orbax CheckpointManager whose
+  steps are episodes done): policy, optimiser state, episode, best-so-far and the per-episode
+  history, so a killed run resumes where it stopped. The RNG needs no saving: episode e's key is
+  fold_in(key(seed), e), so the seed (checked on resume) and the episode index fix it;
+- a sliced model (`save_model`/`load_model`/`restore_model_arrays`): every tensor under its HF
+  name, the source config.json with the new width, the kept channels, and where the tokenizer
+  lives; restorable onto a device mesh with shardings.
+
+orbax writes a checkpoint under a temporary name and renames it when complete. Replacing an
+existing checkpoint (`overwrite`) saves beside it and swaps, so the old one stays until the new
+one is complete.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from prunenet_jax import outputs
+from prunenet_jax.errors import UserError
+from prunenet_jax.models import registry
+from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.weights import ModelWeights
+
+POLICY_KIND = "prunenet_jax.policy"
+MODEL_KIND = "prunenet_jax.sliced_model"
+TRAIN_KIND = "prunenet_jax.train_state"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def _options(local_only: bool) -> ocp.options.MultiprocessingOptions:
+    """On multi-host runs, checkpoints written by process 0 alone (policy, sliced models) must not
+    wait at barriers for the other processes."""
+    if local_only and jax.process_count() > 1:
+        me = jax.process_index()
+        return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.options.MultiprocessingOptions()
+
+
+def _checkpointer(local_only: bool = True) -> ocp.Checkpointer:
+    opts = _options(local_only)
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(multiprocessing_options=opts))
+    return ocp.Checkpointer(handler, multiprocessing_options=opts)
+
+
+def _save(path: str, items: dict[str, Any], meta: dict, overwrite: bool) -> None:
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it, or choose "
+                        "another --out_dir")
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    args["meta"] = ocp.args.JsonSave(meta)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with outputs.staged_dir(path, create=False) as tmp:  # orbax creates tmp; we swap it into path
+        _checkpointer().save(tmp, args=ocp.args.Composite(**args))
+
+
+def read_meta(path: str) -> Optional[dict]:
+    """The JSON `meta` item of one of our checkpoints, or None when `path` is not one."""
+    meta_file = os.path.join(path, "meta", "metadata")
+    if not os.path.isfile(meta_file):
+        return None
+    meta = _checkpointer().restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return meta if isinstance(meta, dict) and "kind" in meta else None
+
+
+def _expect_kind(path: str, kind: str, what: str, fix: str) -> dict:
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such folder; pass {what}")
+    meta = read_meta(path)
+    if meta is None or meta.get("kind") != kind:
+        found = "another kind of checkpoint" if meta else "not a prunenet-jax orbax checkpoint"
+        raise UserError(f"{path} is {found}; pass {what} ({fix})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer prunenet-jax (format "
+                        f"{meta['format_version']}); upgrade prunenet-jax to read it")
+    return meta
+
+
+def _restore(path: str, items: dict[str, Any]) -> dict[str, Any]:
+    args = {name: ocp.args.StandardRestore(target) for name, target in items.items()}
+    try:
+        return _checkpointer().restore(path, args=ocp.args.Composite(**args))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise UserError(f"{path}: the checkpoint is damaged or incomplete ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); write it again") from None
+
+
+def _to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+# ----------------------------------------------------------------------------- policy
+
+def save_policy(path: str, params: dict, metadata: dict, *, overwrite: bool = False) -> None:
+    """Saves policy params {P (I, H), b (I,), r (I, 1)} with `metadata` (JSON-serialisable: seed,
+    hyper-parameters, best-episode statistics, ...); shapes are recorded by this function."""
+    params = _to_numpy(params)
+    I, H = params["P"].shape
+    meta = {"kind": POLICY_KIND, "format_version": FORMAT_VERSION, "intermediate_size": int(I),
+            "hidden_size": int(H), **metadata}
+    _save(path, {"params": params}, meta, overwrite)
+
+
+def load_policy(path: str) -> tuple[dict, dict]:
+    """(params as host arrays, metadata) of a policy saved by `save_policy`."""
+    meta = _expect_kind(path, POLICY_KIND, "the policy/ folder of an earlier prune run",
+                        "e.g. --policy=<previous --out_dir>/policy")
+    I, H = meta["intermediate_size"], meta["hidden_size"]
+    target = {"P": np.zeros((I, H), np.float32), "b": np.zeros((I,), np.float32),
+              "r": np.zeros((I, 1), np.float32)}
+    return _to_numpy(_restore(path, {"params": target})["params"]), meta
+
+
+def check_policy_fits(meta: dict, config: LlamaConfig, source: str, policy_path: str) -> None:
+    """The policy maps an (I, H) gate matrix to I logits: it prunes only models of that shape."""
+    want = (meta["intermediate_size"], meta["hidden_size"])
+    have = (config.intermediate_size, config.hidden_size)
+    if want != have:
+        raise UserError(f"{source} has gate matrices of shape (intermediate_size, hidden_size) = "
+                        f"{have} but the policy {policy_path} was trained for {want}; train a "
+                        "policy on this model (omit --policy) or pass one trained on the same shapes")
+
+
+# ----------------------------------------------------------------------------- training state
+
+class TrainCheckpoints:
+    """The training state after every episode, under `directory` (orbax CheckpointManager, steps =
+    episodes done, the latest two kept).
+
+    `run_meta` describes the run (seed, hyper-parameters, model shapes); `restore` refuses a
+    checkpoint of another run, so --resume cannot silently mix two configurations.
+    """
+
+    def __init__(self, directory: str, run_meta: dict):
+        self.directory = os.path.abspath(directory)
+        self.run_meta = {"kind": TRAIN_KIND, "format_version": FORMAT_VERSION, **run_meta}
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                               cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "history", "meta"))
+
+    def latest_episode(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def save(self, episodes_done: int, state, history: dict[str, np.ndarray]) -> None:
+        """Asynchronous: returns once the arrays are copied; `wait` before relying on the files."""
+        self._manager.save(episodes_done, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), history=ocp.args.StandardSave(history),
+            meta=ocp.args.JsonSave(self.run_meta)))
+
+    def restore(self, state_template, history_template_fn) -> tuple[Any, dict, int]:
+        """(state, history, episodes done) of the latest checkpoint, as host arrays shaped like
+        `state_template`; `history_template_fn(episodes)` gives the history's shapes."""
+        step = self._manager.latest_step()
+        if step is None:
+            raise UserError(f"{self.directory} holds no training checkpoint to resume from; "
+                            "drop --resume to start afresh")
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        diff = sorted(k for k in set(meta) | set(self.run_meta) if meta.get(k) != self.run_meta.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: saved {meta.get(k)!r} vs now {self.run_meta.get(k)!r}"
+                               for k in diff)
+            raise UserError(f"--resume: the training checkpoint in {self.directory} belongs to "
+                            f"another run ({detail}); rerun with the same flags, or drop --resume "
+                            "(with --overwrite) to start afresh")
+        template = {"state": _to_numpy(state_template), "history": history_template_fn(step)}
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{k: ocp.args.StandardRestore(v) for k, v in template.items()}))
+        return _to_numpy(restored["state"]), _to_numpy(restored["history"]), step
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+# ----------------------------------------------------------------------------- sliced model
+
+def save_model(path: str, weights: ModelWeights, metadata: dict, *, kept: Optional[np.ndarray] = None,
+               overwrite: bool = False) -> None:
+    """Saves every tensor of `weights` (globals and stacked layers, HF names) with the source
+    config.json (already carrying the new width), `metadata` (ratio, seed, ...) and the kept
+    channels (L, k) of the dense model they were sliced from."""
+    dtypes = {n: np.dtype(a.dtype).name for n, a in {**weights.globals, **weights.layers}.items()}
+    meta = {"kind": MODEL_KIND, "format_version": FORMAT_VERSION, "hf_config": weights.hf_config,
+            "dtypes": dtypes, "source": weights.source,
+            "tokenizer_dir": _abs(weights.tokenizer_dir), "gguf_file": _abs(weights.gguf_file),
+            "has_kept": kept is not None, **metadata}
+    items = {"globals": dict(weights.globals), "layers": dict(weights.layers)}
+    if kept is not None:
+        items["kept"] = {"indices": np.asarray(kept, np.int32)}
+    _save(path, items, meta, overwrite)
+
+
+def load_kept(path: str) -> np.ndarray:
+    """The kept channels (L, k) stored with a sliced model."""
+    meta = _expect_kind(path, MODEL_KIND, "a sliced-model orbax folder", "ratio_<r>/orbax")
+    if not meta.get("has_kept"):
+        raise UserError(f"{path} does not record its kept channels (it was converted, not pruned)")
+    config = LlamaConfig.from_hf(meta["hf_config"])
+    target = {"indices": np.zeros((config.num_hidden_layers, config.intermediate_size), np.int32)}
+    return _restore(path, {"kept": target})["kept"]["indices"]
+
+
+def _abs(path: Optional[str]) -> Optional[str]:
+    return None if path is None else os.path.abspath(path)
+
+
+def is_model_checkpoint(path: str) -> bool:
+    meta = read_meta(path) if os.path.isdir(path) else None
+    return meta is not None and meta.get("kind") == MODEL_KIND
+
+
+def model_shardings(shapes: dict[str, tuple], mesh: Mesh) -> dict[str, NamedSharding]:
+    """A sharding for every tensor: split its first axis whose length the mesh size divides (the
+    layer axis when it can), else replicate."""
+    n, axis = mesh.devices.size, mesh.axis_names[0]
+    out = {}
+    for name, shape in shapes.items():
+        dim = next((d for d, size in enumerate(shape) if size % n == 0 and size >= n), None)
+        spec = P() if dim is None else P(*([None] * dim), axis)
+        out[name] = NamedSharding(mesh, spec)
+    return out
+
+
+def _model_templates(meta: dict, path: str) -> tuple[LlamaConfig, dict]:
+    config = LlamaConfig.from_hf(meta["hf_config"], source=os.path.join(path, "meta"))
+    shapes = registry.expected_shapes(config)
+    dtypes = meta["dtypes"]
+    globals_ = {n: jax.ShapeDtypeStruct(shapes[n], np.dtype(dtypes[n]))
+                for n in registry.global_tensor_names(config)}
+    layers = {n: jax.ShapeDtypeStruct(shapes[n], np.dtype(dtypes[n]))
+              for n in registry.layer_tensor_names(config)}
+    return config, {"globals": globals_, "layers": layers}
+
+
+def restore_model_arrays(path: str, mesh: Optional[Mesh] = None) -> tuple[dict, dict]:
+    """({"globals": {...}, "layers": {...}} as jax arrays, meta). With a mesh every tensor is
+    placed by `model_shardings`, each device reading only its own slices from disk."""
+    meta = _expect_kind(path, MODEL_KIND, "a sliced-model orbax folder (ratio_<r>/orbax of a "
+                        "prune run)", "or an HF folder")
+    _, templates = _model_templates(meta, path)
+    if mesh is not None:
+        for group in templates.values():
+            shard = model_shardings({n: t.shape for n, t in group.items()}, mesh)
+            for n, t in group.items():
+                group[n] = jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shard[n])
+    return _restore(path, templates), meta
+
+
+def load_model(path: str, dtype=np.float32, source: Optional[str] = None) -> ModelWeights:
+    """A sliced model checkpoint as host ModelWeights (like `hf_io.load_model`); dtype None keeps
+    the saved dtypes."""
+    meta = _expect_kind(path, MODEL_KIND, "a sliced-model orbax folder", "or an HF folder")
+    config, templates = _model_templates(meta, path)
+    host = {g: {n: np.zeros(t.shape, t.dtype) for n, t in group.items()}
+            for g, group in templates.items()}
+    arrays = _restore(path, host)
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype, copy=False))
+    weights = ModelWeights(
+        config=config, hf_config=meta["hf_config"],
+        globals={n: cast(np.asarray(a)) for n, a in arrays["globals"].items()},
+        layers={n: cast(np.asarray(a)) for n, a in arrays["layers"].items()},
+        source=source or path, tokenizer_dir=meta.get("tokenizer_dir"),
+        gguf_file=meta.get("gguf_file"))
+    weights.check_shapes()
+    return weights
+
+
+def model_card_fields(meta: dict) -> dict:
+    """The fields of a sliced-model checkpoint that an HF model card reports."""
+    keys = ("source", "ratio", "kept", "params_before", "params_after", "seed",
+            "policy_fingerprint", "mode", "command")
+    return {k: meta[k] for k in keys if meta.get(k) is not None}
+

@@ -1,0 +1,100 @@
+"""A policy-training run that survives being killed: the state is checkpointed after every
+episode under `<out_dir>/train_state`, a rerun with `resume=True` continues from the last
+checkpoint, and the trained policy is saved to `<out_dir>/policy`.
+
+Resuming gives exactly the policy an uninterrupted run gives: episode e's randomness depends only
+on the seed and e, and the checkpoint holds the whole state (policy, optimiser, best so far).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Optional
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from prunenet_jax import checkpoints, pipeline, sampling, sharding, train
+from prunenet_jax.errors import UserError
+from prunenet_jax.models.config import LlamaConfig
+
+TRAIN_STATE = "train_state"
+POLICY = "policy"
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _restore(ckpts, config: LlamaConfig, cfg: train.TrainConfig, seed: int, episodes: int):
+    I, H = config.intermediate_size, config.hidden_size
+    template = train.init_state(train.initial_params(seed, I, H), cfg)
+    k = sampling.num_kept(I, cfg.ratio)
+    state, history, done = ckpts.restore(
+        template, lambda e: train.history_template(e, config.num_hidden_layers, k))
+    if done > episodes:
+        raise UserError(f"--resume: {ckpts.directory} is after {done} episodes but --episodes="
+                        f"{episodes}; pass --episodes={done} or more, or start afresh")
+    logging.info("resuming after episode %d of %d", done, episodes)
+    return state, train.history_from_arrays(history)
+
+
+def train_policy(W, config: LlamaConfig, cfg: train.TrainConfig, *, seed: int, episodes: int,
+                 mesh: Optional[Mesh], out_dir: Optional[str], resume: bool,
+                 source: str) -> tuple[dict, dict]:
+    """Trains on every process (W may be a LazyLayerStack); returns (host params of the best
+    episode, a JSON-able training summary). With `out_dir`, checkpoints every episode and saves
+    the policy (process 0); without `resume` an old train_state there is discarded first."""
+    ckpts = resume_from = None
+    if out_dir:
+        path = os.path.join(out_dir, TRAIN_STATE)
+        if not resume and os.path.isdir(path) and jax.process_index() == 0:
+            shutil.rmtree(path)  # the old run's resume points belong to the run being replaced
+        _barrier("prunenet_train_state_cleared")
+        run_meta = {"seed": seed, "num_layers": config.num_hidden_layers,
+                    "intermediate_size": config.intermediate_size,
+                    "hidden_size": config.hidden_size, "train_config": dataclasses.asdict(cfg)}
+        ckpts = checkpoints.TrainCheckpoints(path, run_meta)
+        if resume and ckpts.latest_episode() is not None:
+            resume_from = _restore(ckpts, config, cfg, seed, episodes)
+
+    done_before = 0 if resume_from is None else len(resume_from[1])
+    bar = tqdm(total=episodes, desc="episodes", initial=done_before,
+               disable=jax.process_index() != 0)
+
+    def on_episode(e, m):
+        bar.set_postfix(mean_ks=f"{float(np.mean(m.ks)):.4f}",
+                        total_reward=f"{float(m.total_reward):.2f}")
+        bar.update(1)
+
+    def on_state(done, state, history):
+        if ckpts is not None:
+            ckpts.save(done, state, train.history_arrays(history))
+
+    result = train.train(W, cfg, seed=seed, num_episodes=episodes, mesh=mesh, callback=on_episode,
+                         resume_from=resume_from, on_state=on_state)
+    bar.close()
+    if ckpts is not None:
+        ckpts.wait()
+        ckpts.close()
+    # Gathering to the host is a collective on multi-host runs: every process takes part.
+    params = jax.tree.map(sharding.to_host, result.state.best_params)
+    summary = {"best_episode": int(sharding.to_host(result.state.best_episode)),
+               "best_total_reward": float(sharding.to_host(result.state.best_reward)),
+               "episode_total_rewards": [float(m.total_reward) for m in result.history],
+               "setup_seconds": result.setup_seconds, "episode_seconds": result.episode_seconds,
+               "resumed_after": None if resume_from is None else done_before}
+    if out_dir and jax.process_index() == 0:
+        checkpoints.save_policy(os.path.join(out_dir, POLICY), params, {
+            "seed": seed, "train_config": dataclasses.asdict(cfg), "source": source,
+            "episodes": episodes, "best_episode": summary["best_episode"],
+            "best_total_reward": summary["best_total_reward"],
+            "fingerprint": pipeline.policy_fingerprint(params)}, overwrite=True)
+    return params, summary
