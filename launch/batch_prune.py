@@ -158,7 +158,7 @@ def prune_one(name, source, params, policy_meta, manifest, recipe, ratios, texts
         message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         if not isinstance(e, UserError):
             logging.exception("unexpected error on %s", source)
-        print(f"error: {name}: {message}", file=sys.stderr)
+        tqdm.write(f"error: {name}: {message}", file=sys.stderr)  # above the progress bar
         for r in ratios:
             if not manifest.is_done({**key, "ratio": r}, recipe):
                 manifest.record({**key, "source": source, "ratio": r, "kept": None, "params": None,

@@ -12,6 +12,7 @@ import jax
 from absl import flags, logging
 
 from prunenet_jax import checkpoints, hf_io, outputs, pipeline, training_run
+from prunenet_jax import policy as policy_lib
 from prunenet_jax.launch import common, pruning_flags
 from prunenet_jax.models import registry
 
@@ -82,7 +83,7 @@ def main(argv) -> None:
             out_dir=FLAGS.out_dir, resume=FLAGS.resume, source=FLAGS.model)
         if weights is None:
             return  # process 0 prunes, evaluates and writes
-    fingerprint = pipeline.policy_fingerprint(params)
+    fingerprint = policy_lib.fingerprint(params)
     ppl = pruning_flags.ppl_fn(weights, eval_texts)
     dense_ppl = ppl(weights)
     header = {"model": FLAGS.model, "policy_dir": "policy" if policy is None else

@@ -6,6 +6,7 @@ complete new one, never a partial one. The input checkpoint is never written int
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -51,6 +52,7 @@ def staged_dir(final: str, *, create: bool = True):
     final = os.path.abspath(final)
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
+    _recover(parent, name)
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     if create:
         os.mkdir(tmp)
@@ -60,13 +62,31 @@ def staged_dir(final: str, *, create: bool = True):
         if os.path.lexists(final):
             old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.rename(old, final)
+            raise
         _fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _recover(parent: str, name: str) -> None:
+    """Tidies what a killed writer of `name` left: partial `.tmp-` folders are deleted; an
+    `.old-` folder is the complete previous output when the kill fell between the two renames,
+    so it is put back if `name` is missing, else deleted. (One writer per output folder.)"""
+    for old in sorted(glob.glob(os.path.join(parent, glob.escape(f".{name}.old-") + "*"))):
+        if not os.path.lexists(os.path.join(parent, name)):
+            os.rename(old, os.path.join(parent, name))
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in glob.glob(os.path.join(parent, glob.escape(f".{name}.tmp-") + "*")):
+        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
 
 
 def _fsync_dir(folder: str) -> None:
@@ -77,7 +97,8 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _atomic(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """Calls write(file) on a temporary file beside `path`, fsyncs it and renames it to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
     try:
@@ -96,4 +117,4 @@ def _atomic(path: str, write) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))

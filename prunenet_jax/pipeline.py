@@ -8,7 +8,6 @@ entries marked "done" whose folders exist.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Callable, Optional
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 
 from prunenet_jax import checkpoints, outputs, prune, sampling
+from prunenet_jax import policy as policy_lib
 from prunenet_jax.models import registry
 from prunenet_jax.weights import ModelWeights
 
@@ -26,16 +26,6 @@ DONE, FAILED = "done", "failed"
 
 def ratio_dirname(ratio: float) -> str:
     return f"ratio_{ratio:g}"
-
-
-def policy_fingerprint(params: dict) -> str:
-    """First 16 hex digits of a sha256 over the policy's names, shapes, dtypes and bytes."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        a = np.ascontiguousarray(np.asarray(params[name]))
-        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 class Manifest:
@@ -99,7 +89,7 @@ def select_kept(params: dict, weights: ModelWeights, ratio: float, mode: str, se
 def output_recipe(params: dict, mode: str, seed: int, export_hf: bool, torch_format: bool) -> dict:
     """What an output depends on besides the model and ratio: a manifest entry made with another
     recipe is stale and gets redone on resume."""
-    return {"policy_fingerprint": policy_fingerprint(params), "mode": mode, "seed": seed,
+    return {"policy_fingerprint": policy_lib.fingerprint(params), "mode": mode, "seed": seed,
             "export_hf": export_hf, "torch_format": torch_format}
 
 

@@ -13,11 +13,13 @@ Two forms of the parameters:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -123,6 +125,17 @@ def load_into(module: Policy, params: Params) -> None:
             raise ValueError(f"policy parameter {name!r}: shape {tuple(params[name].shape)} "
                              f"does not match the module's {tuple(old.shape)}")
         getattr(module, name).set_value(jnp.asarray(params[name], old.dtype))
+
+
+def fingerprint(params: Params) -> str:
+    """First 16 hex digits of a sha256 over the sorted names, dtypes, shapes and bytes of the
+    params (numpy or jax arrays): names a policy in manifests and model cards."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        a = np.ascontiguousarray(np.asarray(params[name]))
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()[:16]
 
 
 def check_params(params: Any) -> Params:

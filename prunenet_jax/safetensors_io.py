@@ -1,8 +1,9 @@
-"""Reading safetensors files tensor by tensor through a memory map.
+"""Reading safetensors files tensor by tensor through a memory map, and writing them.
 
-Our own reader (the format is an 8-byte header length, a JSON header, then raw little-endian data)
-because it gives bf16 as `ml_dtypes.bfloat16` without torch, never copies a whole file, and lets us
-tell a truncated file apart from a valid one before any tensor is read.
+Our own reader and writer (the format is an 8-byte header length, a JSON header, then raw
+little-endian data) because they handle bf16 as `ml_dtypes.bfloat16` without torch and never hold
+a whole file in memory; the reader also tells a truncated file apart from a valid one before any
+tensor is read.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from prunenet_jax import outputs
 from prunenet_jax.errors import UserError
 
 DTYPES = {
@@ -77,3 +79,58 @@ class SafetensorsFile:
         raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + begin,
                         shape=(stop - begin,))
         return raw.view(dtype).reshape(entry["shape"])
+
+
+_NAMES = {np.dtype(t): name for name, t in DTYPES.items()}
+_CHUNK_BYTES = 64 * 2**20  # tensors are cast and written in slices of about this size
+
+
+def dtype_name(dtype) -> str:
+    """The safetensors name ("F32", "BF16", ...) of a numpy dtype; UserError if it has none."""
+    dt = np.dtype(dtype)
+    if dt not in _NAMES:
+        raise UserError(f"dtype {dt} cannot be stored in safetensors (supported: {', '.join(DTYPES)})")
+    return _NAMES[dt]
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
+                      dtype=None) -> int:
+    """Writes `tensors` as a .safetensors file at `path`; returns the number of data bytes.
+
+    `dtype` (optional) casts every tensor while writing, a slice at a time, so no second copy of
+    the weights is ever held. Data is streamed to a temporary file in the same folder, fsynced and
+    renamed, so `path` is either absent/old or complete. Tensors are laid out largest itemsize
+    first, then by name (as the safetensors library does): every tensor stays aligned to its
+    itemsize, and the same input always gives the same bytes.
+    """
+    dtypes = {n: np.dtype(dtype if dtype is not None else t.dtype) for n, t in tensors.items()}
+    order = sorted(tensors, key=lambda n: (-dtypes[n].itemsize, n))
+    header, offset = {}, 0
+    for name in order:
+        nbytes = int(np.prod(tensors[name].shape, dtype=np.int64)) * dtypes[name].itemsize
+        header[name] = {"dtype": dtype_name(dtypes[name]), "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+
+    def write(f):
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name in order:
+            _write_tensor(f, tensors[name], dtypes[name])
+
+    outputs.atomic_write(path, write)
+    return offset
+
+
+def _write_tensor(f, array: np.ndarray, dtype: np.dtype) -> None:
+    """Streams `array` as C-order little-endian `dtype` bytes, cast a slice of rows at a time."""
+    flat = np.asarray(array).reshape(-1) if np.ndim(array) < 2 else np.asarray(array)
+    row_bytes = max(1, int(np.prod(flat.shape[1:], dtype=np.int64)) * dtype.itemsize)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, flat.shape[0], step):
+        chunk = np.ascontiguousarray(flat[start:start + step], dtype=dtype.newbyteorder("<"))
+        f.write(chunk.reshape(-1).view(np.uint8).data)

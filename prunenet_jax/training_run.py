@@ -18,7 +18,8 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from prunenet_jax import checkpoints, pipeline, sampling, sharding, train
+from prunenet_jax import checkpoints, sampling, sharding, train
+from prunenet_jax import policy as policy_lib
 from prunenet_jax.errors import UserError
 from prunenet_jax.models.config import LlamaConfig
 
@@ -96,5 +97,5 @@ def train_policy(W, config: LlamaConfig, cfg: train.TrainConfig, *, seed: int, e
             "seed": seed, "train_config": dataclasses.asdict(cfg), "source": source,
             "episodes": episodes, "best_episode": summary["best_episode"],
             "best_total_reward": summary["best_total_reward"],
-            "fingerprint": pipeline.policy_fingerprint(params)}, overwrite=True)
+            "fingerprint": policy_lib.fingerprint(params)}, overwrite=True)
     return params, summary

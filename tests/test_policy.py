@@ -1,3 +1,4 @@
+import hashlib
 import math
 
 import jax
@@ -106,3 +107,16 @@ def test_module_and_plain_params_round_trip():
         pol.load_into(m, pol.init_params(jax.random.key(0), 16, 9))
     with pytest.raises(ValueError):
         pol.policy_logits(params, jnp.ones((3, 16, 9)))
+
+
+def test_policy_fingerprint():
+    rng = np.random.default_rng(0)
+    p = {"P": rng.standard_normal((4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    fp = pol.fingerprint(p)
+    want = hashlib.sha256(b"P:<f4:(4, 3);" + p["P"].tobytes() + b"b:<f4:(3,);" + p["b"].tobytes())
+    assert fp == want.hexdigest()[:16]  # a stable format: fingerprints are recorded in manifests
+    assert pol.fingerprint({k: jnp.asarray(v) for k, v in p.items()}) == fp
+    assert pol.fingerprint(dict(reversed(list(p.items())))) == fp  # order-free
+    assert pol.fingerprint({**p, "b": p["b"] + 1e-7}) != fp
+    assert pol.fingerprint({**p, "b": p["b"].astype(np.float64)}) != fp
+    assert pol.fingerprint({**p, "b": p["b"].reshape(1, 3)}) != fp
