@@ -23,8 +23,11 @@ setup(
     package_dir={"prunenet_jax": "prunenet_jax", "prunenet_jax.models": "models",
                  "prunenet_jax.launch": "launch"},
     install_requires=_requirements("requirements.txt"),
-    extras_require={"test": _requirements("requirements-test.txt")},
+    extras_require={"test": _requirements("requirements-test.txt"),
+                    "lm_eval": ["lm-eval==0.4.13", "accelerate>=1.0"]},
     entry_points={"console_scripts": [
+        "prunenet-batch-prune=prunenet_jax.launch.batch_prune:run",
+        "prunenet-convert=prunenet_jax.launch.convert:run",
         "prunenet-evaluate=prunenet_jax.launch.evaluate:run",
         "prunenet-prune=prunenet_jax.launch.prune:run",
     ]},

@@ -141,10 +141,11 @@ def prune_one(name, source, params, policy_meta, manifest, recipe, ratios, texts
         return
     weights = None
     try:
-        weights = hf_io.load_model(source)
+        config = hf_io.load_config(source)  # shape errors before the weights are read
         if policy_meta is not None:
-            checkpoints.check_policy_fits(policy_meta, weights.config, source, FLAGS.policy)
-        pruning_flags.check_ratios_fit(weights.config.intermediate_size, ratios, source)
+            checkpoints.check_policy_fits(policy_meta, config, source, FLAGS.policy)
+        pruning_flags.check_ratios_fit(config.intermediate_size, ratios, source)
+        weights = hf_io.load_model(source)
         ppl = pruning_flags.ppl_fn(weights, texts)
         dense_ppl = ppl(weights)
         pipeline.prune_at_ratios(

@@ -58,6 +58,11 @@ def main(argv) -> None:
     cfg = pruning_flags.train_config(ratios)
     eval_texts = pruning_flags.eval_texts()
     policy = checkpoints.load_policy(FLAGS.policy) if FLAGS.policy else None
+    # The model's config is cheap to read: shape errors surface before the weights are loaded.
+    config = hf_io.load_config(FLAGS.model, revision=FLAGS.revision)
+    pruning_flags.check_ratios_fit(config.intermediate_size, ratios + [cfg.ratio], FLAGS.model)
+    if policy is not None:
+        checkpoints.check_policy_fits(policy[1], config, FLAGS.model, FLAGS.policy)
     common.init_distributed()
     mesh = common.make_mesh()
     logging.info("mesh: %d devices over %d processes", 1 if mesh is None else mesh.size,
@@ -70,12 +75,10 @@ def main(argv) -> None:
     else:  # other hosts only train: they read just their own layers' gate matrices, lazily
         weights = None
         config, W = hf_io.load_gate_stack(FLAGS.model, revision=FLAGS.revision)
-    pruning_flags.check_ratios_fit(config.intermediate_size, ratios + [cfg.ratio], FLAGS.model)
     logging.info("loaded %s: %d layers, I=%d, H=%d", FLAGS.model, config.num_hidden_layers,
                  config.intermediate_size, config.hidden_size)
 
     if policy is not None:
-        checkpoints.check_policy_fits(policy[1], config, FLAGS.model, FLAGS.policy)
         params, training = policy[0], {"policy": os.path.abspath(FLAGS.policy)}
     else:
         params, training = training_run.train_policy(

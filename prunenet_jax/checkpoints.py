@@ -248,6 +248,12 @@ def _model_templates(meta: dict, path: str) -> tuple[LlamaConfig, dict]:
     return config, {"globals": globals_, "layers": layers}
 
 
+def load_config(path: str) -> LlamaConfig:
+    """A sliced model checkpoint's config, without reading its tensors."""
+    meta = _expect_kind(path, MODEL_KIND, "a sliced-model orbax folder", "or an HF folder")
+    return LlamaConfig.from_hf(meta["hf_config"], source=os.path.join(path, "meta"))
+
+
 def restore_model_arrays(path: str, mesh: Optional[Mesh] = None) -> tuple[dict, dict]:
     """({"globals": {...}, "layers": {...}} as jax arrays, meta). With a mesh every tensor is
     placed by `model_shardings`, each device reading only its own slices from disk."""

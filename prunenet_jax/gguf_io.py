@@ -151,6 +151,14 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     return weights
 
 
+def load_gguf_config(path: str) -> LlamaConfig:
+    """The config from the file's metadata, without dequantising anything."""
+    path = os.fspath(path)
+    reader = open_gguf(path)
+    return LlamaConfig.from_hf(gguf_hf_config(reader, path, {t.name: t for t in reader.tensors}),
+                               source=path)
+
+
 def gguf_gate_stack(path: str):
     """(config, gate matrices as a LazyLayerStack) without dequantising any other tensor."""
     from prunenet_jax.layer_stack import LazyLayerStack

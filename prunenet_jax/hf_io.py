@@ -23,12 +23,28 @@ def load_model(source: str, dtype=np.float32, revision: Optional[str] = None) ->
     """Loads weights as host numpy arrays; dtype None keeps the checkpoint's own dtype."""
     kind, path = resolve_source(source, revision)
     if kind == "gguf":
-        return _gguf().load_gguf(path, dtype=dtype, source=source)
-    if kind == "orbax":
+        weights = _gguf().load_gguf(path, dtype=dtype, source=source)
+    elif kind == "orbax":
         from prunenet_jax import checkpoints  # imported on use: orbax is slow to import
 
-        return checkpoints.load_model(path, dtype=dtype, source=source)
-    return load_hf_folder(path, dtype=dtype, source=source)
+        weights = checkpoints.load_model(path, dtype=dtype, source=source)
+    else:
+        weights = load_hf_folder(path, dtype=dtype, source=source)
+    weights.check_finite()
+    return weights
+
+
+def load_config(source: str, revision: Optional[str] = None) -> LlamaConfig:
+    """The model's config without reading its weights: what launchers validate flags against
+    before the heavy load (a hub id is still downloaded)."""
+    kind, path = resolve_source(source, revision)
+    if kind == "gguf":
+        return _gguf().load_gguf_config(path)
+    if kind == "orbax":
+        from prunenet_jax import checkpoints
+
+        return checkpoints.load_config(path)
+    return LlamaConfig.from_hf(read_config(path), source=os.path.join(path, "config.json"))
 
 
 def resolve_source(source: str, revision: Optional[str] = None) -> tuple[str, str]:

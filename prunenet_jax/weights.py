@@ -54,6 +54,15 @@ class ModelWeights:
                     f"{self.source}: tensor {name!r} has shape {tuple(found[name].shape)} but the "
                     f"config implies {tuple(shape)}; fix config.json or use matching weights")
 
+    def check_finite(self) -> None:
+        """Raises UserError naming the first tensor with a NaN or Inf (a corrupt checkpoint would
+        otherwise train a policy on garbage and export it)."""
+        for name, array in self.named_arrays():
+            if not np.isfinite(array).all():
+                bad = int(np.size(array) - np.isfinite(array).sum())
+                raise UserError(f"{self.source}: tensor {name!r} has {bad} NaN or Inf values; the "
+                                "checkpoint is corrupt: re-download or re-convert it")
+
     def astype(self, dtype) -> "ModelWeights":
         cast = lambda d: {k: v.astype(dtype, copy=False) for k, v in d.items()}
         return dataclasses.replace(self, globals=cast(self.globals), layers=cast(self.layers))

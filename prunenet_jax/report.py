@@ -1,0 +1,346 @@
+"""The evaluation report of a dense model and its pruned versions: report.json, report.md, plots.
+
+Spectra: each model's gate matrices (L, I, H) are the only weights needed; their singular values
+are computed once per model (`spectral.singular_values`, in jax). A pruned model's distance to the
+dense one is, per layer, the KS statistic of the two gate spectra (`spectral.ks_statistic`): the
+quantity whose inverse PruneNet's policy is rewarded with.
+
+The report folder is written under a temporary sibling name and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunenet_jax import outputs, spectral
+from prunenet_jax.errors import UserError
+from prunenet_jax.models import registry
+from prunenet_jax.weights import ModelWeights
+
+JSON, MARKDOWN = "report.json", "report.md"
+SPECTRA_PNG, KS_PNG, PPL_PNG = "spectra.png", "ks_per_layer.png", "ppl_vs_ratio.png"
+MATPLOTLIB_VERSION = "3.11.2"  # the version the plots are checked with
+
+_layer_sv = jax.jit(spectral.singular_values)
+_ks = jax.jit(jax.vmap(spectral.ks_statistic))
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def gate_spectra(weights: ModelWeights) -> np.ndarray:
+    """Singular values of every layer's gate matrix, (L, min(I, H)), descending, float32.
+
+    One layer at a time, so device memory holds one matrix whatever the model size."""
+    W = weights.layers[registry.GATE]
+    return np.stack([np.asarray(_layer_sv(jnp.asarray(W[l], jnp.float32))) for l in range(len(W))])
+
+
+def layer_ks(dense_sv: np.ndarray, sv: np.ndarray) -> np.ndarray:
+    """KS statistic per layer between dense spectra (L, m) and another model's (L, m')."""
+    if len(dense_sv) != len(sv):
+        raise UserError(f"a pruned model has {len(sv)} layers but the dense model {len(dense_sv)}; "
+                        "compare models pruned from the same dense model")
+    return np.asarray(_ks(jnp.asarray(dense_sv), jnp.asarray(sv)))
+
+
+def compare(dense: ModelWeights, pruned: Sequence[ModelWeights]) -> tuple[list, list]:
+    """(spectra, ks) for the dense model followed by each pruned one; the dense model's KS is 0."""
+    spectra = [gate_spectra(w) for w in (dense, *pruned)]
+    return spectra, [layer_ks(spectra[0], sv) for sv in spectra]
+
+
+def plotted_layers(num_layers: int) -> list[int]:
+    """First, middle and last layer."""
+    return sorted({0, num_layers // 2, num_layers - 1})
+
+
+def ratio_of(weights: ModelWeights, dense_intermediate: int) -> float:
+    """1 - I_pruned / I_dense, for a pruned model whose ratio is not recorded anywhere."""
+    return 1.0 - weights.config.intermediate_size / dense_intermediate
+
+
+def model_record(name: str, source: str, weights: ModelWeights, ratio: float, ks: np.ndarray,
+                 perplexity: Optional[dict] = None) -> dict:
+    """One model's row of report.json. `perplexity`: evaluate.perplexity's result, or None."""
+    return {"name": name, "source": source, "ratio": float(ratio),
+            "kept": int(weights.config.intermediate_size), "params": int(weights.num_params()),
+            "ppl": perplexity["ppl"] if perplexity else None,
+            "ppl_files": perplexity["files"] if perplexity else None,
+            "ks": [float(x) for x in ks], "mean_ks": float(np.mean(ks)), "lm_eval": None}
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(fraction) -> str:
+    return _fmt(None if fraction is None else 100 * fraction, ".2f")
+
+
+def table(models: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the models table (console and markdown); the lm-eval column only when
+    lm-eval was asked for."""
+    with_lm = any(m.get("lm_eval") is not None for m in models)
+    header = ["model", "ratio", "kept", "params", "ppl", "mean KS"] + ["lm-eval avg %"] * with_lm
+    rows = []
+    for m in models:
+        avg = (m.get("lm_eval") or {}).get("average")
+        rows.append([m["name"], f"{m['ratio']:.3f}", str(m["kept"]), f"{m['params']:,}",
+                     _fmt(m["ppl"], ".3f"), f"{m['mean_ks']:.4f}"]
+                    + [_pct(avg)] * with_lm)
+    return header, rows
+
+
+def format_table(models: list[dict]) -> str:
+    header, rows = table(models)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join(line(r) for r in [header] + rows)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def markdown(summary: dict) -> str:
+    models = summary["models"]
+    out = ["# PruneNet evaluation report", "",
+           f"Dense model: `{models[0]['source']}`. Pruned: {len(models) - 1} model(s).", ""]
+    if summary.get("eval_text"):
+        first = f"first {summary['max_tokens']} tokens" if summary.get("max_tokens") else "all tokens"
+        out += [f"Perplexity on `{summary['eval_text']}` ({first} of each text, windows of "
+                f"{summary.get('seq_len')}): {summary.get('tokens', '?')} scored tokens per model.", ""]
+    else:
+        out += ["Perplexity: not measured (no --eval_text).", ""]
+    out += ["KS: two-sample Kolmogorov-Smirnov statistic between a layer's gate-matrix singular "
+            "values and the dense model's (0: same spectrum), averaged over layers.", ""]
+    out += ["## Models", "", *_md_table(*table(models)), ""]
+    out += ["| model | source |", "|---|---|", *(f"| {m['name']} | `{m['source']}` |" for m in models), ""]
+    lm = summary.get("lm_eval")
+    if lm:
+        tasks = lm["tasks"]
+        header = ["model", *(f"{t} ({lm['metrics'][t]})" for t in tasks), "average"]
+        rows = []
+        for m in models:
+            r = m.get("lm_eval") or {}
+            per = r.get("tasks") or {}
+            rows.append([m["name"], *(_pct((per.get(t) or {}).get("value")) for t in tasks),
+                         _pct(r.get("average"))])
+        out += ["## Zero-shot accuracy (lm-eval, %)", "", *_md_table(header, rows), ""]
+        if lm.get("limit"):
+            out += [f"At most {lm['limit']} examples per task (--lm_eval_limit).", ""]
+        out += [f"- {m['name']}: unavailable: {m['lm_eval']['reason']}" for m in models
+                if m.get("lm_eval") and m["lm_eval"].get("reason")]
+        out += [""]
+    plots = summary.get("plots", {})
+    captions = {"spectra": "Gate singular values (first, middle, last layer)",
+                "ks": "KS statistic per layer, pruned vs dense", "ppl": "Perplexity against ratio"}
+    if plots:
+        out += ["## Plots", ""]
+        out += [f"![{captions[k]}]({v})\n" for k, v in plots.items()]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--report_dir draws plots with matplotlib, which is not installed; "
+                        f"pip install matplotlib=={MATPLOTLIB_VERSION}") from None
+
+
+def _colors(n: int) -> list:
+    """Black for the dense model, then tab10 (cycled) for the pruned ones."""
+    plt = _pyplot()
+    tab = plt.get_cmap("tab10").colors
+    return ["black"] + [tab[i % len(tab)] for i in range(n - 1)]
+
+
+def _plain_log_axis(axis) -> None:
+    """Log-scale tick labels as plain numbers (0.6, 2, 300), not 6x10^-1; matplotlib still
+    decides which ticks get a label (fewer minor labels over wider ranges)."""
+    from matplotlib import ticker
+
+    class Plain(ticker.LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(Plain())
+    axis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1.5, 0.5)))
+
+
+def _label(m: dict, first: bool) -> str:
+    return f"dense (I={m['kept']})" if first else f"{m['name']} (ratio {m['ratio']:.2f}, k={m['kept']})"
+
+
+def plot_spectra(path: str, models: list[dict], spectra: list[np.ndarray], layers: list[int]) -> None:
+    """One panel per layer: each model's gate singular values, descending, log y."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(layers), figsize=(5.2 * len(layers), 4.2), squeeze=False)
+    colors = _colors(len(models))
+    for j, (ax, layer) in enumerate(zip(axes[0], layers)):
+        for i, (m, sv) in enumerate(zip(models, spectra)):
+            dense = i == 0  # dashed and on top: a pruned curve equal to it still shows
+            ax.plot(np.arange(1, sv.shape[1] + 1), sv[j], color=colors[i], lw=1.8 if dense else 1.2,
+                    ls="--" if dense else "-", zorder=3 if dense else 2, label=_label(m, dense))
+        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
+        ax.set_title(f"layer {layer}: gate_proj singular values")
+        ax.set_xlabel("index (descending order)")
+        ax.set_ylabel("singular value")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(models), 3), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_ks(path: str, models: list[dict]) -> None:
+    """KS statistic per layer for each pruned model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = _colors(len(models))
+    for i, m in enumerate(models[1:], 1):
+        ax.plot(np.arange(len(m["ks"])), m["ks"], marker="o", ms=3, color=colors[i],
+                label=f"{_label(m, False)}: mean {m['mean_ks']:.3f}")
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KS statistic vs dense")
+    ax.set_title("Gate spectra: KS statistic per layer, pruned vs dense")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    # Below the axes: lines span the whole width, so any legend inside would hide some.
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=2 if len(models) > 4 else 1, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_ppl(path: str, models: list[dict], title: str) -> None:
+    """Perplexity against compression ratio (dense at 0), log y."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = _colors(len(models))
+    shown = [(i, m) for i, m in enumerate(models) if math.isfinite(m["ppl"])]  # inf: overflow
+    points = [(m["ratio"], m["ppl"]) for _, m in shown]
+    if len({r for r, _ in points}) == len(points) > 1:  # one model per ratio: a curve reads well
+        ax.plot(*zip(*sorted(points)), color="0.7", lw=1, zorder=1)
+    for (i, m), (r, p) in zip(shown, points):
+        dense = i == 0  # a hollow diamond on top: a pruned point equal to it still shows
+        ax.scatter([r], [p], s=90 if dense else 40, zorder=3 if dense else 2, label=_label(m, dense),
+                   marker="D" if dense else "o", facecolors="none" if dense else colors[i],
+                   edgecolors=colors[i])
+        if dense or (r, p) != points[0]:
+            ax.annotate(f"{p:.1f}", (r, p), textcoords="offset points", xytext=(6, 6), fontsize="small")
+    ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
+    ax.set_xlabel("compression ratio (share of FFN channels removed)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_report_dir(report_dir: str, inputs: Sequence[str], overwrite: bool) -> None:
+    """Refuses a report_dir inside an input (or holding one), a non-empty one without
+    `overwrite`, and one that cannot be created. Creates nothing."""
+    out = os.path.realpath(report_dir)
+    for source in inputs:
+        if not os.path.exists(source):
+            continue  # hub ids and the like: nothing on disk to protect
+        src = os.path.realpath(source)
+        if _inside(out, src) if os.path.isdir(src) else out == src:
+            raise UserError(f"--report_dir={report_dir} is inside the input {source}; choose a "
+                            "folder outside every input model (inputs are never written into)")
+        if _inside(src, out):
+            raise UserError(f"--report_dir={report_dir} holds the input {source}, which writing "
+                            "the report would replace; choose another folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--report_dir={report_dir} exists and is not a folder; choose another path")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"--report_dir={report_dir} is not empty; pass --overwrite to replace it, "
+                        "or choose a new folder")
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing if os.path.isdir(existing) else os.path.dirname(existing),
+                     os.W_OK | os.X_OK):
+        raise UserError(f"--report_dir={report_dir} cannot be written ({existing} is not "
+                        "writable); choose a writable path")
+
+
+def write_report(report_dir: str, summary: dict, spectra: list[np.ndarray],
+                 overwrite: bool = False) -> dict:
+    """Writes report.json, report.md and the plots; returns the summary with "plots" added.
+
+    `spectra[i]`: model i's singular values at `summary["spectra_layers"]`, (layers, m_i).
+    """
+    models = summary["models"]
+    final = os.path.abspath(report_dir)
+    if os.path.isdir(final) and os.listdir(final) and not overwrite:
+        raise UserError(f"--report_dir={report_dir} is not empty; pass --overwrite to replace it, "
+                        "or choose a new folder")
+    with outputs.staged_dir(final) as tmp:  # the old report stays whole until the new one is in
+        plots = {"spectra": SPECTRA_PNG}
+        plot_spectra(os.path.join(tmp, SPECTRA_PNG), models, spectra, summary["spectra_layers"])
+        if len(models) > 1:
+            plots["ks"] = KS_PNG
+            plot_ks(os.path.join(tmp, KS_PNG), models)
+        if all(m["ppl"] is not None for m in models):
+            plots["ppl"] = PPL_PNG
+            text = "/".join(os.path.normpath(summary.get("eval_text") or "").split(os.sep)[-2:])
+            plot_ppl(os.path.join(tmp, PPL_PNG), models,
+                     f"Perplexity on {text} ({summary.get('tokens', '?')} tokens)")
+        summary = {**summary, "plots": plots}
+        with open(os.path.join(tmp, JSON), "w") as f:
+            json.dump(json_safe(summary), f, indent=2)
+            f.write("\n")
+        with open(os.path.join(tmp, MARKDOWN), "w") as f:
+            f.write(markdown(summary))
+    return summary
+
+
+def json_safe(obj):
+    """JSON has no inf/nan: an overflowing perplexity is written as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
