@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import sys
+from typing import Optional
 
 import jax
 from absl import flags, logging
@@ -31,7 +32,8 @@ from prunenet_jax.models import registry
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Comma-separated checkpoints (anything --model of "
-                    "launch.prune accepts), a text file with one per line, or a glob")
+                    "launch.prune accepts; a hub id may end in @<revision>), a text file with one "
+                    "per line, or a glob")
 flags.DEFINE_string("policy", None, "A saved policy (<out_dir>/policy of launch.prune); without it "
                     "a policy is trained on the first checkpoint and saved to <out_dir>/policy")
 flags.DEFINE_string("out_dir", None, "Where outputs go: <name>/ratio_<r>/{orbax,hf}, manifest.json")
@@ -64,11 +66,19 @@ def parse_checkpoints(spec: str) -> list[str]:
     return items
 
 
+def split_revision(source: str) -> tuple[str, Optional[str]]:
+    """`org/name@revision` -> (org/name, revision) for hub ids; local paths are left whole."""
+    if "@" in source and not os.path.exists(source):
+        name, _, revision = source.rpartition("@")
+        return name, revision or None
+    return source, None
+
+
 def output_names(sources: list[str]) -> list[str]:
     """A folder name for each checkpoint (its base name, numbered when two share one); computed
     over the whole list so every shard agrees."""
     names, seen = [], {}
-    for src in sources:
+    for src in (split_revision(s)[0] for s in sources):
         base = os.path.basename(src.rstrip("/")) or "checkpoint"
         base = base[:-5] if base.endswith(".gguf") else base
         if src.count("/") == 1 and not os.path.exists(src):  # a hub id: org/name
@@ -122,7 +132,8 @@ def get_policy(first_source: str, ratios: list[float]) -> tuple[dict, dict, str]
         params, meta = checkpoints.load_policy(FLAGS.policy)
         return params, {"policy": os.path.abspath(FLAGS.policy)}, os.path.abspath(FLAGS.policy)
     cfg = pruning_flags.train_config(ratios)
-    weights = hf_io.load_model(first_source)  # a failure here stops the batch: no policy
+    path, revision = split_revision(first_source)
+    weights = hf_io.load_model(path, revision=revision)  # a failure here stops the batch: no policy
     pruning_flags.check_ratios_fit(weights.config.intermediate_size, ratios + [cfg.ratio],
                                    first_source)
     params, summary = training_run.train_policy(
@@ -140,12 +151,13 @@ def prune_one(name, source, params, policy_meta, manifest, recipe, ratios, texts
         bar.update(len(ratios))  # finished by an earlier run
         return
     weights = None
+    path, revision = split_revision(source)
     try:
-        config = hf_io.load_config(source)  # shape errors before the weights are read
+        config = hf_io.load_config(path, revision)  # shape errors before the weights are read
         if policy_meta is not None:
             checkpoints.check_policy_fits(policy_meta, config, source, FLAGS.policy)
         pruning_flags.check_ratios_fit(config.intermediate_size, ratios, source)
-        weights = hf_io.load_model(source)
+        weights = hf_io.load_model(path, revision=revision)
         ppl = pruning_flags.ppl_fn(weights, texts)
         dense_ppl = ppl(weights)
         pipeline.prune_at_ratios(

@@ -32,7 +32,7 @@ def _env(devices):
 
 def _args(checkpoint, out_dir, *extra):
     return [sys.executable, "-m", "launch.prune", f"--model={checkpoint}", "--ratios=0.1,0.5",
-            "--episodes=3", f"--out_dir={out_dir}", *extra]
+            "--episodes=3", f"--out_dir={out_dir}", "--export_hf", *extra]
 
 
 def _run(checkpoint, out_dir, devices, *extra):
@@ -42,17 +42,40 @@ def _run(checkpoint, out_dir, devices, *extra):
     return proc
 
 
+def _export_bytes(out_dir, entry):
+    """Every file of an HF export; the model card without its command line (paths differ)."""
+    folder = os.path.join(out_dir, entry["hf_dir"])
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        if name == "README.md":
+            data = b"\n".join(l for l in data.split(b"\n") if b"launch.prune" not in l)
+        files[name] = data
+    return files
+
+
 def _load(out_dir):
-    """(manifest, kept channels per ratio, policy params) of a run's --out_dir."""
+    """(manifest, kept channels per ratio, policy params, HF export bytes per ratio) of a run."""
     manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
     kept = {e["ratio"]: checkpoints.load_kept(os.path.join(out_dir, e["orbax_dir"]))
             for e in manifest["outputs"]}
     policy, _ = checkpoints.load_policy(os.path.join(out_dir, "policy"))
-    return manifest, kept, policy
+    exports = {e["ratio"]: _export_bytes(out_dir, e) for e in manifest["outputs"] if e["hf_dir"]}
+    return manifest, kept, policy, exports
 
 
-def _assert_same_run(a, b):
-    (ma, ka, pa), (mb, kb, pb) = a, b
+def _without_fingerprint(exports):
+    return {r: {n: b"\n".join(l for l in d.split(b"\n") if b"fingerprint" not in l) if n == "README.md"
+                else d for n, d in files.items()} for r, files in exports.items()}
+
+
+def _assert_same_run(a, b, same_devices=False):
+    """Same kept channels and byte-identical HF exports. Across device counts the policy may
+    differ in the last float bit (XLA sums in another order), so its fingerprint in the model card
+    may too; with the same devices everything is identical."""
+    (ma, ka, pa, ea), (mb, kb, pb, eb) = a, b
+    assert ea.keys() == ka.keys()
+    assert (ea == eb) if same_devices else (_without_fingerprint(ea) == _without_fingerprint(eb))
     assert ka.keys() == kb.keys()
     for ratio in ka:
         np.testing.assert_array_equal(ka[ratio], kb[ratio])  # bitwise-identical kept indices
@@ -69,12 +92,14 @@ def single(checkpoint, tmp_path_factory):
 
 
 def test_single_device_outputs(single):
-    proc, (manifest, kept, policy) = single
+    proc, (manifest, kept, policy, exports) = single
+    assert set(exports[0.5]) >= {"config.json", "model.safetensors", "README.md"}
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["outputs"] == manifest["outputs"]
     assert [e["kept"] for e in manifest["outputs"]] == [36, 20]  # int((1 - r) * 40)
     assert [e["status"] for e in manifest["outputs"]] == ["done", "done"]
     assert [e["orbax_dir"] for e in manifest["outputs"]] == ["ratio_0.1/orbax", "ratio_0.5/orbax"]
+    assert [e["hf_dir"] for e in manifest["outputs"]] == ["ratio_0.1/hf", "ratio_0.5/hf"]
     assert kept[0.5].shape == (11, 20)
     assert all((np.diff(k, axis=1) > 0).all() for k in kept.values())  # sorted, no repeats
     assert policy["P"].shape == (40, 32)
@@ -196,7 +221,7 @@ def test_existing_out_dir_needs_overwrite_or_resume(single, checkpoint, tmp_path
         assert proc.returncode == 2 and fragment in proc.stderr.strip().splitlines()[-1]
         assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == before
     _run(checkpoint, out, 1, "--overwrite")  # 3 episodes now, replacing the 1-episode run
-    _assert_same_run(single[1], _load(out))
+    _assert_same_run(single[1], _load(out), same_devices=True)  # two runs, same bytes
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temporary folders left
 
 
