@@ -70,11 +70,8 @@ def scipy_ks(a, b) -> float:
         return float(stats.ks_2samp(a, b).statistic)
 
 
-# Agreement with scipy (float64) is to float32 rounding; 0 for equal samples and symmetry are exact
-# (ks_statistic takes the ECDF difference in integers: |ca*m - cb*n| / (n*m)).
-KS_TOL = 1e-6
-
-
+# Agreement with scipy (float64) is to float32 rounding (1e-6); 0 for equal samples and symmetry
+# are exact (ks_statistic takes the ECDF difference in integers: |ca*m - cb*n| / (n*m)).
 @settings(max_examples=100, **_SETTINGS)
 @given(_sample_pair())
 def test_ks_equals_scipy_ks_2samp_symmetric_and_bounded(pair):
