@@ -201,6 +201,8 @@ def test_a_full_run_leaves_the_input_unchanged(bad, good_run, tmp_path):
         ("launch.batch_prune", [f"--checkpoints={root / 'good'}", "--ratios=0.5",
                                 f"--policy={good_run / 'policy'}", f"--out_dir={tmp_path / 'b'}",
                                 "--export_hf"]),
+        ("launch.evaluate", [f"--model={root / 'good'}", f"--pruned={tmp_path / 'p'}",
+                             f"--report_dir={tmp_path / 'r'}"]),
     ]:
         proc = _run(module, *args)
         assert proc.returncode == 0, (module, proc.stderr[-3000:])
