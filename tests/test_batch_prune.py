@@ -138,6 +138,13 @@ def test_sigkill_midway_then_rerun_finishes_only_the_missing(inputs, tmp_path):
         assert not [d for d in dirnames if ".tmp" in d or d.startswith(".")], dirpath
     assert "16/16" in rerun.stderr  # the progress bar counts items, finished ones included
 
+    # The same result as an uninterrupted batch.
+    clean = tmp_path / "uninterrupted"  # (not matched by the c* glob)
+    _batch(clean, spec, f"--policy={inputs['policy']}")
+    for e in _manifest(clean)["outputs"]:
+        np.testing.assert_array_equal(checkpoints.load_kept(str(out / e["orbax_dir"])),
+                                      checkpoints.load_kept(str(clean / e["orbax_dir"])))
+
     # A second rerun has nothing to do.
     again = _batch(out, spec, f"--policy={inputs['policy']}")
     assert json.loads(again.stdout.strip().splitlines()[-1])["failed"] == []
