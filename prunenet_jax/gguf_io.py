@@ -11,6 +11,7 @@ hands out numpy arrays in the reversed order, which is Hugging Face's `[out, in]
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import math
@@ -176,12 +177,19 @@ def gguf_gate_stack(path: str):
 
 
 def load_gguf_tokenizer(path: str):
-    """The `transformers` tokenizer described by the GGUF file's metadata."""
-    from transformers import AutoTokenizer
-
+    """The `transformers` tokenizer described by the GGUF file's metadata (built once per file
+    version: it parses the whole file, seconds per call, and every export of a batch needs it)."""
     path = os.fspath(path)
     _check_file(path)  # clear errors for a missing or non-GGUF file
-    folder, name = os.path.split(os.path.abspath(path))
+    stat = os.stat(path)
+    return _cached_tokenizer(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(path: str, size: int, mtime_ns: int):
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(path)
     try:
         return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:  # transformers raises ValueError/KeyError/NotImplementedError...

@@ -27,19 +27,41 @@ prune             Train one policy (default seed 42, 20 episodes, training ratio
                     episode_rewards, episode_losses, scale_before_step, found_inf, step_called
                   plus a JSON string `meta`. --save-policy also stores the best policy (P, b, r).
 
+batch             Batch pruning as the reference does it (the other half of bench/bench_batch.py):
+                  train the policy for --episodes (default 1: pruning time does not depend on
+                  training), then for each of --num-checkpoints checkpoints (the same HF folder,
+                  loaded again each time): load (`PruneNet._load_model`, i.e.
+                  AutoModelForCausalLM.from_pretrained), load the tokenizer (AutoTokenizer), and
+                  per ratio: `compress(ratio)`, set `config.intermediate_size` to the kept width
+                  (compress leaves it stale), `save_pretrained` (safetensors) and the tokenizer's
+                  `save_pretrained` into --out-dir (default: a temp dir, deleted). Prints ONE JSON
+                  line: {"impl": "reference", "checkpoints": [{"load_seconds", "tokenizer_load_seconds",
+                  "ratios": [{"ratio", "kept", "compress_seconds", "save_seconds",
+                  "tokenizer_save_seconds"}, ...], "total_seconds", "peak_rss_mib",
+                  "rss_after_release_mib"}, ...], "fit_seconds", ...}. peak_rss_mib is the
+                  checkpoint's own peak (VmHWM, reset before it via /proc/self/clear_refs; null
+                  where that is not allowed); fit_peak_rss_mib the peak before (fit), max_rss_mib
+                  the largest of them (not ru_maxrss: started by vfork + exec from a big process,
+                  a child's ru_maxrss starts at its parent's peak).
+
 Examples
 --------
   /work/refvenv/bin/python bench/reference/time_reference.py time --episodes 3
   /work/refvenv/bin/python bench/reference/time_reference.py prune --ratios 0.1,0.2,0.3 \
       --sample-seeds 0,1,2,3,4 --out /tmp/ref_prune.npz
+  /work/refvenv/bin/python bench/reference/time_reference.py batch --num-checkpoints 3 \
+      --ratios 0.1,0.2,0.3
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
+import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -246,6 +268,88 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process, MiB."""
+    with open("/proc/self/status") as f:
+        return round(int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 1024, 1)
+
+
+def _reset_peak() -> bool:
+    """Resets VmHWM (the peak RSS) to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cmd_batch(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    model_dir = _check_model_dir(args.model_dir)
+    ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
+    pruner, _, _, info = _fit(model_dir, args.episodes, max(ratios), args.seed, args.lr, quiet=True)
+    pruner.model, pruner.reference_svds = None, None  # each checkpoint is loaded afresh below
+    gc.collect()
+    # VmHWM, not ru_maxrss: a child started by vfork + exec inherits its parent's ru_maxrss.
+    fit_peak = _status_mib("VmHWM")
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="prunenet_ref_batch_")
+    results = []
+    try:
+        for n in range(args.num_checkpoints):
+            torch.manual_seed(args.seed)
+            can_reset = _reset_peak()
+            t0 = time.perf_counter()
+            pruner.config.model_name = model_dir
+            pruner.model = pruner._load_model()  # AutoModelForCausalLM.from_pretrained, .eval()
+            t1 = time.perf_counter()
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            t2 = time.perf_counter()
+            row = {"checkpoint": n, "load_seconds": round(t1 - t0, 3),
+                   "tokenizer_load_seconds": round(t2 - t1, 3), "ratios": []}
+            width = pruner.model.config.intermediate_size
+            for r in ratios:
+                a = time.perf_counter()
+                model = pruner.compress(r)
+                b = time.perf_counter()
+                kept = int((1 - r) * width)  # compress's own num_keep
+                model.config.intermediate_size = kept  # compress leaves the old width
+                folder = os.path.join(out_dir, f"ckpt{n}", f"ratio_{r:g}", "hf")
+                model.save_pretrained(folder)  # safetensors by default
+                c = time.perf_counter()
+                tokenizer.save_pretrained(folder)
+                d = time.perf_counter()
+                with open(os.path.join(folder, "config.json")) as f:
+                    saved_width = json.load(f)["intermediate_size"]
+                row["ratios"].append({"ratio": r, "kept": kept, "saved_intermediate_size": saved_width,
+                                      "compress_seconds": round(b - a, 3),
+                                      "save_seconds": round(c - b, 3),
+                                      "tokenizer_save_seconds": round(d - c, 3)})
+                del model
+            row["total_seconds"] = round(time.perf_counter() - t0, 3)
+            row["peak_rss_mib"] = _status_mib("VmHWM") if can_reset else None
+            del tokenizer
+            pruner.model = None
+            gc.collect()
+            row["rss_after_release_mib"] = _status_mib("VmRSS")
+            results.append(row)
+    finally:
+        if not args.out_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    out = {"impl": "reference", "mode": "batch", "model_dir": model_dir, "ratios": ratios,
+           "num_checkpoints": args.num_checkpoints, "checkpoints": results,
+           "fit_episodes": args.episodes, "fit_seconds": info["fit_seconds"],
+           "fit_peak_rss_mib": fit_peak,
+           "max_rss_mib": max([fit_peak] + [r["peak_rss_mib"] or 0 for r in results]),
+           "torch_threads": info["torch_threads"], "torch": info["torch"],
+           "loadavg_1min_start": info["loadavg_1min_start"],
+           "loadavg_1min_end": round(os.getloadavg()[0], 2)}
+    print(json.dumps(out), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode")
@@ -260,18 +364,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="ref_prune_indices.npz")
     p.add_argument("--save-policy", action="store_true")
     p.add_argument("--verbose", action="store_true")
-    for sp in (t, p):
+    b = sub.add_parser("batch", help="train once, then load/compress/save_pretrained N checkpoints")
+    b.add_argument("--episodes", type=int, default=1)
+    b.add_argument("--num-checkpoints", type=int, default=3)
+    b.add_argument("--ratios", default="0.1,0.2,0.3")
+    b.add_argument("--out-dir", default=None, help="keep the outputs here (default: temp, deleted)")
+    for sp in (t, p, b):
         sp.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
         sp.add_argument("--seed", type=int, default=42)
         sp.add_argument("--lr", type=float, default=1e-3)
     argv = list(sys.argv[1:] if argv is None else argv)
     # `time_reference.py`, `time_reference.py 3` and `time_reference.py --episodes 3` mean mode "time".
-    if not argv or argv[0] not in ("time", "prune", "-h", "--help"):
+    if not argv or argv[0] not in ("time", "prune", "batch", "-h", "--help"):
         if argv and argv[0].isdigit():
             argv = ["--episodes", argv[0]] + argv[1:]
         argv = ["time"] + argv
     args = ap.parse_args(argv)
-    return cmd_time(args) if args.mode == "time" else cmd_prune(args)
+    return {"time": cmd_time, "prune": cmd_prune, "batch": cmd_batch}[args.mode](args)
 
 
 if __name__ == "__main__":
