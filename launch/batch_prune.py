@@ -7,8 +7,8 @@ Each checkpoint is loaded once, pruned at every ratio, written (orbax, and HF wi
 to `<out_dir>/<name>/ratio_<r>/`, and released before the next. `<out_dir>/manifest.json` records
 every output with its status, after each one: rerunning the same command skips what is done. A
 checkpoint that fails (missing, corrupt, other shapes than the policy's) is reported and skipped;
-the exit code is then 1. Many VMs, one list: `--num_shards`/`--shard_index` (default: the JAX
-process count/index) give each VM every n-th checkpoint and its own manifest
+the exit code is then 1. Many VMs, one list: `--num_shards`/`--shard_index` (e.g. the worker
+count and id of a TPU slice) give each VM every n-th checkpoint and its own manifest
 (`manifests/shard-<i>-of-<n>.json`); each shard then merges all shard manifests it finds into
 `manifest.json` (or run `--merge` once all are done).
 """
@@ -38,10 +38,10 @@ flags.DEFINE_string("policy", None, "A saved policy (<out_dir>/policy of launch.
                     "a policy is trained on the first checkpoint and saved to <out_dir>/policy")
 flags.DEFINE_string("out_dir", None, "Where outputs go: <name>/ratio_<r>/{orbax,hf}, manifest.json")
 flags.DEFINE_integer("num_shards", None, "Split the checkpoint list over this many VMs (default: "
-                     "the JAX process count)")
-flags.DEFINE_integer("shard_index", None, "This VM's share (default: the JAX process index)")
+                     "jax.process_count(), 1 unless the platform starts JAX multi-host itself)")
+flags.DEFINE_integer("shard_index", None, "This VM's share, 0-based (default: jax.process_index())")
 flags.DEFINE_bool("merge", False, "Only merge the shard manifests in --out_dir into manifest.json")
-common.define_parallel_flags()
+common.define_mesh_flag()
 
 
 def parse_checkpoints(spec: str) -> list[str]:
@@ -204,7 +204,8 @@ def main(argv) -> int:
         raise UserError("--checkpoints is required: a comma list, a text file or a glob")
     ratios = pruning_flags.parse_ratios(FLAGS.ratios)
     sources = parse_checkpoints(FLAGS.checkpoints)
-    common.init_distributed()
+    # No jax.distributed here: shards never talk to each other (and orbax saves made by several
+    # processes of one distributed run at once interfere), so each VM runs on its own.
     num_shards = jax.process_count() if FLAGS.num_shards is None else FLAGS.num_shards
     shard_index = jax.process_index() if FLAGS.shard_index is None else FLAGS.shard_index
     check_flags(ratios, sources, num_shards, shard_index)

@@ -62,8 +62,12 @@ def numpy_dtype(name: str):
     return np.dtype(dtype(name))
 
 
-def define_parallel_flags() -> None:
+def define_mesh_flag() -> None:
     flags.DEFINE_integer("mesh", 0, "Devices on the layer axis (0: all devices of all hosts)")
+
+
+def define_parallel_flags() -> None:
+    define_mesh_flag()
     flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
                         "(jax.distributed.initialize); unset on one host")
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes")

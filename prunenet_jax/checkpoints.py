@@ -43,8 +43,9 @@ def _options(local_only: bool) -> ocp.options.MultiprocessingOptions:
     """On multi-host runs, checkpoints written by process 0 alone (policy, sliced models) must not
     wait at barriers for the other processes."""
     if local_only and jax.process_count() > 1:
-        me = jax.process_index()
-        return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        me = jax.process_index()  # own barrier keys: other processes may be saving meanwhile
+        return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                  barrier_sync_key_prefix=f"process{me}")
     return ocp.options.MultiprocessingOptions()
 
 

@@ -172,6 +172,25 @@ def test_shards_split_the_list_and_merge(inputs, tmp_path):
                                       checkpoints.load_kept(str(single / n / "ratio_0.5" / "orbax")))
 
 
+def test_shards_running_at_once(inputs, tmp_path):
+    spec = ",".join(str(inputs[n]) for n in ("base", "scaled", "noisy", "base"))
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.batch_prune", f"--checkpoints={spec}",
+                               "--ratios=0.25,0.5", f"--out_dir={out}", f"--policy={inputs['policy']}",
+                               "--num_shards=2", f"--shard_index={i}"], cwd=ROOT, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    merge = _batch(out, spec, "--merge", "--num_shards=2")  # whoever finished last merged too
+    merged = _manifest(out)
+    assert merged["shards"] == {"present": [0, 1], "missing": []}
+    assert sorted((e["checkpoint"], e["status"]) for e in merged["outputs"]) == sorted(
+        (n, "done") for n in ("base", "base-2", "noisy", "scaled") for _ in range(2))
+    assert json.loads(merge.stdout.strip().splitlines()[-1])["outputs"] == merged["outputs"]
+
+
 def test_trains_a_policy_on_the_first_checkpoint_without_policy(inputs, tmp_path):
     out = tmp_path / "out"
     spec = f"{inputs['base']},{inputs['noisy']}"
