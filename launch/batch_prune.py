@@ -139,7 +139,7 @@ def get_policy(first_source: str, ratios: list[float]) -> tuple[dict, dict, str]
     params, summary = training_run.train_policy(
         weights.layers[registry.GATE], weights.config, cfg, seed=FLAGS.seed,
         episodes=FLAGS.episodes, mesh=common.make_mesh(), out_dir=FLAGS.out_dir, resume=True,
-        source=first_source)
+        source=first_source, checkpoint_every=FLAGS.checkpoint_every)
     return params, summary, training_run.POLICY
 
 

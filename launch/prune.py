@@ -83,7 +83,8 @@ def main(argv) -> None:
     else:
         params, training = training_run.train_policy(
             W, config, cfg, seed=FLAGS.seed, episodes=FLAGS.episodes, mesh=mesh,
-            out_dir=FLAGS.out_dir, resume=FLAGS.resume, source=FLAGS.model)
+            out_dir=FLAGS.out_dir, resume=FLAGS.resume, source=FLAGS.model,
+            checkpoint_every=FLAGS.checkpoint_every)
         if weights is None:
             return  # process 0 prunes, evaluates and writes
     fingerprint = policy_lib.fingerprint(params)

@@ -16,6 +16,8 @@ flags.DEFINE_string("ratios", "0.1,0.2,0.3", "Comma-separated compression ratios
 flags.DEFINE_float("train_ratio", None, "Ratio the policy is trained at (default: the largest of "
                    "--ratios); the trained policy then prunes at every ratio")
 flags.DEFINE_integer("episodes", 20, "Training episodes")
+flags.DEFINE_integer("checkpoint_every", 1, "With --out_dir, save the training state every this many "
+                     "episodes (and after the last); a resumed run repeats at most this many - 1")
 flags.DEFINE_float("lr", 1e-3, "AdamW learning rate")
 flags.DEFINE_float("gamma", 0.99, "Discount across layer depth")
 flags.DEFINE_integer("seed", 42, "Seed of every random draw (policy init, episodes, slicing)")
@@ -55,6 +57,8 @@ def check(ratios: list[float]) -> None:
     """Refuses bad values of the shared flags, before anything is loaded."""
     if FLAGS.episodes < 1:
         raise common.UserError(f"--episodes={FLAGS.episodes}: train for at least 1 episode")
+    if FLAGS.checkpoint_every < 1:
+        raise common.UserError(f"--checkpoint_every={FLAGS.checkpoint_every} must be at least 1")
     if FLAGS.max_tokens < 0:
         raise common.UserError(f"--max_tokens={FLAGS.max_tokens} must be >= 0 (0 means all)")
     if FLAGS.torch_format and not FLAGS.export_hf:

@@ -49,9 +49,10 @@ def _restore(ckpts, config: LlamaConfig, cfg: train.TrainConfig, seed: int, epis
 
 def train_policy(W, config: LlamaConfig, cfg: train.TrainConfig, *, seed: int, episodes: int,
                  mesh: Optional[Mesh], out_dir: Optional[str], resume: bool,
-                 source: str) -> tuple[dict, dict]:
+                 source: str, checkpoint_every: int = 1) -> tuple[dict, dict]:
     """Trains on every process (W may be a LazyLayerStack); returns (host params of the best
-    episode, a JSON-able training summary). With `out_dir`, checkpoints every episode and saves
+    episode, a JSON-able training summary). With `out_dir`, checkpoints every
+    `checkpoint_every` episodes (and after the last) and saves
     the policy (process 0); without `resume` an old train_state there is discarded first."""
     ckpts = resume_from = None
     if out_dir:
@@ -76,7 +77,7 @@ def train_policy(W, config: LlamaConfig, cfg: train.TrainConfig, *, seed: int, e
         bar.update(1)
 
     def on_state(done, state, history):
-        if ckpts is not None:
+        if ckpts is not None and (done % checkpoint_every == 0 or done == episodes):
             ckpts.save(done, state, train.history_arrays(history))
 
     result = train.train(W, cfg, seed=seed, num_episodes=episodes, mesh=mesh, callback=on_episode,

@@ -238,3 +238,10 @@ def test_policy_for_other_shapes_is_refused(single, checkpoint, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "(24, 32)" in last and "(40, 32)" in last and "--policy" in last
     assert not out.exists()
+
+
+def test_checkpoint_every_saves_less_often_and_the_last(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    _run(checkpoint, out, 1, "--episodes=5", "--checkpoint_every=2")
+    steps = sorted(int(n) for n in os.listdir(out / "train_state") if n.isdigit())
+    assert steps == [4, 5]  # every 2nd episode and the last; the newest two are kept

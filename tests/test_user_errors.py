@@ -155,6 +155,7 @@ FLAG_CASES = [
     (["--ratios=1"], "ratio 1.0"),
     (["--ratios=0.99"], "keeps no channel"),
     (["--episodes=0"], "--episodes=0"),
+    (["--checkpoint_every=0"], "--checkpoint_every=0"),
     (["--mode=fast"], "--mode"),
     (["--update_schedule=daily"], "--update_schedule"),
     (["--mesh=9"], "--mesh=9"),
