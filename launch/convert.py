@@ -40,7 +40,9 @@ def main(argv) -> None:
     if FLAGS.dtype and to != "hf":
         raise common.UserError("--dtype applies to HF output only (orbax keeps the source dtypes)")
     dtype = None if FLAGS.dtype is None else common.numpy_dtype(FLAGS.dtype)
-    outputs.check_out_dir(FLAGS.output, [FLAGS.input, path], reuse=FLAGS.overwrite)
+    outputs.check_out_dir(FLAGS.output, [FLAGS.input, path], reuse=FLAGS.overwrite,
+                          name=f"--output={FLAGS.output}", replaced=True,
+                          fix="pass --overwrite to replace it, or choose a new folder")
     if os.path.exists(FLAGS.output) and not FLAGS.overwrite:
         raise common.UserError(f"--output={FLAGS.output} exists; pass --overwrite to replace it")
 

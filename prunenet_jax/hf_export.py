@@ -123,15 +123,8 @@ def _check_target(weights: ModelWeights, out_dir: str, overwrite: bool) -> None:
             raise UserError(f"{out_dir} exists and is not a folder; remove it or choose another path")
     # An input inside out_dir would be deleted by --overwrite; out_dir inside an input folder
     # would write into the input checkpoint.
-    out = os.path.realpath(out_dir)
-    for path in {weights.tokenizer_dir, weights.gguf_file, weights.source} - {None}:
-        if not os.path.exists(path):
-            continue  # e.g. "default" or a hub id: nothing local to protect under that name
-        src = os.path.realpath(path)
-        if src == out or src.startswith(out + os.sep) or (
-                os.path.isdir(src) and out.startswith(src + os.sep)):
-            raise UserError(f"{out_dir} overlaps the input checkpoint {path}; choose an export "
-                            "folder outside it (inputs are never written into or replaced)")
+    outputs.check_out_dir(out_dir, [weights.tokenizer_dir, weights.gguf_file, weights.source],
+                          name=out_dir, replaced=True)
 
 
 def _import_torch():

@@ -12,34 +12,48 @@ import os
 import shutil
 import tempfile
 import uuid
+from typing import Optional
 
 
 from prunenet_jax.errors import UserError
 
 
-def check_out_dir(out_dir: str, inputs, *, reuse: bool = True) -> None:
-    """Refuses an --out_dir inside an input (a path or a list of paths), one that cannot be
-    written, and (unless `reuse`, i.e. --overwrite/--resume) one that already holds files.
-    Creates nothing: the folder is made when the first output is written."""
+RUN_DIR_FIX = ("pass --overwrite to replace an earlier run's outputs, --resume to continue it, "
+               "or choose an empty folder")
+
+
+def check_out_dir(out_dir: str, inputs, *, reuse: bool = True, name: Optional[str] = None,
+                  fix: str = RUN_DIR_FIX, replaced: bool = False) -> None:
+    """Refuses an output folder inside an input (a path or a list of paths), one that cannot be
+    written, and (unless `reuse`, i.e. --overwrite/--resume) a non-empty one, whose error says
+    `fix`. `replaced`: the folder is swapped whole (staged_dir), so one holding an input is refused
+    too. `name` is how messages call the folder (default `--out_dir=<out_dir>`). Creates nothing."""
+    name = name or f"--out_dir={out_dir}"
     out = os.path.realpath(out_dir)
     for source in [inputs] if isinstance(inputs, str) else inputs:
-        if os.path.exists(source):
-            src = os.path.realpath(source)
-            if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
-                raise UserError(f"--out_dir={out_dir} is inside the input {source}; choose a "
-                                "folder outside it (inputs are never written into)")
+        if not source or not os.path.exists(source):
+            continue  # hub ids and the like: nothing on disk to protect
+        src = os.path.realpath(source)
+        if _inside(out, src):
+            raise UserError(f"{name} is inside the input checkpoint {source}; choose a folder "
+                            "outside it (inputs are never written into)")
+        if replaced and _inside(src, out):
+            raise UserError(f"{name} holds the input checkpoint {source}, which replacing the "
+                            "folder would delete; choose another folder")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out_dir={out_dir} exists and is not a folder; choose another path")
+        raise UserError(f"{name} exists and is not a folder; choose another path")
     if not reuse and os.path.isdir(out) and os.listdir(out):
-        raise UserError(f"--out_dir={out_dir} already holds files; pass --overwrite to replace "
-                        "an earlier run's outputs, --resume to continue it, or choose an empty "
-                        "folder")
+        raise UserError(f"{name} is not empty; {fix}")
     existing = out
     while not os.path.exists(existing):  # the nearest existing ancestor must let us create it
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out_dir={out_dir} cannot be written ({existing} is not a writable "
-                        "folder); choose a writable path")
+        raise UserError(f"{name} cannot be written ({existing} is not a writable folder); choose "
+                        "a writable path")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 @contextlib.contextmanager

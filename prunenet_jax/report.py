@@ -272,36 +272,11 @@ def plot_ppl(path: str, models: list[dict], title: str) -> None:
 
 # ----------------------------------------------------------------------------- the folder
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def check_report_dir(report_dir: str, inputs: Sequence[str], overwrite: bool) -> None:
     """Refuses a report_dir inside an input (or holding one), a non-empty one without
     `overwrite`, and one that cannot be created. Creates nothing."""
-    out = os.path.realpath(report_dir)
-    for source in inputs:
-        if not os.path.exists(source):
-            continue  # hub ids and the like: nothing on disk to protect
-        src = os.path.realpath(source)
-        if _inside(out, src) if os.path.isdir(src) else out == src:
-            raise UserError(f"--report_dir={report_dir} is inside the input {source}; choose a "
-                            "folder outside every input model (inputs are never written into)")
-        if _inside(src, out):
-            raise UserError(f"--report_dir={report_dir} holds the input {source}, which writing "
-                            "the report would replace; choose another folder")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--report_dir={report_dir} exists and is not a folder; choose another path")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise UserError(f"--report_dir={report_dir} is not empty; pass --overwrite to replace it, "
-                        "or choose a new folder")
-    existing = out
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.access(existing if os.path.isdir(existing) else os.path.dirname(existing),
-                     os.W_OK | os.X_OK):
-        raise UserError(f"--report_dir={report_dir} cannot be written ({existing} is not "
-                        "writable); choose a writable path")
+    outputs.check_out_dir(report_dir, inputs, reuse=overwrite, name=f"--report_dir={report_dir}",
+                          fix="pass --overwrite to replace it, or choose a new folder", replaced=True)
 
 
 def write_report(report_dir: str, summary: dict, spectra: list[np.ndarray],
