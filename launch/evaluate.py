@@ -18,7 +18,7 @@ from typing import Optional
 
 from absl import flags, logging
 
-from prunenet_jax import evaluate, hf_io, lm_eval_runner, report, texts
+from prunenet_jax import evaluate, hf_io, lm_eval_runner, pipeline, report, texts
 from prunenet_jax.launch import common
 from prunenet_jax.models import llama
 
@@ -42,8 +42,6 @@ flags.DEFINE_string("lm_eval_tasks", "", "Comma-separated lm-eval tasks for zero
                     "needs `pip install lm-eval` and the datasets (HF hub or local cache)")
 flags.DEFINE_integer("lm_eval_limit", 0, "Examples per lm-eval task (0: all)")
 flags.DEFINE_integer("lm_eval_batch_size", 1, "lm-eval batch size")
-
-MANIFEST = "manifest.json"
 
 
 def print_table(result: dict) -> None:
@@ -70,14 +68,12 @@ def _short_name(path: str) -> str:
 
 
 def _from_manifest(folder: str) -> list[Pruned]:
-    path = os.path.join(folder, MANIFEST)
-    try:
-        with open(path) as f:
-            outputs = json.load(f)["outputs"]
-        done = [o for o in outputs if o.get("status") == "done"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise common.UserError(f"{path} is not a readable prune manifest ({type(e).__name__}: {e}); "
-                               "pass the --out_dir of a finished launch.prune run") from None
+    path = os.path.join(folder, pipeline.MANIFEST)
+    manifest = pipeline.read_manifest(path)
+    if manifest is None:
+        raise common.UserError(f"{path} is not a readable prune manifest; pass the --out_dir of a "
+                               "finished launch.prune run")
+    done = [o for o in manifest["outputs"] if isinstance(o, dict) and o.get("status") == "done"]
     if not done:
         raise common.UserError(f"{path} lists no finished output (status 'done'); finish or resume "
                                "the prune run, or pass model folders")
@@ -101,7 +97,7 @@ def expand_pruned(spec: Optional[str]) -> list[Pruned]:
     for entry in (e.strip() for e in (spec or "").split(",")):
         if not entry:
             continue
-        if os.path.isfile(os.path.join(entry, MANIFEST)):
+        if os.path.isfile(os.path.join(entry, pipeline.MANIFEST)):
             found += _from_manifest(entry)
             continue
         try:

@@ -221,11 +221,6 @@ def _abs(path: Optional[str]) -> Optional[str]:
     return None if path is None else os.path.abspath(path)
 
 
-def is_model_checkpoint(path: str) -> bool:
-    meta = read_meta(path) if os.path.isdir(path) else None
-    return meta is not None and meta.get("kind") == MODEL_KIND
-
-
 def model_shardings(shapes: dict[str, tuple], mesh: Mesh) -> dict[str, NamedSharding]:
     """A sharding for every tensor: split its first axis whose length the mesh size divides (the
     layer axis when it can), else replicate."""

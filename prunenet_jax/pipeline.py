@@ -58,10 +58,6 @@ class Manifest:
             outs[outs.index(old)] = entry
         self.save()
 
-    def update(self, **fields) -> None:
-        self.data.update(fields)
-        self.save()
-
     def save(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         outputs.write_json(self.path, self.data)
@@ -78,12 +74,13 @@ def read_manifest(path: str) -> Optional[dict]:
     return data if isinstance(data, dict) and isinstance(data.get("outputs"), list) else None
 
 
-def select_kept(params: dict, weights: ModelWeights, ratio: float, mode: str, seed: int) -> np.ndarray:
-    """Kept channels (L, k) at `ratio`. The key depends on the seed and k only, so one seed gives
-    the same channels whatever else the run does (fold_in 0 and 1 are training's)."""
-    k = sampling.num_kept(weights.config.intermediate_size, ratio)
+def select_kept(params: dict, gate, ratio: float, mode: str, seed: int) -> np.ndarray:
+    """Kept channels (L, k) at `ratio` for gate matrices (L, I, H) (host or device). The key
+    depends on the seed and k only, so one seed gives the same channels whatever else the run
+    does (fold_in 0 and 1 are training's)."""
+    k = sampling.num_kept(gate.shape[1], ratio)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 2), k)
-    return prune.select_channels(params, weights.layers[registry.GATE], k, mode, key)
+    return prune.select_channels(params, gate, k, mode, key)
 
 
 def output_recipe(params: dict, mode: str, seed: int, export_hf: bool, torch_format: bool) -> dict:
@@ -108,13 +105,16 @@ def prune_at_ratios(weights: ModelWeights, params: dict, ratios: list[float], *,
     dense_params = weights.num_params()
     rel = lambda p: os.path.relpath(p, manifest.folder) if manifest else p
     entries = []
+    gate = None
     made_by = output_recipe(params, mode, seed, export_hf, torch_format)
     for r in ratios:
         if manifest is not None and manifest.is_done({**key, "ratio": r}, made_by):
             entries.append(manifest.find({**key, "ratio": r}))
             on_output(entries[-1])
             continue
-        kept = select_kept(params, weights, r, mode, seed)
+        if gate is None:  # on the device once for all ratios (GBs on a 7B model)
+            gate = jax.device_put(weights.layers[registry.GATE])
+        kept = select_kept(params, gate, r, mode, seed)
         pruned = prune.slice_weights(weights, kept)
         k = int(kept.shape[1])
         meta = {**card, "policy_fingerprint": made_by["policy_fingerprint"], "mode": mode,
