@@ -60,6 +60,7 @@ def time_ours(sources: list[str], ratios: list[float], out_dir: str, seed: int, 
     from launch.batch_prune import output_names
     from prunenet_jax import checkpoints, hf_export, hf_io, pipeline, prune, train
     from prunenet_jax import policy as policy_lib
+    from prunenet_jax.models import registry
 
     params = fingerprint = None
     rows = []
@@ -80,7 +81,7 @@ def time_ours(sources: list[str], ratios: list[float], out_dir: str, seed: int, 
         for r in ratios:
             folder = os.path.join(out_dir, name, pipeline.ratio_dirname(r))
             t = [time.perf_counter()]
-            kept = pipeline.select_kept(params, weights, r, mode, seed)
+            kept = pipeline.select_kept(params, weights.layers[registry.GATE], r, mode, seed)
             t.append(time.perf_counter())
             pruned = prune.slice_weights(weights, kept)
             t.append(time.perf_counter())

@@ -56,10 +56,19 @@ def default_model_path() -> str:
 
 
 def open_gguf(path: str):
-    """A `gguf.GGUFReader` on `path` (memory-mapped); every failure becomes a UserError."""
+    """A `gguf.GGUFReader` on `path` (memory-mapped); every failure becomes a UserError.
+
+    Parsing the header of a large file takes seconds, and a launcher reads the config before the
+    weights: the last reader is kept for the same file version."""
+    _check_file(path)
+    stat = os.stat(path)
+    return _open_reader(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_reader(path: str, size: int, mtime_ns: int):
     import gguf
 
-    _check_file(path)
     try:
         return gguf.GGUFReader(path)
     except OSError as e:
