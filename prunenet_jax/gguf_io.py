@@ -23,6 +23,7 @@ import numpy as np
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
 from prunenet_jax.errors import UserError
+from prunenet_jax.gguf_tokenizer import load_gguf_tokenizer  # noqa: F401  (the GGUF source's tokenizer)
 from prunenet_jax.weights import ModelWeights
 
 log = logging.getLogger(__name__)
@@ -183,29 +184,6 @@ def gguf_gate_stack(path: str):
         if n not in tensors:
             raise UserError(f"{path}: tensor {n!r} is missing; the file is incomplete; re-download it")
     return config, LazyLayerStack(shape, np.float32, lambda i: _dequantize(tensors[names[i]], path))
-
-
-def load_gguf_tokenizer(path: str):
-    """The `transformers` tokenizer described by the GGUF file's metadata (built once per file
-    version: it parses the whole file, seconds per call, and every export of a batch needs it)."""
-    path = os.fspath(path)
-    _check_file(path)  # clear errors for a missing or non-GGUF file
-    stat = os.stat(path)
-    return _cached_tokenizer(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_tokenizer(path: str, size: int, mtime_ns: int):
-    from transformers import AutoTokenizer
-
-    folder, name = os.path.split(path)
-    try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except Exception as e:  # transformers raises ValueError/KeyError/NotImplementedError...
-        raise UserError(f"{path}: transformers cannot build a tokenizer from this GGUF file's "
-                        f"metadata ({type(e).__name__}: {e}); if the file is truncated, re-download it; "
-                        "otherwise use a GGUF converted by a recent llama.cpp, or a Hugging Face "
-                        "folder with tokenizer files") from None
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
