@@ -113,6 +113,23 @@ def unpad(tokens, mask) -> list[list[int]]:
     return [row[keep].tolist() for row, keep in zip(tokens, mask)]
 
 
+def prefill(model: llama.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    """Left-pads the prompts into a (B, S) token buffer and runs them through a fresh cache.
+    Returns (tokens (B, S), pad (B,), next-token logits (B, V), cache with index P)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token; pass a non-empty prompt")
+    B, P = len(prompts), _round_up(max(len(p) for p in prompts), BUCKET)
+    size = _round_up(P + max_new_tokens, BUCKET)
+    tokens = np.zeros((B, size), np.int32)
+    pad = np.array([P - len(p) for p in prompts], np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, pad[b]:P] = p
+    graphdef, state = nnx.split(model)
+    tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
+    logits, cache = _prefill(graphdef, size, state, tokens[:, :P], pad)
+    return tokens, pad, logits, cache
+
+
 def generate(model: llama.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              eos_ids: Sequence[int] = ()) -> list[list[int]]:
@@ -125,21 +142,15 @@ def generate(model: llama.LlamaForCausalLM, prompts: Sequence[Sequence[int]], ma
         raise UserError(f"temperature={temperature} must be >= 0 (0 is greedy)")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p={top_p} must be in (0, 1] (1 keeps every token)")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UserError("every prompt needs at least one token; pass a non-empty prompt")
-    B, P = len(prompts), _round_up(max(len(p) for p in prompts), BUCKET)
-    size = _round_up(P + max_new_tokens, BUCKET)
-    tokens = np.zeros((B, size), np.int32)
-    pad = np.array([P - len(p) for p in prompts], np.int32)
-    for b, p in enumerate(prompts):
-        tokens[b, pad[b]:P] = p
+    tokens, pad, logits, cache = prefill(model, prompts, max_new_tokens)
+    P = int(cache.index)
+    eos = np.full(_round_up(max(len(eos_ids), 1), 8), -1, np.int32)  # -1 matches no token; a
+    eos[:len(eos_ids)] = eos_ids  # few sizes, so a new EOS list rarely compiles again
     graphdef, state = nnx.split(model)
-    logits, cache = _prefill(graphdef, size, state, jnp.asarray(tokens[:, :P]), jnp.asarray(pad))
-    out, filled = _decode(graphdef, temperature == 0, top_p < 1, state, cache, jnp.asarray(tokens),
-                          logits, jnp.asarray(pad), jnp.int32(P + max_new_tokens),
-                          jnp.float32(temperature or 1.0), jnp.float32(top_p),
-                          jax.random.key(seed), jnp.asarray(list(eos_ids), jnp.int32))
-    out, eos = np.asarray(out)[:, P:int(filled)], set(int(e) for e in eos_ids)
+    out, filled = _decode(graphdef, temperature == 0, top_p < 1, state, cache, tokens, logits, pad,
+                          jnp.int32(P + max_new_tokens), jnp.float32(temperature or 1.0),
+                          jnp.float32(top_p), jax.random.key(seed), jnp.asarray(eos))
+    out, eos = np.asarray(out)[:, P:int(filled)], set(eos_ids)
     completions = []
     for row in out.tolist():
         stop = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
