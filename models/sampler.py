@@ -118,6 +118,12 @@ def prefill(model: llama.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max
     Returns (tokens (B, S), pad (B,), next-token logits (B, V), cache with index P)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token; pass a non-empty prompt")
+    cfg = model.config
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if cfg.model_type == "qwen2" and cfg.sliding_window and longest > cfg.sliding_window:
+        # transformers windows only the layers from max_window_layers on; we do not model that.
+        raise UserError(f"{longest} tokens exceed this qwen2 model's sliding window of "
+                        f"{cfg.sliding_window} (use_sliding_window); generate fewer tokens")
     B, P = len(prompts), _round_up(max(len(p) for p in prompts), BUCKET)
     size = _round_up(P + max_new_tokens, BUCKET)
     tokens = np.zeros((B, size), np.int32)
