@@ -29,6 +29,7 @@ setup(
         "prunenet-batch-prune=prunenet_jax.launch.batch_prune:run",
         "prunenet-convert=prunenet_jax.launch.convert:run",
         "prunenet-evaluate=prunenet_jax.launch.evaluate:run",
+        "prunenet-generate=prunenet_jax.launch.generate:run",
         "prunenet-prune=prunenet_jax.launch.prune:run",
     ]},
 )

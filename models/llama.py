@@ -1,13 +1,20 @@
 """LLaMA-family decoder (llama, mistral, qwen2) in Flax NNX.
 
 Attribute names follow Hugging Face, so a parameter's path in the NNX state is its HF name
-(`model.layers.3.mlp.gate_proj.weight`), and weights are kept in HF layout `[out, in]`. Each layer
-has its own MLP width, so a model pruned to different widths per layer runs as is.
+(`model.layers.3.mlp.gate_proj.weight`), and weights are kept in HF layout `[out, in]`. When all
+layers have the same MLP width they are stacked on a leading layer axis and the forward scans over
+them (`model.layers.mlp.gate_proj.weight` is `(L, I, H)`, row i is HF's layer i), so compile time
+does not grow with depth; a model pruned to different widths per layer keeps a list of layers and
+runs unrolled. The same forward serves perplexity, KV-cache decoding (`KVCache`, see
+models/sampler.py) and the MLP channel statistics (`channel_stats`).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Iterable, Optional
+import re
+from typing import Any, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +87,28 @@ def apply_rope(x, cos, sin):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer, `(L, B, S, Kv, D)`; a call writes its T tokens at slots
+    `[index, index + T)` of every row (rows are left-padded, so one index serves the batch)."""
+    keys: jax.Array
+    values: jax.Array
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, batch: int, size: int, dtype) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, size, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def write(self, layer, k, v):
+        """Stores layer `layer`'s new keys/values; returns that layer's full buffers and the cache."""
+        start = (layer, 0, self.index, 0, 0)
+        keys = jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), start)
+        return keys[layer], values[layer], dataclasses.replace(self, keys=keys, values=values)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         H, D = cfg.hidden_size, cfg.head_dim
@@ -89,12 +118,15 @@ class Attention(nnx.Module):
         self.v_proj = Linear(H, self.num_kv_heads * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(self.num_heads * D, H, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache: Optional[KVCache] = None, layer=0):
+        """mask: (B or 1, T, S) over the S keys (S = T without a cache, the cache size with one)."""
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, cache = cache.write(layer, k, v)
         group = self.num_heads // self.num_kv_heads
         q = q.reshape(B, T, self.num_kv_heads, group, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -102,7 +134,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
@@ -111,8 +143,20 @@ class MLP(nnx.Module):
         self.up_proj = Linear(hidden_size, width, bias=bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(width, hidden_size, bias=bias, dtype=dtype, rngs=rngs)
 
+    def hidden(self, x):
+        """The input of down_proj, one value per channel: silu(gate x) * up x."""
+        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
+
+
+def channel_moments(h, valid):
+    """Per channel of h (B, T, I): the sum of h^2 and the peak |h| over the valid (B, T) tokens."""
+    h = h.astype(jnp.float32)
+    sum_sq = jnp.einsum("bti,bt->i", h * h, valid.astype(jnp.float32))
+    peak = jnp.max(jnp.where(valid[..., None], jnp.abs(h), 0.0), axis=(0, 1))
+    return sum_sq, peak
 
 
 class DecoderLayer(nnx.Module):
@@ -122,24 +166,70 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg.hidden_size, width, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, cache=None, layer=0, stats_mask=None):
+        """(x, cache, channel moments of the MLP hidden, or None without stats_mask)."""
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        x = x + attn
+        h = self.mlp.hidden(self.post_attention_layernorm(x))
+        stats = None if stats_mask is None else channel_moments(h, stats_mask)
+        return x + self.mlp.down_proj(h), cache, stats
+
+
+def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One DecoderLayer whose every parameter has a leading layer axis, for jax.lax.scan."""
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.state(layer) for layer in layers]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
 
 
 class LlamaModel(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    """`layers` is one DecoderLayer with stacked (L, ...) parameters, scanned, when every layer has
+    the same MLP width (compile time independent of depth); else a list, unrolled."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs, scan: bool):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, cfg.mlp_width(i), dtype=dtype, rngs=rngs)
-                                for i in range(cfg.num_hidden_layers)])
+        layers = [DecoderLayer(cfg, cfg.mlp_width(i), dtype=dtype, rngs=rngs)
+                  for i in range(cfg.num_hidden_layers)]
+        self.layers = _stack_layers(layers) if scan else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+    def run_layers(self, x, cos, sin, mask, cache=None, stats_mask=None):
+        """All decoder layers: (x, cache, stats). stats: (sum h^2, peak |h|), each (L, I) when
+        scanned, else per-layer tuples; None without stats_mask."""
+        if isinstance(self.layers, nnx.List):
+            stats = []
+            for i, layer in enumerate(self.layers):
+                x, cache, s = layer(x, cos, sin, mask, cache, i, stats_mask)
+                stats.append(s)
+            return x, cache, None if stats_mask is None else tuple(zip(*stats))
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            x, cache = carry
+            layer_state, i = xs
+            x, cache, s = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, cache, i, stats_mask)
+            return (x, cache), s
+
+        depth = jax.tree.leaves(state)[0].shape[0]
+        (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(depth)))
+        return x, cache, stats
+
+
+def uniform_widths(cfg: LlamaConfig) -> bool:
+    """Whether every layer has the same MLP width, so the layers can be stacked and scanned."""
+    return len({cfg.mlp_width(i) for i in range(cfg.num_hidden_layers)}) == 1
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
+    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None,
+                 scan: Optional[bool] = None):
+        """scan: stack and scan the layers (None: when the MLP widths are uniform; False unrolls)."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
+        scan = uniform_widths(cfg) if scan is None else scan
+        if scan and not uniform_widths(cfg):
+            raise ValueError("layers of different MLP widths cannot be scanned")
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs)
+        self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs, scan=scan)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs))
 
@@ -155,36 +245,98 @@ class LlamaForCausalLM(nnx.Module):
         mask = jnp.tril(jnp.ones((T, T), bool))[None]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, :]
+        x, _, _ = self.hidden_states(tokens, positions, mask)
+        return self.logits(x)
+
+    def hidden_states(self, tokens, positions, mask, cache: Optional[KVCache] = None, stats_mask=None):
+        """The final-normed hidden states (B, T, H), the cache with this call's keys/values
+        written, and (with stats_mask (B, T)) the MLP channel moments of `LlamaModel.run_layers`.
+        mask: (B or 1, T, S), which keys each query sees."""
         freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(self.config)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
         x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
-        x = self.model.norm(x)
+        x, cache, stats = self.model.run_layers(x, cos, sin, mask, cache, stats_mask)
+        return self.model.norm(x), cache, stats
+
+    def logits(self, x):
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return jnp.einsum("bth,vh->btv", x, head[...], preferred_element_type=jnp.float32)
 
 
+class ChannelStats(NamedTuple):
+    """Per layer and FFN channel: sum of h_j^2 and peak |h_j| over `tokens` valid tokens (h: the
+    input of down_proj). (L, I) arrays, or per-layer tuples for per-layer widths."""
+    sum_sq: Any
+    peak: Any
+    tokens: Any
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        return ChannelStats(jax.tree.map(jnp.add, self.sum_sq, other.sum_sq),
+                            jax.tree.map(jnp.maximum, self.peak, other.peak),
+                            self.tokens + other.tokens)
+
+    def mean_sq(self):
+        """E[h_j^2] over the tokens seen."""
+        return jax.tree.map(lambda s: s / self.tokens, self.sum_sq)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _channel_stats(graphdef, state, tokens, mask) -> ChannelStats:
+    model = nnx.merge(graphdef, state)
+    T = tokens.shape[1]
+    valid = mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)  # left padding starts at 0 too
+    attend = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
+    _, _, (sum_sq, peak) = model.hidden_states(tokens, positions, attend, stats_mask=valid)
+    return ChannelStats(sum_sq, peak, jnp.sum(valid, dtype=jnp.int32))
+
+
+def channel_stats(model: LlamaForCausalLM, tokens, mask=None) -> ChannelStats:
+    """One jitted forward over tokens (B, T) (mask: 1 for real tokens) that returns only the MLP
+    channel statistics of every layer: memory O(L * I) whatever the number of tokens, so a caller
+    streams over batches with `ChannelStats.merge`. Compiled once per shape."""
+    mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask)
+    graphdef, state = nnx.split(model)
+    return _channel_stats(graphdef, state, jnp.asarray(tokens), mask)
+
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
 def from_named_arrays(cfg: LlamaConfig, named: Iterable[tuple[str, np.ndarray]],
-                      dtype=jnp.float32) -> LlamaForCausalLM:
-    """Builds the model from (HF name, array) pairs without allocating a random init first."""
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype))
+                      dtype=jnp.float32, scan: Optional[bool] = None) -> LlamaForCausalLM:
+    """Builds the model from (HF name, array) pairs without allocating a random init first.
+    In a scanned model, layer i's tensor is row i of the stacked parameter."""
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, scan=scan))
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    seen = set()
+    scanned, L = not isinstance(model.model.layers, nnx.List), cfg.num_hidden_layers
+    rows: dict[tuple, list] = {}  # stacked parameter -> its L layers' arrays
     for name, array in named:
-        key = tuple(int(p) if p.isdigit() else p for p in name.split("."))
-        if key not in params:
+        m = _LAYER_NAME.match(name) if scanned else None
+        parts = (f"model.layers.{m.group(2)}" if m else name).split(".")
+        key = tuple(int(p) if p.isdigit() else p for p in parts)
+        layer = int(m.group(1)) if m else None
+        if key not in params or (layer is not None and layer >= L):
             raise UserError(f"tensor {name!r} has no place in a {cfg.model_type} model of this "
                             "config; the checkpoint and its config.json disagree")
         var = params[key]
-        if tuple(array.shape) != tuple(var.shape):
+        want = var.shape[1:] if m else var.shape
+        if tuple(array.shape) != tuple(want):
             raise UserError(f"tensor {name!r} has shape {tuple(array.shape)}, the config implies "
-                            f"{tuple(var.shape)}; fix config.json or use matching weights")
-        var.set_value(jnp.asarray(array, dtype=dtype))
-        seen.add(key)
-    missing = [".".join(map(str, k)) for k in params if k not in seen]
+                            f"{tuple(want)}; fix config.json or use matching weights")
+        if m:
+            rows.setdefault(key, [None] * L)[layer] = array
+        else:
+            var.set_value(jnp.asarray(array, dtype=dtype))
+            rows[key] = []
+    missing = [".".join(map(str, k)) for k in params if k not in rows]
+    missing += [f"model.layers.{i}.{'.'.join(map(str, k[2:]))}"
+                for k, arrays in rows.items() for i, a in enumerate(arrays) if a is None]
     if missing:
         raise UserError(f"tensors missing from the checkpoint: {missing[:5]}"
                         f"{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
+    for key, arrays in rows.items():
+        if arrays:  # one stacked host copy of one parameter at a time
+            params[key].set_value(jnp.asarray(np.stack(arrays), dtype=dtype))
     return model

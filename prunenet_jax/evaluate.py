@@ -28,6 +28,7 @@ def windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens[keep], mask[keep]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _window_nll(graphdef, state, tokens, mask):
     """Summed next-token negative log-likelihood and the number of scored targets."""
     logits = nnx.merge(graphdef, state)(tokens, mask)[:, :-1]
@@ -38,11 +39,11 @@ def _window_nll(graphdef, state, tokens, mask):
 
 
 class Scorer:
-    """Scores windows with one compiled function per (batch, seq_len) shape."""
+    """Scores windows; one compilation per model structure and (batch, seq_len) shape, shared by
+    every Scorer (models of equal shapes, e.g. a batch of checkpoints, do not recompile)."""
 
     def __init__(self, model: nnx.Module):
-        graphdef, self.state = nnx.split(model)
-        self._nll = jax.jit(functools.partial(_window_nll, graphdef))
+        self.graphdef, self.state = nnx.split(model)
 
     def nll(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> tuple[float, int]:
         total, count = 0.0, 0
@@ -52,7 +53,7 @@ class Scorer:
             if pad:
                 t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
                 m = np.concatenate([m, np.zeros((pad, m.shape[1]), m.dtype)])
-            s, c = self._nll(self.state, jnp.asarray(t), jnp.asarray(m))
+            s, c = _window_nll(self.graphdef, self.state, jnp.asarray(t), jnp.asarray(m))
             total += float(s)
             count += int(c)
         return total, count
