@@ -58,8 +58,13 @@ def reset_peak() -> bool:
 
 def time_ours(sources: list[str], ratios: list[float], out_dir: str, seed: int, mode: str) -> list[dict]:
     from launch.batch_prune import output_names
-    from prunenet_jax import checkpoints, hf_export, hf_io, pipeline, prune, train
-    from prunenet_jax import policy as policy_lib
+    from prunenet_jax import prune
+    from prunenet_jax.formats import orbax as checkpoints
+    from prunenet_jax.formats import hf as hf_export
+    from prunenet_jax import sources as hf_io
+    from prunenet_jax.run import prune_run as pipeline
+    from prunenet_jax.method import train
+    from prunenet_jax.method import policy as policy_lib
     from prunenet_jax.models import registry
 
     params = fingerprint = None
@@ -109,7 +114,8 @@ def time_ours(sources: list[str], ratios: list[float], out_dir: str, seed: int, 
 def time_gguf_tokenizer() -> float:
     """hf_export rebuilds the tokenizer from the GGUF file on every export of a GGUF source: the
     seconds of that rebuild alone (part of each hf_export time of a GGUF source)."""
-    from prunenet_jax import gguf_io, hf_io
+    from prunenet_jax.formats import gguf as gguf_io
+    from prunenet_jax import sources as hf_io
 
     t0 = time.perf_counter()
     gguf_io.load_gguf_tokenizer(hf_io.resolve_source("default")[1])
@@ -118,7 +124,10 @@ def time_gguf_tokenizer() -> float:
 
 def time_launcher(ratios: list[float], out_dir: str, seed: int) -> dict:
     """python -m launch.batch_prune --checkpoints=default,default,default ... --export_hf, once."""
-    from prunenet_jax import checkpoints, gguf_io, hf_io, train
+    from prunenet_jax.formats import orbax as checkpoints
+    from prunenet_jax.formats import gguf as gguf_io
+    from prunenet_jax import sources as hf_io
+    from prunenet_jax.method import train
 
     cfg = gguf_io.load_gguf_config(hf_io.resolve_source("default")[1])
     policy = os.path.join(out_dir, "policy")

@@ -40,7 +40,8 @@ def time_reference(venv: str, model_dir: str, episodes: int, ratio: float) -> di
 
 
 def time_ours(model_dir: str, episodes: int, ratio: float, schedule: str) -> dict:
-    from prunenet_jax import hf_io, train
+    from prunenet_jax import sources as hf_io
+    from prunenet_jax.method import train
     from prunenet_jax.models import registry
 
     t0 = time.perf_counter()

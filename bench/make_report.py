@@ -19,7 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prunenet_jax import evaluate, hf_io, prune, report, sampling, texts, train  # noqa: E402
+from prunenet_jax import prune  # noqa: E402
+from prunenet_jax.evaluation import perplexity as evaluate  # noqa: E402
+from prunenet_jax import sources as hf_io  # noqa: E402
+from prunenet_jax.evaluation import report  # noqa: E402
+from prunenet_jax.method import sampling  # noqa: E402
+from prunenet_jax.evaluation import texts  # noqa: E402
+from prunenet_jax.method import train  # noqa: E402
 from prunenet_jax.models import llama, registry  # noqa: E402
 
 TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"

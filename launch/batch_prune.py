@@ -25,9 +25,13 @@ import jax
 from absl import flags, logging
 from tqdm import tqdm
 
-from prunenet_jax import checkpoints, hf_io, outputs, pipeline, training_run
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax import sources as hf_io
+from prunenet_jax.run import atomic as outputs
+from prunenet_jax.run import prune_run as pipeline
+from prunenet_jax.method import trainer as training_run
 from prunenet_jax.errors import UserError
-from prunenet_jax.launch import common, pruning_flags
+from prunenet_jax.launch import common, flags as pruning_flags
 from prunenet_jax.models import registry
 
 FLAGS = flags.FLAGS

@@ -98,7 +98,7 @@ def make_mesh():
     """The 1-D layer mesh over --mesh devices (all by default); None for a single device."""
     import jax
 
-    from prunenet_jax import sharding
+    from prunenet_jax.method import sharding
 
     n, available = flags.FLAGS.mesh, jax.device_count()
     if n < 0 or n > available:

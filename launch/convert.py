@@ -13,7 +13,9 @@ import os
 
 from absl import flags, logging
 
-from prunenet_jax import checkpoints, hf_io, outputs
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax import sources as hf_io
+from prunenet_jax.run import atomic as outputs
 from prunenet_jax.launch import common
 
 FLAGS = flags.FLAGS
@@ -50,7 +52,7 @@ def main(argv) -> None:
     logging.info("loaded %s (%s): %d layers, I=%d", FLAGS.input, kind,
                  weights.config.num_hidden_layers, weights.config.intermediate_size)
     if to == "hf":
-        from prunenet_jax import hf_export
+        from prunenet_jax.formats import hf as hf_export
 
         meta = checkpoints.read_meta(path) if kind == "orbax" else {"source": FLAGS.input}
         card = {**checkpoints.model_card_fields(meta or {}), "command": common.command_line()}

@@ -18,7 +18,12 @@ from typing import Optional
 
 from absl import flags, logging
 
-from prunenet_jax import evaluate, hf_io, lm_eval_runner, pipeline, report, texts
+from prunenet_jax.evaluation import perplexity as evaluate
+from prunenet_jax import sources as hf_io
+from prunenet_jax.evaluation import lm_eval as lm_eval_runner
+from prunenet_jax.run import prune_run as pipeline
+from prunenet_jax.evaluation import report
+from prunenet_jax.evaluation import texts
 from prunenet_jax.launch import common
 from prunenet_jax.models import llama
 

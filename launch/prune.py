@@ -11,9 +11,13 @@ import os
 import jax
 from absl import flags, logging
 
-from prunenet_jax import checkpoints, hf_io, outputs, pipeline, training_run
-from prunenet_jax import policy as policy_lib
-from prunenet_jax.launch import common, pruning_flags
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax import sources as hf_io
+from prunenet_jax.run import atomic as outputs
+from prunenet_jax.run import prune_run as pipeline
+from prunenet_jax.method import trainer as training_run
+from prunenet_jax.method import policy as policy_lib
+from prunenet_jax.launch import common, flags as pruning_flags
 from prunenet_jax.models import registry
 
 FLAGS = flags.FLAGS

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunenet_jax import policy as policy_lib
-from prunenet_jax import sampling
+from prunenet_jax.method import policy as policy_lib
+from prunenet_jax.method import sampling
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from prunenet_jax.weights import ModelWeights

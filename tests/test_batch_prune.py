@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from prunenet_jax import checkpoints, hf_io
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax import sources as hf_io
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

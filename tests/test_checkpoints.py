@@ -8,7 +8,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from prunenet_jax import checkpoints, hf_io, prune, train
+from prunenet_jax import prune
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax import sources as hf_io
+from prunenet_jax.method import train
 from prunenet_jax.errors import UserError
 from tests import tiny_models
 
@@ -126,7 +129,8 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
 
 _RESTORE_ON_8 = """
 import sys, numpy as np, jax
-from prunenet_jax import checkpoints, sharding
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax.method import sharding
 mesh = sharding.make_mesh(8)
 arrays, meta = checkpoints.restore_model_arrays(sys.argv[1], mesh)
 expected = np.load(sys.argv[2])

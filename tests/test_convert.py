@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from prunenet_jax import checkpoints, hf_io, prune
+from prunenet_jax import prune
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax import sources as hf_io
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

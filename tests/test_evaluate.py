@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from prunenet_jax import evaluate, texts
+from prunenet_jax.evaluation import perplexity as evaluate
+from prunenet_jax.evaluation import texts
 from prunenet_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,7 @@ def test_default_model_perplexity_matches_transformers(hf_default_model):
     ours = json.loads(proc.stdout.strip().splitlines()[-1])
 
     import torch
-    from prunenet_jax import gguf_io
+    from prunenet_jax.formats import gguf as gguf_io
 
     tokenizer = gguf_io.load_gguf_tokenizer(gguf_io.default_model_path())
     ids = evaluate.tokenize(tokenizer, "".join(texts.read_texts(TUTORIAL).values()), 16384)

@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunenet_jax import hf_io, lm_eval_runner, report, spectral
+from prunenet_jax import sources as hf_io
+from prunenet_jax.evaluation import lm_eval as lm_eval_runner
+from prunenet_jax.evaluation import report
+from prunenet_jax.method import spectral
 from prunenet_jax.models import registry
 from tests import tiny_models
 from tests.test_report import kept_indices, save_sliced, save_tokenizer

@@ -12,7 +12,7 @@ from gguf import quants
 
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
-from prunenet_jax import gguf_io
+from prunenet_jax.formats import gguf as gguf_io
 from prunenet_jax.errors import UserError
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ import pytest
 import torch
 import transformers
 
-from prunenet_jax import hf_export, hf_io, prune, safetensors_io
+from prunenet_jax import prune
+from prunenet_jax.formats import hf as hf_export
+from prunenet_jax import sources as hf_io
+from prunenet_jax.formats import safetensors as safetensors_io
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import llama, registry
 from tests import tiny_models

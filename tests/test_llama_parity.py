@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prunenet_jax.models import llama
-from prunenet_jax import hf_io
+from prunenet_jax import sources as hf_io
 from tests import tiny_models
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunenet_jax import hf_io
+from prunenet_jax import sources as hf_io
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from tests import tiny_models

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from prunenet_jax import hf_io, prune, spectral
+from prunenet_jax import prune
+from prunenet_jax import sources as hf_io
+from prunenet_jax.method import spectral
 from prunenet_jax.models import llama, registry
 from tests import tiny_models
 

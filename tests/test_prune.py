@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunenet_jax import hf_io, policy, prune
+from prunenet_jax import prune
+from prunenet_jax import sources as hf_io
+from prunenet_jax.method import policy
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import llama, registry
 from tests import tiny_models

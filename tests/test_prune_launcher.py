@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from prunenet_jax import checkpoints
+from prunenet_jax.formats import orbax as checkpoints
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from prunenet_jax import hf_io
+from prunenet_jax import sources as hf_io
 from prunenet_jax.models import llama, registry
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest "

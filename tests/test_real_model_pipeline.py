@@ -10,7 +10,10 @@ import pytest
 import torch
 import transformers
 
-from prunenet_jax import checkpoints, hf_export, hf_io, prune
+from prunenet_jax import prune
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax.formats import hf as hf_export
+from prunenet_jax import sources as hf_io
 from prunenet_jax.models.config import LlamaConfig
 from tests.test_hf_export import _assert_close, _hf_load, _hf_logits, _our_logits
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunenet_jax import policy, train
+from prunenet_jax.method import policy
+from prunenet_jax.method import train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "reference", "episode_fixture.npz")
 

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prunenet_jax import hf_io, lm_eval_runner, prune, report, spectral
+from prunenet_jax import prune
+from prunenet_jax import sources as hf_io
+from prunenet_jax.evaluation import lm_eval as lm_eval_runner
+from prunenet_jax.evaluation import report
+from prunenet_jax.method import spectral
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from tests import tiny_models

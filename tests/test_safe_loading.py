@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from prunenet_jax import hf_io
+from prunenet_jax import sources as hf_io
 from prunenet_jax.errors import UserError
 from tests import tiny_models
 

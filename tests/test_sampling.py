@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunenet_jax import sampling
+from prunenet_jax.method import sampling
 from prunenet_jax.errors import UserError
 
 

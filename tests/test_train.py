@@ -6,9 +6,10 @@ import pytest
 import torch
 from scipy import stats
 
-from prunenet_jax import policy as pol
-from prunenet_jax import sampling, sharding
-from prunenet_jax import train as T
+from prunenet_jax.method import policy as pol
+from prunenet_jax.method import sampling
+from prunenet_jax.method import sharding
+from prunenet_jax.method import train as T
 from prunenet_jax.errors import UserError
 
 L, I, H = 4, 24, 6

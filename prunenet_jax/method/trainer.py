@@ -18,8 +18,11 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from prunenet_jax import checkpoints, sampling, sharding, train
-from prunenet_jax import policy as policy_lib
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax.method import sampling
+from prunenet_jax.method import sharding
+from prunenet_jax.method import train
+from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.errors import UserError
 from prunenet_jax.models.config import LlamaConfig
 

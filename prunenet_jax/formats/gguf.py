@@ -171,7 +171,7 @@ def load_gguf_config(path: str) -> LlamaConfig:
 
 def gguf_gate_stack(path: str):
     """(config, gate matrices as a LazyLayerStack) without dequantising any other tensor."""
-    from prunenet_jax.layer_stack import LazyLayerStack
+    from prunenet_jax.formats.layer_stack import LazyLayerStack
 
     path = os.fspath(path)
     reader = open_gguf(path)

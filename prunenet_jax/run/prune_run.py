@@ -15,8 +15,11 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from prunenet_jax import checkpoints, outputs, prune, sampling
-from prunenet_jax import policy as policy_lib
+from prunenet_jax import prune
+from prunenet_jax.formats import orbax as checkpoints
+from prunenet_jax.run import atomic as outputs
+from prunenet_jax.method import sampling
+from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.models import registry
 from prunenet_jax.weights import ModelWeights
 
@@ -128,7 +131,7 @@ def prune_at_ratios(weights: ModelWeights, params: dict, ratios: list[float], *,
                                    overwrite=True)
             entry["orbax_dir"] = rel(os.path.join(folder, "orbax"))
             if export_hf:
-                from prunenet_jax import hf_export  # imported on use: needs transformers only here
+                from prunenet_jax.formats import hf as hf_export  # imported on use: needs transformers only here
 
                 hf_export.export_hf(pruned, os.path.join(folder, "hf"),
                                     model_card=checkpoints.model_card_fields(meta),

@@ -14,7 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from prunenet_jax import outputs
+from prunenet_jax.run import atomic as outputs
 from prunenet_jax.errors import UserError
 
 DTYPES = {

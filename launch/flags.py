@@ -6,7 +6,12 @@ from typing import Callable, Optional
 
 from absl import flags
 
-from prunenet_jax import evaluate, hf_io, prune, sampling, texts, train
+from prunenet_jax import prune
+from prunenet_jax.evaluation import perplexity as evaluate
+from prunenet_jax import sources as hf_io
+from prunenet_jax.method import sampling
+from prunenet_jax.evaluation import texts
+from prunenet_jax.method import train
 from prunenet_jax.launch import common
 from prunenet_jax.models import llama
 from prunenet_jax.weights import ModelWeights

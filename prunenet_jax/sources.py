@@ -11,8 +11,8 @@ import numpy as np
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
 from prunenet_jax.errors import UserError
-from prunenet_jax.layer_stack import LazyLayerStack
-from prunenet_jax.safetensors_io import SafetensorsFile
+from prunenet_jax.formats.layer_stack import LazyLayerStack
+from prunenet_jax.formats.safetensors import SafetensorsFile
 from prunenet_jax.weights import ModelWeights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -25,7 +25,7 @@ def load_model(source: str, dtype=np.float32, revision: Optional[str] = None) ->
     if kind == "gguf":
         weights = _gguf().load_gguf(path, dtype=dtype, source=source)
     elif kind == "orbax":
-        from prunenet_jax import checkpoints  # imported on use: orbax is slow to import
+        from prunenet_jax.formats import orbax as checkpoints  # imported on use: orbax is slow to import
 
         weights = checkpoints.load_model(path, dtype=dtype, source=source)
     else:
@@ -41,7 +41,7 @@ def load_config(source: str, revision: Optional[str] = None) -> LlamaConfig:
     if kind == "gguf":
         return _gguf().load_gguf_config(path)
     if kind == "orbax":
-        from prunenet_jax import checkpoints
+        from prunenet_jax.formats import orbax as checkpoints
 
         return checkpoints.load_config(path)
     return LlamaConfig.from_hf(read_config(path), source=os.path.join(path, "config.json"))
@@ -69,7 +69,7 @@ def resolve_source(source: str, revision: Optional[str] = None) -> tuple[str, st
 
 
 def _gguf():
-    from prunenet_jax import gguf_io  # imported on use: only GGUF sources need the gguf package
+    from prunenet_jax.formats import gguf as gguf_io  # imported on use: only GGUF sources need the gguf package
 
     return gguf_io
 

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunenet_jax import outputs, spectral
+from prunenet_jax.run import atomic as outputs
+from prunenet_jax.method import spectral
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from prunenet_jax.weights import ModelWeights

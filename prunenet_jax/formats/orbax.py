@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prunenet_jax import outputs
+from prunenet_jax.run import atomic as outputs
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig

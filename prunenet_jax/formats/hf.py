@@ -21,10 +21,10 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
-from prunenet_jax import outputs
+from prunenet_jax.run import atomic as outputs
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
-from prunenet_jax.safetensors_io import write_safetensors
+from prunenet_jax.formats.safetensors import write_safetensors
 from prunenet_jax.weights import ModelWeights
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def _torch_save(torch, path: str, shard: dict, dtype: np.dtype) -> None:
 
 def _write_tokenizer(weights: ModelWeights, folder: str) -> None:
     if weights.gguf_file:  # built from the file's metadata, saved as tokenizer.json & co
-        from prunenet_jax import gguf_io
+        from prunenet_jax.formats import gguf as gguf_io
 
         gguf_io.load_gguf_tokenizer(weights.gguf_file).save_pretrained(folder)
         return
