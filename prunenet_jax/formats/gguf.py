@@ -20,10 +20,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from prunenet_jax import progress
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
 from prunenet_jax.errors import UserError
-from prunenet_jax.weights import ModelWeights
+from prunenet_jax.weights import ModelWeights, check_shape
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,8 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
             raise UserError(f"{path}: tensor {gguf_name!r} is missing; the file is incomplete or "
                             "holds another kind of model; re-download or re-convert it")
         arr = _dequantize(tensors[gguf_name], path)
-        if arr.shape != tuple(expected):
-            raise UserError(f"{path}: tensor {gguf_name!r} has shape {arr.shape} but the file's "
-                            f"metadata implies {tuple(expected)}; the file is corrupt or was "
-                            "converted wrongly; re-convert it")
+        check_shape(path, gguf_name, arr.shape, expected, "the file's metadata",
+                    "the file is corrupt or was converted wrongly; re-convert it")
         return arr
 
     expected = registry.expected_shapes(config)
@@ -141,7 +140,8 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
                         "the file is incomplete or holds another kind of model; re-download or "
                         "re-convert it")
     layers = {hf_name: np.empty(expected[hf_name], dtype=dtype) for hf_name in names}
-    for i in _progress(range(config.num_hidden_layers), path):
+    bar = progress.over(range(config.num_hidden_layers), f"loading {os.path.basename(path)}", "layer")
+    for i in bar:
         for hf_name in names:
             arr = tensor(f"blk.{i}.{registry.GGUF_LAYER[hf_name]}", expected[hf_name][1:])
             if hf_name in permuted_heads:
@@ -380,14 +380,6 @@ def _dequantize(t, path: str) -> np.ndarray:
     if arr.shape != shape:
         arr = arr.reshape(shape)
     return arr.astype(np.float32, copy=False)
-
-
-def _progress(it, path):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, desc=f"loading {os.path.basename(path)}", unit="layer", leave=False, disable=None)
 
 
 class _Metadata:
