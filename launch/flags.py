@@ -88,13 +88,12 @@ def parse_ratios(spec: str) -> list[float]:
 
 
 def check_pruning_flags() -> None:
-    """Refuses bad values of the pruning flags, before anything is loaded."""
+    """Refuses bad values of the pruning flags, before anything is loaded (the eval flags:
+    EvalConfig.check)."""
     if FLAGS.episodes < 1:
         raise UserError(f"--episodes={FLAGS.episodes}: train for at least 1 episode")
     if FLAGS.checkpoint_every < 1:
         raise UserError(f"--checkpoint_every={FLAGS.checkpoint_every} must be at least 1")
-    if FLAGS.max_tokens < 0:
-        raise UserError(f"--max_tokens={FLAGS.max_tokens} must be >= 0 (0 means all)")
     if FLAGS.torch_format and not FLAGS.export_hf:
         raise UserError("--torch_format adds pytorch_model.bin to the HF export; pass "
                         "--export_hf too")

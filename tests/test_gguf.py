@@ -269,13 +269,13 @@ def test_unpermute_inverts_llama_cpp_permutation():
     # one head of size 4: HF rows (r0 r1 | r2 r3) -> llama.cpp interleaves the halves: r0 r2 r1 r3
     w = np.arange(4, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
     assert llama_cpp_permute(w, 1)[:, 0].tolist() == [0, 2, 1, 3]
-    assert gguf_format.unpermute_qk(llama_cpp_permute(w, 1), 1)[:, 0].tolist() == [0, 1, 2, 3]
+    assert registry.unpermute_qk(llama_cpp_permute(w, 1), 1)[:, 0].tolist() == [0, 1, 2, 3]
     x = np.random.default_rng(0).standard_normal((NKV * HD, 5)).astype(np.float32)
-    np.testing.assert_array_equal(gguf_format.unpermute_qk(llama_cpp_permute(x, NH, NKV), NKV), x)
-    np.testing.assert_array_equal(gguf_format.unpermute_qk(gguf_format.permute_qk(x, 4), 4), x)
+    np.testing.assert_array_equal(registry.unpermute_qk(llama_cpp_permute(x, NH, NKV), NKV), x)
+    np.testing.assert_array_equal(registry.unpermute_qk(registry.permute_qk(x, 4), 4), x)
     assert not np.array_equal(llama_cpp_permute(x, NKV), x)  # the test is not vacuous
     b = np.arange(NH * HD, dtype=np.float32)
-    np.testing.assert_array_equal(gguf_format.unpermute_qk(llama_cpp_permute(b, NH), NH), b)
+    np.testing.assert_array_equal(registry.unpermute_qk(llama_cpp_permute(b, NH), NH), b)
 
 
 def test_synthetic_llama_with_biases_tied_and_vocab_from_tokens(tmp_path):

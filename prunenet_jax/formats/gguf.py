@@ -109,7 +109,6 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     tensors = {t.name: t for t in reader.tensors}
     hf_config = gguf_hf_config(reader, path, tensors)
     config = LlamaConfig.from_hf(hf_config, source=path)
-    arch = registry.get(config.model_type, path)
 
     def tensor(gguf_name: str, expected: tuple) -> np.ndarray:
         if gguf_name not in tensors:
@@ -128,10 +127,7 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
         copy = np.may_share_memory(arr, reader.data)
         globals_[hf_name] = arr.astype(dtype, copy=copy)
 
-    permuted_heads = {}
-    if arch.gguf_permutes_qk:
-        permuted_heads = {registry.Q: config.num_attention_heads, registry.Q_BIAS: config.num_attention_heads,
-                          registry.K: config.num_key_value_heads, registry.K_BIAS: config.num_key_value_heads}
+    transforms = registry.gguf_transforms(config)
     names = registry.layer_tensor_names(config)
     missing = [n for n in (f"blk.{i}.{registry.GGUF_LAYER[h]}" for i in range(config.num_hidden_layers)
                            for h in names) if n not in tensors]
@@ -144,8 +140,8 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     for i in bar:
         for hf_name in names:
             arr = tensor(f"blk.{i}.{registry.GGUF_LAYER[hf_name]}", expected[hf_name][1:])
-            if hf_name in permuted_heads:
-                arr = unpermute_qk(arr, permuted_heads[hf_name])
+            if hf_name in transforms:
+                arr = transforms[hf_name](arr)
             layers[hf_name][i] = arr  # casts to dtype
 
     used = {registry.GGUF_GLOBAL[n] for n in globals_} | {
@@ -206,26 +202,6 @@ def _cached_tokenizer(path: str, size: int, mtime_ns: int):
                         f"metadata ({type(e).__name__}: {e}); if the file is truncated, re-download it; "
                         "otherwise use a GGUF converted by a recent llama.cpp, or a Hugging Face "
                         "folder with tokenizer files") from None
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's q/k row permutation (rows = n_head * head_dim, weights or biases).
-
-    The converter reorders each head's rows from rotate-half order (HF: first the real halves,
-    then the imaginary ones) to interleaved pairs (ggml's RoPE): rows (h, c, j) -> (h, j, c) with
-    c in {0, 1} and j < head_dim / 2. We map them back.
-    """
-    rows = w.shape[0]
-    if rows % (2 * n_head):
-        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")
-    half = rows // n_head // 2
-    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter permutation (HF -> GGUF); the inverse of `unpermute_qk`."""
-    half = w.shape[0] // n_head // 2
-    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_hf_config(reader, path: str, tensors: Optional[dict] = None) -> dict[str, Any]:
