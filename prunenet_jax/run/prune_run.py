@@ -138,7 +138,7 @@ class PruneResult:
     dense_ppl: Optional[float]
 
     def to_json(self) -> dict:
-        return {**self.header, "outputs": [e.to_json() for e in self.outputs]}
+        return run_dir.manifest_json(self.header, self.outputs)
 
 
 def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]]) -> Optional[PruneResult]:

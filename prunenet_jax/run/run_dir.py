@@ -117,11 +117,16 @@ class Manifest:
         return os.path.relpath(path, self.folder)
 
     def to_json(self) -> dict:
-        return {**self.header, "outputs": [e.to_json() for e in self.outputs]}
+        return manifest_json(self.header, self.outputs)
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         atomic.write_json(self.path, self.to_json())
+
+
+def manifest_json(header: dict, entries: list[OutputEntry]) -> dict:
+    """A manifest's JSON (also what launch.prune prints last): run fields + "outputs"."""
+    return {**header, "outputs": [e.to_json() for e in entries]}
 
 
 def read_manifest(path: str) -> Optional[dict]:
