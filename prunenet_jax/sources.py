@@ -3,7 +3,6 @@ id, or a pruned model's orbax folder. Each format's reading lives in formats/; t
 decides which one a source is and dispatches."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Optional

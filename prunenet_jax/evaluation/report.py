@@ -9,7 +9,6 @@ The report folder is written under a temporary sibling name and renamed into pla
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -69,7 +68,7 @@ def ratio_of(weights: ModelWeights, dense_intermediate: int) -> float:
 
 def model_record(name: str, source: str, weights: ModelWeights, ratio: float, ks: np.ndarray,
                  perplexity: Optional[dict] = None) -> dict:
-    """One model's row of report.json. `perplexity`: evaluate.perplexity's result, or None."""
+    """One model's row of report.json. `perplexity`: perplexity.perplexity's result, or None."""
     return {"name": name, "source": source, "ratio": float(ratio),
             "kept": int(weights.config.intermediate_size), "params": int(weights.num_params()),
             "ppl": perplexity["ppl"] if perplexity else None,
