@@ -270,7 +270,7 @@ def test_failure_midway_leaves_nothing(tmp_path, sliced, monkeypatch, existing):
         calls.append(1)
         write(f, array, dtype)
 
-    monkeypatch.setattr(safetensors_io, "_write_tensor", fail_after_first)
+    monkeypatch.setattr(safetensors_format, "_write_tensor", fail_after_first)
     with pytest.raises(RuntimeError, match="disk full"):
         hf_format.export_hf(weights, str(out), overwrite=True)
     assert calls
