@@ -6,9 +6,9 @@ Seconds per phase and peak RSS per checkpoint, to show where the time goes; agai
   .venv/bin/python bench/bench_batch.py --ref_checkpoints=3 \
       --checkpoints=default,default,default,$HF,$HF,$HF    # HF=/work/refdata/smollm2-135m-llama
 
-Ours runs in this process, phase by phase as launch/batch_prune.py does (pipeline.prune_at_ratios,
-without perplexity): hf_io.load_model, then per ratio pipeline.select_kept, prune.slice_weights,
-checkpoints.save_model, hf_export.export_hf (with the tokenizer). The policy is the untrained
+Ours runs in this process, phase by phase as launch/batch_prune.py does (prune_run.prune_at_ratios,
+without perplexity): sources.load_model, then per ratio prune.select_kept, prune.slice_weights,
+orbax_format.save_model, hf_format.export_hf (with the tokenizer). The policy is the untrained
 train.initial_params(seed, I, H): pruning time does not depend on training. The real launcher is
 also timed end to end once (--launcher), and the reference's `batch` mode
 (bench/reference/time_reference.py) on the converted HF folder (--reference).
@@ -56,22 +56,26 @@ def reset_peak() -> bool:
         return False
 
 
-def time_ours(sources: list[str], ratios: list[float], out_dir: str, seed: int, mode: str) -> list[dict]:
-    from launch.batch_prune import output_names
-    from prunenet_jax import checkpoints, hf_export, hf_io, pipeline, prune, train
-    from prunenet_jax import policy as policy_lib
+def time_ours(checkpoints: list[str], ratios: list[float], out_dir: str, seed: int, mode: str) -> list[dict]:
+    from prunenet_jax import prune, sources
+    from prunenet_jax.formats import hf as hf_format
+    from prunenet_jax.formats import orbax as orbax_format
+    from prunenet_jax.method import policy as policy_lib
+    from prunenet_jax.method import train
     from prunenet_jax.models import registry
+    from prunenet_jax.run import run_dir
+    from prunenet_jax.run.batch import output_names
 
     params = fingerprint = None
     rows = []
     gc.collect()
     print(f"RSS before the first checkpoint (imports done): {status_mib('VmRSS'):.0f} MiB")
-    for name, source in zip(output_names(sources), sources):
+    for name, source in zip(output_names(checkpoints), checkpoints):
         gc.collect()
         can_reset = reset_peak()
         t0 = time.perf_counter()
-        weights = hf_io.load_model(source)
-        row = {"checkpoint": name, "source": source, "kind": hf_io.resolve_source(source)[0],
+        weights = sources.load_model(source)
+        row = {"checkpoint": name, "source": source, "kind": sources.resolve_source(source)[0],
                "load": time.perf_counter() - t0, "ratios": []}
         if params is None:  # untimed: an untrained policy; timing does not depend on training
             t_init = time.perf_counter()
@@ -79,19 +83,19 @@ def time_ours(sources: list[str], ratios: list[float], out_dir: str, seed: int, 
             fingerprint = policy_lib.fingerprint(params)
             t0 += time.perf_counter() - t_init
         for r in ratios:
-            folder = os.path.join(out_dir, name, pipeline.ratio_dirname(r))
+            orbax_dir, hf_dir = run_dir.output_dirs(os.path.join(out_dir, name), r)
             t = [time.perf_counter()]
-            kept = pipeline.select_kept(params, weights.layers[registry.GATE], r, mode, seed)
+            kept = prune.select_kept(params, weights.layers[registry.GATE], r, mode, seed)
             t.append(time.perf_counter())
             pruned = prune.slice_weights(weights, kept)
             t.append(time.perf_counter())
             meta = {"source": source, "policy_fingerprint": fingerprint, "mode": mode, "seed": seed,
                     "ratio": r, "kept": int(kept.shape[1]), "params_before": weights.num_params(),
                     "params_after": pruned.num_params()}
-            checkpoints.save_model(os.path.join(folder, "orbax"), pruned, meta, kept=kept, overwrite=True)
+            orbax_format.save_model(orbax_dir, pruned, meta, kept=kept, overwrite=True)
             t.append(time.perf_counter())
-            hf_export.export_hf(pruned, os.path.join(folder, "hf"),
-                                model_card=checkpoints.model_card_fields(meta), overwrite=True)
+            hf_format.export_hf(pruned, hf_dir,
+                                model_card=orbax_format.model_card_fields(meta), overwrite=True)
             t.append(time.perf_counter())
             row["ratios"].append({"ratio": r, "kept": int(kept.shape[1]),
                                   **{p: b - a for p, a, b in zip(PHASES, t[:-1], t[1:])}})
@@ -109,20 +113,24 @@ def time_ours(sources: list[str], ratios: list[float], out_dir: str, seed: int, 
 def time_gguf_tokenizer() -> float:
     """hf_export rebuilds the tokenizer from the GGUF file on every export of a GGUF source: the
     seconds of that rebuild alone (part of each hf_export time of a GGUF source)."""
-    from prunenet_jax import gguf_io, hf_io
+    from prunenet_jax.formats import gguf as gguf_format
+    from prunenet_jax import sources
 
     t0 = time.perf_counter()
-    gguf_io.load_gguf_tokenizer(hf_io.resolve_source("default")[1])
+    gguf_format.load_gguf_tokenizer(sources.resolve_source("default")[1])
     return time.perf_counter() - t0
 
 
 def time_launcher(ratios: list[float], out_dir: str, seed: int) -> dict:
     """python -m launch.batch_prune --checkpoints=default,default,default ... --export_hf, once."""
-    from prunenet_jax import checkpoints, gguf_io, hf_io, train
+    from prunenet_jax.formats import orbax as orbax_format
+    from prunenet_jax.formats import gguf as gguf_format
+    from prunenet_jax import sources
+    from prunenet_jax.method import train
 
-    cfg = gguf_io.load_gguf_config(hf_io.resolve_source("default")[1])
+    cfg = gguf_format.load_gguf_config(sources.resolve_source("default")[1])
     policy = os.path.join(out_dir, "policy")
-    checkpoints.save_policy(policy, train.initial_params(seed, cfg.intermediate_size, cfg.hidden_size),
+    orbax_format.save_policy(policy, train.initial_params(seed, cfg.intermediate_size, cfg.hidden_size),
                             {"seed": seed, "note": "untrained initial policy, for timing"})
     cmd = [sys.executable, "-m", "launch.batch_prune", "--checkpoints=default,default,default",
            f"--ratios={','.join(map(str, ratios))}", f"--policy={policy}",
@@ -244,19 +252,19 @@ def main() -> None:
         ap.add_argument(f"--{name}", dest=name, action="store_true", default=True, help=help_)
         ap.add_argument(f"--no{name}", dest=name, action="store_false")
     args = ap.parse_args()
-    sources = [s.strip() for s in args.checkpoints.split(",") if s.strip()]
+    checkpoints = [s.strip() for s in args.checkpoints.split(",") if s.strip()]
     ratios = [float(r) for r in args.ratios.split(",")]
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_batch_")
     result = {"load_avg_start": os.getloadavg(), "ratios": ratios, "policy": "train.initial_params(seed) "
               "(untrained; pruning time does not depend on training)"}
     try:
-        rows = time_ours(sources, ratios, os.path.join(out_dir, "ours"), args.seed, args.mode)
+        rows = time_ours(checkpoints, ratios, os.path.join(out_dir, "ours"), args.seed, args.mode)
         print_ours(rows)
         result["ours"] = rows
         if any(row["kind"] == "gguf" for row in rows):
             result["gguf_tokenizer_build_seconds"] = tok = time_gguf_tokenizer()
             print(f"of each GGUF hf_export: rebuilding the tokenizer from the .gguf takes {tok:.2f} s "
-                  "(gguf_io.load_gguf_tokenizer, timed once more on its own)")
+                  "(gguf_format.load_gguf_tokenizer, timed once more on its own)")
         if args.launcher:
             result["launcher"] = launch = time_launcher(ratios, os.path.join(out_dir, "launcher"), args.seed)
             print(f"launcher end to end: {launch['wall_seconds']:.2f} s, peak RSS "
@@ -267,7 +275,7 @@ def main() -> None:
     if args.reference and os.path.exists(os.path.join(args.ref_venv, "bin", "python")):
         ensure_reference(args.ref_venv, args.model_dir)
         result["reference"] = ref = time_reference(args.ref_venv, args.model_dir,
-                                                         args.ref_checkpoints or len(sources), ratios)
+                                                         args.ref_checkpoints or len(checkpoints), ratios)
         print_reference(ref)
         result["comparison"] = compare(rows, ref)
     result["load_avg_end"] = os.getloadavg()

@@ -40,11 +40,12 @@ def time_reference(venv: str, model_dir: str, episodes: int, ratio: float) -> di
 
 
 def time_ours(model_dir: str, episodes: int, ratio: float, schedule: str) -> dict:
-    from prunenet_jax import hf_io, train
+    from prunenet_jax import sources
+    from prunenet_jax.method import train
     from prunenet_jax.models import registry
 
     t0 = time.perf_counter()
-    W = hf_io.load_model(model_dir).layers[registry.GATE]
+    W = sources.load_model(model_dir).layers[registry.GATE]
     load = time.perf_counter() - t0
     seconds = train.train(W, train.TrainConfig(ratio=ratio, schedule=schedule),
                           num_episodes=episodes).episode_seconds

@@ -16,7 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prunenet_jax import gguf_io, hf_io  # noqa: E402
+from prunenet_jax import sources  # noqa: E402
+from prunenet_jax.formats import gguf as gguf_io  # noqa: E402
 from prunenet_jax.models import llama, sampler  # noqa: E402
 
 PROMPT = "The Python tutorial explains how to define a function:"
@@ -34,8 +35,8 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--torch", action="store_true", help="also time transformers' generate")
     args = ap.parse_args()
-    weights = hf_io.load_model("default")
-    ids = hf_io.load_tokenizer(weights)(PROMPT)["input_ids"]
+    weights = sources.load_model("default")
+    ids = sources.load_tokenizer(weights)(PROMPT)["input_ids"]
     model = llama.from_named_arrays(weights.config, weights.named_arrays())
     hf = None
     if args.torch:

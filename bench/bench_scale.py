@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prunenet_jax import sharding, train  # noqa: E402
+from prunenet_jax.method import sharding  # noqa: E402
+from prunenet_jax.method import train  # noqa: E402
 
 
 def peak_rss_gib() -> float:

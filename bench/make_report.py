@@ -3,7 +3,7 @@
 Trains a policy as `launch.prune` does (seed 42, 20 episodes, at ratio 0.3, one step per layer),
 prunes with it (`sample`, the reference's way) at each ratio, and adds uniform random slicing at
 the same ratios as the baseline; then writes the report (gate spectra, KS per layer, perplexity on
-the Python tutorial text) with `prunenet_jax.report`. lm-eval is not run: it needs HF folders and
+the Python tutorial text) with `prunenet_jax.evaluation.report`. lm-eval is not run: it needs HF folders and
 the datasets hub.
 
   .venv/bin/python bench/make_report.py            # -> bench/results/report_default/
@@ -19,8 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prunenet_jax import evaluate, hf_io, prune, report, sampling, texts, train  # noqa: E402
-from prunenet_jax.models import llama, registry  # noqa: E402
+from prunenet_jax import prune  # noqa: E402
+from prunenet_jax.evaluation import perplexity  # noqa: E402
+from prunenet_jax import sources  # noqa: E402
+from prunenet_jax.evaluation import report  # noqa: E402
+from prunenet_jax.evaluation import texts  # noqa: E402
+from prunenet_jax.method import train  # noqa: E402
+from prunenet_jax.models import registry  # noqa: E402
 
 TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,16 +44,13 @@ def main() -> None:
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
 
-    weights = hf_io.load_model(args.model)
-    tokenizer = hf_io.load_tokenizer(weights)
+    weights = sources.load_model(args.model)
+    tokenizer = sources.load_tokenizer(weights)
     eval_texts = texts.read_texts(args.eval_text)
     W = weights.layers[registry.GATE]
-    I = weights.config.intermediate_size
 
-    def perplexity(w) -> dict:
-        model = llama.from_named_arrays(w.config, w.named_arrays())
-        return evaluate.perplexity(model, tokenizer, eval_texts, seq_len=args.seq_len,
-                                   batch_size=8, max_tokens=args.max_tokens)
+    measure = perplexity.perplexity_fn(tokenizer, perplexity.EvalConfig(
+        eval_texts, seq_len=args.seq_len, batch_size=8, max_tokens=args.max_tokens))
 
     result = train.train(W, train.TrainConfig(ratio=max(ratios)), seed=args.seed,
                          num_episodes=args.episodes)
@@ -58,21 +60,19 @@ def main() -> None:
 
     layers = report.plotted_layers(weights.config.num_hidden_layers)
     dense_sv = report.gate_spectra(weights)
-    dense_ppl = perplexity(weights)
+    dense_ppl = measure(weights)
     models = [report.model_record("dense", args.model, weights, 0.0,
-                                  report.layer_ks(dense_sv, dense_sv), dense_ppl)]
+                                  report.gate_ks(dense_sv, dense_sv), dense_ppl)]
     spectra = [dense_sv[layers]]
-    key = jax.random.fold_in(jax.random.key(args.seed), 2)  # as launch.prune: 0 init, 1 episodes
     for mode in ("sample", "random"):
         for r in ratios:
-            k = sampling.num_kept(I, r)
-            kept = prune.select_channels(params, W, k, mode, jax.random.fold_in(key, k))
+            kept = prune.select_kept(params, W, r, mode, args.seed)  # as launch.prune
             pruned = prune.slice_weights(weights, kept)
             sv = report.gate_spectra(pruned)
             name = f"{'policy' if mode == 'sample' else 'random'} {r:g}"
             models.append(report.model_record(name, f"{args.model} pruned in memory (mode {mode}, "
                                               f"seed {args.seed})", pruned, r,
-                                              report.layer_ks(dense_sv, sv), perplexity(pruned)))
+                                              report.gate_ks(dense_sv, sv), measure(pruned)))
             spectra.append(sv[layers])
             print(f"{name}: mean KS {models[-1]['mean_ks']:.4f}, ppl {models[-1]['ppl']:.2f}", flush=True)
 

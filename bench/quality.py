@@ -26,8 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prunenet_jax import evaluate, hf_io, prune, sampling, texts, train  # noqa: E402
-from prunenet_jax.models import llama, registry  # noqa: E402
+from prunenet_jax import prune  # noqa: E402
+from prunenet_jax.evaluation import perplexity  # noqa: E402
+from prunenet_jax import sources  # noqa: E402
+from prunenet_jax.method import sampling  # noqa: E402
+from prunenet_jax.evaluation import texts  # noqa: E402
+from prunenet_jax.method import train  # noqa: E402
+from prunenet_jax.models import registry  # noqa: E402
 
 TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"
 
@@ -50,15 +55,14 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.sample_seeds.split(",")]
 
-    weights = hf_io.load_model(args.model)
-    tokenizer = hf_io.load_tokenizer(weights)
+    weights = sources.load_model(args.model)
+    tokenizer = sources.load_tokenizer(weights)
     eval_texts = texts.read_texts(args.eval_text)
     W = weights.layers[registry.GATE]
 
-    def ppl(w) -> float:
-        model = llama.from_named_arrays(w.config, w.named_arrays())
-        return evaluate.perplexity(model, tokenizer, eval_texts, seq_len=args.seq_len,
-                                   batch_size=args.batch_size, max_tokens=args.max_tokens)["ppl"]
+    measure = perplexity.perplexity_fn(tokenizer, perplexity.EvalConfig(
+        eval_texts, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens))
+    ppl = lambda w: measure(w)["ppl"]
 
     t0 = time.time()
     result = train.train(W, train.TrainConfig(ratio=args.train_ratio), seed=args.seed,

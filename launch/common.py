@@ -1,20 +1,17 @@
-"""What every launcher shares: user errors as one `error:` line and exit code 2, dtype names."""
+"""What every launcher shares: user errors as one `error:` line and exit code 2, the command line,
+and the devices (jax.distributed from the multi-host flags, the layer mesh from --mesh)."""
 from __future__ import annotations
 
 import os
 import shlex
 import sys
 
-import jax.numpy as jnp
-import numpy as np
 import logging as stdlib_logging
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from prunenet_jax.errors import UserError  # noqa: F401  (re-exported for launchers)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from prunenet_jax.errors import UserError
 
 
 def _fail(message: str) -> None:
@@ -51,29 +48,6 @@ def run(main) -> None:
     app.run(guarded, flags_parser=_parse_flags)
 
 
-def dtype(name: str):
-    if name not in DTYPES:
-        raise UserError(f"--dtype={name} is not supported; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def numpy_dtype(name: str):
-    """The host (numpy/ml_dtypes) dtype of a --dtype name, for writing checkpoints."""
-    return np.dtype(dtype(name))
-
-
-def define_mesh_flag() -> None:
-    flags.DEFINE_integer("mesh", 0, "Devices on the layer axis (0: all devices of all hosts)")
-
-
-def define_parallel_flags() -> None:
-    define_mesh_flag()
-    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
-                        "(jax.distributed.initialize); unset on one host")
-    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes")
-    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index")
-
-
 def init_distributed() -> None:
     """jax.distributed.initialize from the multi-host flags, when they are given."""
     f = flags.FLAGS
@@ -98,7 +72,7 @@ def make_mesh():
     """The 1-D layer mesh over --mesh devices (all by default); None for a single device."""
     import jax
 
-    from prunenet_jax import sharding
+    from prunenet_jax.method import sharding
 
     n, available = flags.FLAGS.mesh, jax.device_count()
     if n < 0 or n > available:
@@ -114,3 +88,10 @@ def command_line() -> str:
     if prog.endswith(".py"):  # python -m launch.<name>
         return " ".join([f"python -m launch.{prog[:-3]}", shlex.join(sys.argv[1:])]).strip()
     return shlex.join([prog, *sys.argv[1:]])
+
+
+def start_devices():
+    """jax.distributed (multi-host flags), then the layer mesh (--mesh); what the library calls
+    once its cheap checks have passed."""
+    init_distributed()
+    return make_mesh()

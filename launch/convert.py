@@ -9,11 +9,10 @@ folder; anything `--model` accepts elsewhere (HF folder, .gguf, hub id, `default
 from __future__ import annotations
 
 import json
-import os
 
-from absl import flags, logging
+from absl import flags
 
-from prunenet_jax import checkpoints, hf_io, outputs
+from prunenet_jax.formats import convert
 from prunenet_jax.launch import common
 
 FLAGS = flags.FLAGS
@@ -33,36 +32,11 @@ def main(argv) -> None:
     if not FLAGS.input or not FLAGS.output:
         raise common.UserError("--input and --output are required, e.g. --input=run/ratio_0.2/orbax "
                                "--output=pruned-hf")
-    kind, path = hf_io.resolve_source(FLAGS.input, FLAGS.revision)
-    to = FLAGS.to or ("hf" if kind == "orbax" else "orbax")
-    if FLAGS.torch_format and to != "hf":
-        raise common.UserError("--torch_format applies to HF output only; drop it or pass --to=hf")
-    if FLAGS.dtype and to != "hf":
-        raise common.UserError("--dtype applies to HF output only (orbax keeps the source dtypes)")
-    dtype = None if FLAGS.dtype is None else common.numpy_dtype(FLAGS.dtype)
-    outputs.check_out_dir(FLAGS.output, [FLAGS.input, path], reuse=FLAGS.overwrite,
-                          name=f"--output={FLAGS.output}", replaced=True,
-                          fix="pass --overwrite to replace it, or choose a new folder")
-    if os.path.exists(FLAGS.output) and not FLAGS.overwrite:
-        raise common.UserError(f"--output={FLAGS.output} exists; pass --overwrite to replace it")
-
-    weights = hf_io.load_model(FLAGS.input, dtype=None, revision=FLAGS.revision)
-    logging.info("loaded %s (%s): %d layers, I=%d", FLAGS.input, kind,
-                 weights.config.num_hidden_layers, weights.config.intermediate_size)
-    if to == "hf":
-        from prunenet_jax import hf_export
-
-        meta = checkpoints.read_meta(path) if kind == "orbax" else {"source": FLAGS.input}
-        card = {**checkpoints.model_card_fields(meta or {}), "command": common.command_line()}
-        hf_export.export_hf(weights, FLAGS.output, model_card=card, dtype=dtype,
-                            torch_format=FLAGS.torch_format, overwrite=FLAGS.overwrite)
-    else:
-        checkpoints.save_model(FLAGS.output, weights, {"converted_from": FLAGS.input,
-                                                       "command": common.command_line()},
-                               overwrite=FLAGS.overwrite)
-    print(json.dumps({"input": FLAGS.input, "input_format": kind, "output": FLAGS.output,
-                      "output_format": to, "params": weights.num_params(),
-                      "intermediate_size": weights.config.intermediate_size}))
+    job = convert.ConvertJob(input=FLAGS.input, output=FLAGS.output, to=FLAGS.to,
+                             revision=FLAGS.revision, dtype=FLAGS.dtype,
+                             torch_format=FLAGS.torch_format, overwrite=FLAGS.overwrite,
+                             command=common.command_line())
+    print(json.dumps(convert.convert(job)))
 
 
 def run():

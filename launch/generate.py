@@ -9,13 +9,11 @@ Prints the completion, then as its last line one JSON object: {"prompt", "comple
 from __future__ import annotations
 
 import json
-import os
 
-from absl import flags, logging
+from absl import flags
 
-from prunenet_jax import hf_io
+from prunenet_jax import generation
 from prunenet_jax.launch import common
-from prunenet_jax.models import llama, sampler
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "'default' (SmolLM2-135M-Instruct GGUF), an HF folder, a hub "
@@ -31,57 +29,15 @@ flags.DEFINE_bool("chat", False, "Wrap --prompt as a user message in the tokeniz
 flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16")
 
 
-def check_flags() -> None:
-    checks = [(FLAGS.prompt is None, "--prompt is required, e.g. --prompt='Once upon a time'"),
-              (FLAGS.max_new_tokens < 1, f"--max_new_tokens={FLAGS.max_new_tokens} must be at least 1"),
-              (FLAGS.temperature < 0, f"--temperature={FLAGS.temperature} must be >= 0 (0 is greedy)"),
-              (not 0 < FLAGS.top_p <= 1, f"--top_p={FLAGS.top_p} must be in (0, 1] (1 keeps every token)")]
-    for bad, message in checks:
-        if bad:
-            raise common.UserError(message)
-
-
-def eos_ids(weights) -> list[int]:
-    """The EOS ids of config.json and, in an HF folder, generation_config.json (either may list several)."""
-    found = [weights.hf_config.get("eos_token_id")]
-    path = os.path.join(weights.tokenizer_dir or "", "generation_config.json")
-    if weights.tokenizer_dir and os.path.isfile(path):
-        with open(path) as f:
-            found.append(json.load(f).get("eos_token_id"))
-    ids = []
-    for e in found:
-        ids += e if isinstance(e, list) else [] if e is None else [e]
-    return sorted(set(int(i) for i in ids))
-
-
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if not chat:
-        return list(tokenizer(prompt)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise common.UserError(f"--chat: the tokenizer of --model={FLAGS.model} has no chat template; "
-                               "drop --chat to continue the prompt as plain text")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def main(argv) -> None:
-    check_flags()
-    dtype = common.dtype(FLAGS.dtype)
-    weights = hf_io.load_model(FLAGS.model, revision=FLAGS.revision)
-    tokenizer = hf_io.load_tokenizer(weights)
-    ids = prompt_ids(tokenizer, FLAGS.prompt, FLAGS.chat)
-    if not ids:
-        raise common.UserError("--prompt is empty after tokenisation; pass some text")
-    model = llama.from_named_arrays(weights.config, weights.named_arrays(), dtype=dtype)
-    eos = eos_ids(weights)
-    del weights
-    logging.info("prompt of %d tokens, EOS ids %s", len(ids), eos)
-    tokens = sampler.generate(model, [ids], FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                              top_p=FLAGS.top_p, seed=FLAGS.seed, eos_ids=eos)[0]
-    completion = tokenizer.decode(tokens, skip_special_tokens=True)
-    print(completion)
-    print(json.dumps({"prompt": FLAGS.prompt, "completion": completion, "tokens": tokens}))
+    if FLAGS.prompt is None:
+        raise common.UserError("--prompt is required, e.g. --prompt='Once upon a time'")
+    result = generation.generate(generation.GenerateJob(
+        model=FLAGS.model, prompt=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed, chat=FLAGS.chat,
+        dtype=FLAGS.dtype, revision=FLAGS.revision))
+    print(result["completion"])
+    print(json.dumps(result))
 
 
 def run():

@@ -6,7 +6,10 @@ Hugging Face attribute names, so the HF name of a parameter is also its path in 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
+
+import numpy as np
 
 from prunenet_jax.errors import UserError
 
@@ -110,3 +113,35 @@ def expected_shapes(cfg) -> dict[str, tuple]:
     shapes = {EMBED: (cfg.vocab_size, H), FINAL_NORM: (H,), LM_HEAD: (cfg.vocab_size, H)}
     shapes.update({n: (L,) + per_layer[n] for n in layer_tensor_names(cfg)})
     return {n: shapes[n] for n in global_tensor_names(cfg) + layer_tensor_names(cfg)}
+
+
+# ----------------------------------------------------------------------------- GGUF transforms
+
+def gguf_transforms(cfg) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Per-layer HF name -> what turns the GGUF tensor (numpy, HF layout) into the HF one: the
+    q/k row un-permutation for architectures whose llama.cpp converter permutes them."""
+    if not ARCHITECTURES[cfg.model_type].gguf_permutes_qk:
+        return {}
+    heads = {Q: cfg.num_attention_heads, Q_BIAS: cfg.num_attention_heads,
+             K: cfg.num_key_value_heads, K_BIAS: cfg.num_key_value_heads}
+    return {name: functools.partial(unpermute_qk, n_head=n) for name, n in heads.items()}
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k row permutation (rows = n_head * head_dim, weights or biases).
+
+    The converter reorders each head's rows from rotate-half order (HF: first the real halves,
+    then the imaginary ones) to interleaved pairs (ggml's RoPE): rows (h, c, j) -> (h, j, c) with
+    c in {0, 1} and j < head_dim / 2. We map them back.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")
+    half = rows // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter permutation (HF -> GGUF); the inverse of `unpermute_qk`."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,4 +1,6 @@
-"""Slicing FFN channels: keep rows S of gate/up and columns S of down in every layer."""
+"""Pruning a model: select the kept channels of every layer (`select_kept`, from the policy and
+the seed's SELECTION stream), then slice them (`slice_weights`: rows S of gate/up, columns S of
+down)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,14 +10,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunenet_jax import policy as policy_lib
-from prunenet_jax import sampling
+from prunenet_jax import rng
 from prunenet_jax.errors import UserError
+from prunenet_jax.method import policy as policy_lib
+from prunenet_jax.method import sampling
 from prunenet_jax.models import registry
 from prunenet_jax.weights import ModelWeights
 
 
 MODES = ("sample", "topk", "random")
+
+
+def select_kept(params: dict, gate, ratio: float, mode: str, seed: int) -> np.ndarray:
+    """Kept channels (L, k) at `ratio` for gate matrices (L, I, H) (host or device). The key
+    depends on the seed and k only (stream rng.SELECTION), so one seed gives the same channels
+    whatever else the run does."""
+    k = sampling.num_kept(gate.shape[1], ratio)
+    return select_channels(params, gate, k, mode, jax.random.fold_in(rng.key(seed, rng.SELECTION), k))
 
 
 def select_channels(params: policy_lib.Params, W, k: int, mode: str, key: jax.Array) -> np.ndarray:

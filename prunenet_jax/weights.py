@@ -9,11 +9,32 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import ml_dtypes
 import numpy as np
 
+from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
-from prunenet_jax.errors import UserError
+
+# The floating dtypes weights are computed in and exported as, by the name config.json and
+# --dtype use (numpy dtypes; JAX takes them as they are).
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
+
+
+def dtype_by_name(name: str, flag: str = "--dtype") -> np.dtype:
+    if name not in DTYPES:
+        raise UserError(f"{flag}={name} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_shape(source: str, name: str, found: tuple, expected: tuple, implied_by: str,
+                fix: str) -> None:
+    """The one shape-vs-config check of every loader: a tensor whose shape disagrees with what
+    the config (or file metadata) implies is a UserError naming both."""
+    if tuple(found) != tuple(expected):
+        raise UserError(f"{source}: tensor {name!r} has shape {tuple(found)} but {implied_by} "
+                        f"implies {tuple(expected)}; {fix}")
 
 
 @dataclasses.dataclass
@@ -49,10 +70,8 @@ class ModelWeights:
             if name not in found:
                 raise UserError(f"{self.source}: tensor {name!r} is missing; the checkpoint is "
                                 "incomplete or its config.json describes another model")
-            if tuple(found[name].shape) != tuple(shape):
-                raise UserError(
-                    f"{self.source}: tensor {name!r} has shape {tuple(found[name].shape)} but the "
-                    f"config implies {tuple(shape)}; fix config.json or use matching weights")
+            check_shape(self.source, name, found[name].shape, shape, "the config",
+                        "fix config.json or use matching weights")
 
     def check_finite(self) -> None:
         """Raises UserError naming the first tensor with a NaN or Inf (a corrupt checkpoint would

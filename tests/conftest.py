@@ -13,7 +13,7 @@ def hf_default_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from prunenet_jax import gguf_io
+    from prunenet_jax.formats import gguf as gguf_format
 
-    folder, name = os.path.split(gguf_io.default_model_path())
+    folder, name = os.path.split(gguf_format.default_model_path())
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

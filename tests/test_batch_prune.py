@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from prunenet_jax import checkpoints, hf_io
+from prunenet_jax.formats import orbax as orbax_format
+from prunenet_jax import sources
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_plat
 def _modified_copy(src, dst, change):
     """An HF folder whose every tensor is change(name, array) of the source's (same shapes)."""
     model = tiny_models.make_hf_model("llama_gqa_untied", num_hidden_layers=4, intermediate_size=40)
-    weights = hf_io.load_model(str(src))
+    weights = sources.load_model(str(src))
     import torch
 
     state = {n: torch.from_numpy(np.ascontiguousarray(change(n, a))) for n, a in weights.named_arrays()}
@@ -86,13 +87,13 @@ def test_three_good_one_other_shape_one_missing(inputs, tmp_path):
             assert status[(name, ratio)] == "done"
             entry = next(e for e in manifest["outputs"]
                          if (e["checkpoint"], e["ratio"]) == (name, ratio))
-            pruned = hf_io.load_model(str(out / entry["orbax_dir"]))
+            pruned = sources.load_model(str(out / entry["orbax_dir"]))
             assert pruned.config.intermediate_size == entry["kept"] == int((1 - ratio) * 40)
             assert pruned.num_params() == entry["params"]
     assert status[("other", 0.5)] == status[("ckpt", 0.25)] == "failed"
     # One policy, one seed: the copies keep different channels only where their gates differ;
     # the scaled copy's gate is a multiple of the base's, so the policy's logits scale too.
-    kept = {n: checkpoints.load_kept(str(out / n / "ratio_0.5" / "orbax")) for n in ("base", "noisy")}
+    kept = {n: orbax_format.load_kept(str(out / n / "ratio_0.5" / "orbax")) for n in ("base", "noisy")}
     assert kept["base"].shape == kept["noisy"].shape == (4, 20)
 
 
@@ -142,8 +143,8 @@ def test_sigkill_midway_then_rerun_finishes_only_the_missing(inputs, tmp_path):
     clean = tmp_path / "uninterrupted"  # (not matched by the c* glob)
     _batch(clean, spec, f"--policy={inputs['policy']}")
     for e in _manifest(clean)["outputs"]:
-        np.testing.assert_array_equal(checkpoints.load_kept(str(out / e["orbax_dir"])),
-                                      checkpoints.load_kept(str(clean / e["orbax_dir"])))
+        np.testing.assert_array_equal(orbax_format.load_kept(str(out / e["orbax_dir"])),
+                                      orbax_format.load_kept(str(clean / e["orbax_dir"])))
 
     # A second rerun has nothing to do.
     again = _batch(out, spec, f"--policy={inputs['policy']}")
@@ -168,8 +169,8 @@ def test_shards_split_the_list_and_merge(inputs, tmp_path):
     single = tmp_path / "single"
     _batch(single, spec, f"--policy={inputs['policy']}")
     for n in ("base", "scaled", "noisy"):
-        np.testing.assert_array_equal(checkpoints.load_kept(str(out / n / "ratio_0.5" / "orbax")),
-                                      checkpoints.load_kept(str(single / n / "ratio_0.5" / "orbax")))
+        np.testing.assert_array_equal(orbax_format.load_kept(str(out / n / "ratio_0.5" / "orbax")),
+                                      orbax_format.load_kept(str(single / n / "ratio_0.5" / "orbax")))
 
 
 def test_shards_running_at_once(inputs, tmp_path):
@@ -197,7 +198,7 @@ def test_trains_a_policy_on_the_first_checkpoint_without_policy(inputs, tmp_path
     _batch(out, spec, "--episodes=2")
     manifest = _manifest(out)
     assert manifest["policy_dir"] == "policy"
-    params, meta = checkpoints.load_policy(str(out / "policy"))
+    params, meta = orbax_format.load_policy(str(out / "policy"))
     assert meta["source"] == str(inputs["base"]) and meta["episodes"] == 2
     assert all(e["status"] == "done" for e in manifest["outputs"]) and len(manifest["outputs"]) == 4
 

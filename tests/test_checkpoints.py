@@ -8,7 +8,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from prunenet_jax import checkpoints, hf_io, prune, train
+from prunenet_jax import prune
+from prunenet_jax.formats import orbax as orbax_format
+from prunenet_jax import sources
+from prunenet_jax.method import train
 from prunenet_jax.errors import UserError
 from tests import tiny_models
 
@@ -21,7 +24,7 @@ def sliced(tmp_path_factory):
     folder = tiny_models.save_hf_model(
         tiny_models.make_hf_model("llama3_rope_bias", num_hidden_layers=5, intermediate_size=40),
         tmp_path_factory.mktemp("src") / "tiny")
-    weights = hf_io.load_model(str(folder))
+    weights = sources.load_model(str(folder))
     rng = np.random.default_rng(0)
     kept = np.sort(np.stack([rng.permutation(40)[:7] for _ in range(5)]), axis=1)
     return prune.slice_weights(weights, kept), kept
@@ -41,42 +44,42 @@ def test_sliced_model_round_trip(sliced, tmp_path, dtype):
     weights, kept = sliced
     weights = weights.astype(dtype)
     path = tmp_path / "m"
-    checkpoints.save_model(str(path), weights, {"ratio": 0.825, "seed": 3}, kept=kept)
-    back = checkpoints.load_model(str(path), dtype=None)
+    orbax_format.save_model(str(path), weights, {"ratio": 0.825, "seed": 3}, kept=kept)
+    back = orbax_format.load_model(str(path), dtype=None)
     _assert_same_weights(weights, back)
-    np.testing.assert_array_equal(checkpoints.load_kept(str(path)), kept)
-    assert checkpoints.read_meta(str(path))["ratio"] == 0.825
-    # hf_io.load_model recognises the folder, so every --model flag accepts it.
-    _assert_same_weights(weights, hf_io.load_model(str(path), dtype=None))
+    np.testing.assert_array_equal(orbax_format.load_kept(str(path)), kept)
+    assert orbax_format.read_meta(str(path))["ratio"] == 0.825
+    # sources.load_model recognises the folder, so every --model flag accepts it.
+    _assert_same_weights(weights, sources.load_model(str(path), dtype=None))
 
 
 def test_policy_round_trip_and_kind_checks(sliced, tmp_path):
     params = jax.tree.map(np.asarray, train.initial_params(5, 40, 32))
-    checkpoints.save_policy(str(tmp_path / "policy"), params, {"seed": 5})
-    back, meta = checkpoints.load_policy(str(tmp_path / "policy"))
+    orbax_format.save_policy(str(tmp_path / "policy"), params, {"seed": 5})
+    back, meta = orbax_format.load_policy(str(tmp_path / "policy"))
     for name in params:
         np.testing.assert_array_equal(back[name], params[name])
     assert (meta["intermediate_size"], meta["hidden_size"], meta["seed"]) == (40, 32, 5)
-    checkpoints.save_model(str(tmp_path / "model"), sliced[0], {})
+    orbax_format.save_model(str(tmp_path / "model"), sliced[0], {})
     with pytest.raises(UserError, match="another kind of checkpoint"):
-        checkpoints.load_policy(str(tmp_path / "model"))
+        orbax_format.load_policy(str(tmp_path / "model"))
     with pytest.raises(UserError, match="another kind of checkpoint"):
-        checkpoints.load_model(str(tmp_path / "policy"))
+        orbax_format.load_model(str(tmp_path / "policy"))
     with pytest.raises(UserError, match="no such folder"):
-        checkpoints.load_policy(str(tmp_path / "missing"))
+        orbax_format.load_policy(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="trained for"):
-        checkpoints.check_policy_fits(meta, sliced[0].config, "tiny", "policy")
+        orbax_format.check_policy_fits(meta, sliced[0].config, "tiny", "policy")
 
 
 def test_overwrite_swaps_and_refuses_without_flag(sliced, tmp_path):
     weights, kept = sliced
     path = tmp_path / "m"
-    checkpoints.save_model(str(path), weights, {"ratio": 0.1})
+    orbax_format.save_model(str(path), weights, {"ratio": 0.1})
     with pytest.raises(UserError, match="--overwrite"):
-        checkpoints.save_model(str(path), weights, {"ratio": 0.2})
-    assert checkpoints.read_meta(str(path))["ratio"] == 0.1
-    checkpoints.save_model(str(path), weights, {"ratio": 0.2}, overwrite=True)
-    assert checkpoints.read_meta(str(path))["ratio"] == 0.2
+        orbax_format.save_model(str(path), weights, {"ratio": 0.2})
+    assert orbax_format.read_meta(str(path))["ratio"] == 0.1
+    orbax_format.save_model(str(path), weights, {"ratio": 0.2}, overwrite=True)
+    assert orbax_format.read_meta(str(path))["ratio"] == 0.2
     assert os.listdir(tmp_path) == ["m"]  # no temporary or old folders left behind
 
 
@@ -88,7 +91,7 @@ def test_interrupted_save_leaves_nothing(sliced, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ocp.Checkpointer, "save", fail)
     with pytest.raises(OSError):
-        checkpoints.save_model(str(tmp_path / "m"), sliced[0], {})
+        orbax_format.save_model(str(tmp_path / "m"), sliced[0], {})
     assert os.listdir(tmp_path) == []
 
 
@@ -99,13 +102,13 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
     full = train.train(W, cfg, seed=7, num_episodes=5)
 
     run_meta = {"seed": 7, "train_config": {"ratio": 0.5}}
-    ckpts = checkpoints.TrainCheckpoints(str(tmp_path / "state"), run_meta)
+    ckpts = orbax_format.TrainCheckpoints(str(tmp_path / "state"), run_meta)
     saver = lambda done, state, history: ckpts.save(done, state, train.history_arrays(history))
     train.train(W, cfg, seed=7, num_episodes=2, on_state=saver)
     ckpts.wait()
     assert ckpts.latest_episode() == 2
 
-    reopened = checkpoints.TrainCheckpoints(str(tmp_path / "state"), run_meta)
+    reopened = orbax_format.TrainCheckpoints(str(tmp_path / "state"), run_meta)
     template = train.init_state(train.initial_params(7, 24, 16), cfg)
     state, history, done = reopened.restore(template, lambda e: train.history_template(e, 3, 12))
     assert done == 2
@@ -119,16 +122,17 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
     assert [float(m.total_reward) for m in resumed.history] == \
         [float(m.total_reward) for m in full.history]
 
-    other = checkpoints.TrainCheckpoints(str(tmp_path / "state"), {**run_meta, "seed": 8})
+    other = orbax_format.TrainCheckpoints(str(tmp_path / "state"), {**run_meta, "seed": 8})
     with pytest.raises(UserError, match="seed: saved 7 vs now 8"):
         other.restore(template, lambda e: train.history_template(e, 3, 12))
 
 
 _RESTORE_ON_8 = """
 import sys, numpy as np, jax
-from prunenet_jax import checkpoints, sharding
+from prunenet_jax.formats import orbax as orbax_format
+from prunenet_jax.method import sharding
 mesh = sharding.make_mesh(8)
-arrays, meta = checkpoints.restore_model_arrays(sys.argv[1], mesh)
+arrays, meta = orbax_format.restore_model_arrays(sys.argv[1], mesh)
 expected = np.load(sys.argv[2])
 split = 0
 for group in ("globals", "layers"):
@@ -144,7 +148,7 @@ print("ok", split)
 def test_sliced_params_restore_on_eight_devices_equal_saved_from_one(sliced, tmp_path):
     weights, kept = sliced
     assert jax.device_count() == 1
-    checkpoints.save_model(str(tmp_path / "m"), weights, {}, kept=kept)
+    orbax_format.save_model(str(tmp_path / "m"), weights, {}, kept=kept)
     expected = {f"globals/{n}": a for n, a in weights.globals.items()}
     expected.update({f"layers/{n}": a for n, a in weights.layers.items()})
     np.savez(tmp_path / "expected.npz", **expected)

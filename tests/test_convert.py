@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from prunenet_jax import checkpoints, hf_io, prune
+from prunenet_jax import prune
+from prunenet_jax.formats import orbax as orbax_format
+from prunenet_jax import sources
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,10 +30,10 @@ def orbax_model(tmp_path_factory):
     src = tiny_models.save_hf_model(
         tiny_models.make_hf_model("llama_tied", num_hidden_layers=3, intermediate_size=40),
         root / "src")
-    weights = hf_io.load_model(str(src), dtype=None)
+    weights = sources.load_model(str(src), dtype=None)
     kept = np.sort(np.random.default_rng(0).permutation(40)[:13])[None].repeat(3, 0)
     sliced = prune.slice_weights(weights, kept)
-    checkpoints.save_model(str(root / "orbax"), sliced, {"ratio": 0.675, "seed": 1}, kept=kept)
+    orbax_format.save_model(str(root / "orbax"), sliced, {"ratio": 0.675, "seed": 1}, kept=kept)
     return root, sliced
 
 
@@ -49,14 +51,14 @@ def test_orbax_to_hf_to_orbax_round_trip(orbax_model):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (result["input_format"], result["output_format"]) == ("orbax", "hf")
     assert result["intermediate_size"] == 13
-    hf = hf_io.load_model(str(root / "hf"), dtype=None)
+    hf = sources.load_model(str(root / "hf"), dtype=None)
     _same(sliced, hf)
     assert json.load(open(root / "hf" / "config.json"))["intermediate_size"] == 13
     card = open(root / "hf" / "README.md").read()
     assert "0.675" in card and "launch.convert" in card
 
     _convert("--input", root / "hf", "--output", root / "back")  # HF -> orbax by default
-    _same(sliced, checkpoints.load_model(str(root / "back"), dtype=None))
+    _same(sliced, orbax_format.load_model(str(root / "back"), dtype=None))
 
 
 def test_bf16_output_and_torch_format(orbax_model):

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from prunenet_jax import evaluate, texts
+from prunenet_jax.evaluation import perplexity
+from prunenet_jax.evaluation import texts
 from prunenet_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,10 +18,10 @@ TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"
 
 
 def test_windows_do_not_overlap_and_pad_the_last():
-    tokens, mask = evaluate.windows(np.arange(1, 12), 4)
+    tokens, mask = perplexity.windows(np.arange(1, 12), 4)
     assert tokens.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 0]]
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]]
-    tokens, mask = evaluate.windows(np.arange(1, 10), 4)  # a 1-token tail scores nothing: dropped
+    tokens, mask = perplexity.windows(np.arange(1, 10), 4)  # a 1-token tail scores nothing: dropped
     assert len(tokens) == 2
 
 
@@ -76,11 +77,11 @@ def test_default_model_perplexity_matches_transformers(hf_default_model):
     ours = json.loads(proc.stdout.strip().splitlines()[-1])
 
     import torch
-    from prunenet_jax import gguf_io
+    from prunenet_jax.formats import gguf as gguf_format
 
-    tokenizer = gguf_io.load_gguf_tokenizer(gguf_io.default_model_path())
-    ids = evaluate.tokenize(tokenizer, "".join(texts.read_texts(TUTORIAL).values()), 16384)
-    tokens, mask = evaluate.windows(ids, 512)
+    tokenizer = gguf_format.load_gguf_tokenizer(gguf_format.default_model_path())
+    ids = perplexity.tokenize(tokenizer, "".join(texts.read_texts(TUTORIAL).values()), 16384)
+    tokens, mask = perplexity.windows(ids, 512)
     nll, count = 0.0, 0
     with torch.no_grad():
         for t, m in zip(tokens, mask):

@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunenet_jax import hf_io, lm_eval_runner, report, spectral
+from prunenet_jax import sources
+from prunenet_jax.evaluation import lm_eval
+from prunenet_jax.evaluation import report
+from prunenet_jax.method import spectral
 from prunenet_jax.models import registry
 from tests import tiny_models
 from tests.test_report import kept_indices, save_sliced, save_tokenizer
@@ -87,8 +90,8 @@ def test_report_folder_and_numbers(setup, full_run):
     assert half["ratio"] == 0.5 and half["kept"] == 24 and quarter["ratio"] == 0.25  # the manifest's
     assert quarter["source"] == os.path.join(setup["run"], "ratio_0.25/orbax")  # hf_dir null: orbax_dir
     # KS: the launcher's numbers equal a direct computation on the gate matrices as stored.
-    W = hf_io.load_model(setup["dense"]).layers[registry.GATE]
-    Ws = hf_io.load_model(setup["sliced"]).layers[registry.GATE]
+    W = sources.load_model(setup["dense"]).layers[registry.GATE]
+    Ws = sources.load_model(setup["sliced"]).layers[registry.GATE]
     want = [float(spectral.ks_statistic(spectral.singular_values(jnp.asarray(W[l])),
                                         spectral.singular_values(jnp.asarray(Ws[l])))) for l in range(3)]
     np.testing.assert_allclose(sliced["ks"], want, rtol=1e-6)
@@ -128,7 +131,7 @@ def test_lm_eval_offline_says_so_and_still_reports(setup, tmp_path):
         "(perplexity and spectra are not affected)"]
     data = json.loads((out / report.JSON).read_text())
     assert data["models"] == summary["models"] and len(data["models"]) == 3
-    assert data["lm_eval"]["tasks"] == list(lm_eval_runner.PAPER_TASKS)
+    assert data["lm_eval"]["tasks"] == list(lm_eval.PAPER_TASKS)
     assert data["lm_eval"]["metrics"]["winogrande"] == "acc" and data["lm_eval"]["metrics"]["piqa"] == "acc_norm"
     dense, half, quarter = data["models"]
     for m in (dense, half):  # HF folders: unavailable for want of datasets

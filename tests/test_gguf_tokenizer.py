@@ -7,7 +7,7 @@ import os
 import gguf
 import pytest
 
-from prunenet_jax import gguf_io, gguf_tokenizer
+from prunenet_jax.formats import gguf as gguf_io, gguf_tokenizer
 from prunenet_jax.errors import UserError
 
 TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from prunenet_jax.models import llama
-from prunenet_jax import hf_io
+from prunenet_jax import sources
 from tests import tiny_models
 
 
 def _ours(folder):
-    weights = hf_io.load_model(folder)
+    weights = sources.load_model(folder)
     return weights, llama.from_named_arrays(weights.config, weights.named_arrays())
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunenet_jax import hf_io
+from prunenet_jax import sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from tests import tiny_models
@@ -33,7 +33,7 @@ def _assert_same(a, b):
 
 
 def test_stacked_layout_matches_state_dict(folder, hf_model):
-    w = hf_io.load_model(folder)
+    w = sources.load_model(folder)
     sd = hf_model.state_dict()
     L, I, H = 3, 48, 32
     assert w.layers[registry.GATE].shape == (L, I, H)
@@ -49,7 +49,7 @@ def test_sharded_folder_loads_identically(tmp_path, hf_model, folder):
     sharded = tiny_models.save_hf_model(hf_model, tmp_path / "sharded", max_shard_size="20KB")
     files = [f for f in os.listdir(sharded) if f.endswith(".safetensors")]
     assert len(files) >= 2 and os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
-    _assert_same(hf_io.load_model(sharded), hf_io.load_model(folder))
+    _assert_same(sources.load_model(sharded), sources.load_model(folder))
 
 
 @pytest.mark.parametrize("torch_dtype,np_dtype", [(torch.bfloat16, ml_dtypes.bfloat16),
@@ -57,16 +57,16 @@ def test_sharded_folder_loads_identically(tmp_path, hf_model, folder):
 def test_half_precision_files(tmp_path, hf_model, torch_dtype, np_dtype):
     half = tiny_models.save_hf_model(hf_model.to(torch_dtype), tmp_path / "half")
     hf_model.float()
-    stored = hf_io.load_model(half, dtype=None)
+    stored = sources.load_model(half, dtype=None)
     assert stored.layers[registry.GATE].dtype == np_dtype
-    as_f32 = hf_io.load_model(half)
+    as_f32 = sources.load_model(half)
     want = hf_model.state_dict()["model.layers.1.mlp.up_proj.weight"].to(torch_dtype).float().numpy()
     np.testing.assert_array_equal(as_f32.layers[registry.UP][1], want)
 
 
 def _raises(source, *fragments):
     with pytest.raises(UserError) as e:
-        hf_io.load_model(str(source))
+        sources.load_model(str(source))
     for f in fragments:
         assert f in str(e.value), str(e.value)
     return str(e.value)
@@ -139,8 +139,8 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
 
 
 def test_lazy_gate_stack_reads_only_the_layers_asked_for(folder):
-    cfg, stack = hf_io.load_gate_stack(folder)
-    full = hf_io.load_model(folder).layers[registry.GATE]
+    cfg, stack = sources.load_gate_stack(folder)
+    full = sources.load_model(folder).layers[registry.GATE]
     assert cfg.intermediate_size == 48 and stack.shape == full.shape
     reads = []
     read = stack._read

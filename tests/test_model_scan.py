@@ -9,14 +9,15 @@ import pytest
 import torch
 from flax import nnx
 
-from prunenet_jax import evaluate, hf_io
+from prunenet_jax import sources
+from prunenet_jax.evaluation import perplexity as evaluate
 from prunenet_jax.models import llama
 from tests import tiny_models
 
 
 def _load(tmp_path, name, **overrides):
     hf = tiny_models.make_hf_model(name, **overrides)
-    return hf, hf_io.load_model(tiny_models.save_hf_model(hf, tmp_path / name))
+    return hf, sources.load_model(tiny_models.save_hf_model(hf, tmp_path / name))
 
 
 def _padded_batch(seed=0):

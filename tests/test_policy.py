@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prunenet_jax import policy as pol
+from prunenet_jax.method import policy as pol
 
 
 def _loss(logit_fn, cot):

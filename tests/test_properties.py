@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from prunenet_jax import hf_io, prune, spectral
+from prunenet_jax import prune
+from prunenet_jax import sources
+from prunenet_jax.method import spectral
 from prunenet_jax.models import llama, registry
 from tests import tiny_models
 
@@ -160,7 +162,7 @@ def tiny_weights(tmp_path_factory):
     out = {}
     for name in SLICE_CONFIGS:
         hf = tiny_models.make_hf_model(name, seed=1)
-        out[name] = hf_io.load_model(tiny_models.save_hf_model(hf, tmp_path_factory.mktemp(name)))
+        out[name] = sources.load_model(tiny_models.save_hf_model(hf, tmp_path_factory.mktemp(name)))
     return out
 
 

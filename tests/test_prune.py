@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunenet_jax import hf_io, policy, prune
+from prunenet_jax import prune
+from prunenet_jax import sources
+from prunenet_jax.method import policy
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import llama, registry
 from tests import tiny_models
@@ -13,7 +15,7 @@ from tests import tiny_models
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     hf = tiny_models.make_hf_model("llama3_rope_bias")  # mlp biases too
-    return hf_io.load_model(tiny_models.save_hf_model(hf, tmp_path_factory.mktemp("m") / "tiny"))
+    return sources.load_model(tiny_models.save_hf_model(hf, tmp_path_factory.mktemp("m") / "tiny"))
 
 
 def test_sliced_model_equals_dense_with_dropped_channels_zeroed(weights):

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from prunenet_jax import checkpoints
+from prunenet_jax.formats import orbax as orbax_format
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,9 +57,9 @@ def _export_bytes(out_dir, entry):
 def _load(out_dir):
     """(manifest, kept channels per ratio, policy params, HF export bytes per ratio) of a run."""
     manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
-    kept = {e["ratio"]: checkpoints.load_kept(os.path.join(out_dir, e["orbax_dir"]))
+    kept = {e["ratio"]: orbax_format.load_kept(os.path.join(out_dir, e["orbax_dir"]))
             for e in manifest["outputs"]}
-    policy, _ = checkpoints.load_policy(os.path.join(out_dir, "policy"))
+    policy, _ = orbax_format.load_policy(os.path.join(out_dir, "policy"))
     exports = {e["ratio"]: _export_bytes(out_dir, e) for e in manifest["outputs"] if e["hf_dir"]}
     return manifest, kept, policy, exports
 
@@ -206,7 +206,7 @@ def test_saved_policy_is_reused_without_training(single, checkpoint, tmp_path):
 
 def _load_outputs_only(out_dir):
     manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
-    kept = {e["ratio"]: checkpoints.load_kept(os.path.join(out_dir, e["orbax_dir"]))
+    kept = {e["ratio"]: orbax_format.load_kept(os.path.join(out_dir, e["orbax_dir"]))
             for e in manifest["outputs"]}
     return manifest, kept, None
 

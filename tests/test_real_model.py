@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from prunenet_jax import hf_io
+from prunenet_jax import sources
 from prunenet_jax.models import llama, registry
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest "
@@ -12,8 +12,8 @@ SENTENCE = ("The quick brown fox jumps over the lazy dog, and then it runs into 
 
 
 def test_default_model_logits_match_transformers(hf_default_model):
-    weights = hf_io.load_model("default")
-    tokenizer = hf_io.load_tokenizer(weights)
+    weights = sources.load_model("default")
+    tokenizer = sources.load_tokenizer(weights)
     ids = tokenizer(SENTENCE)["input_ids"]
     assert len(ids) > 20
     model = llama.from_named_arrays(weights.config, weights.named_arrays())
@@ -29,7 +29,7 @@ def test_default_model_logits_match_transformers(hf_default_model):
 
 
 def test_default_gate_stack_equals_full_load():
-    full = hf_io.load_model("default").layers[registry.GATE]
-    cfg, stack = hf_io.load_gate_stack("default")
+    full = sources.load_model("default").layers[registry.GATE]
+    cfg, stack = sources.load_gate_stack("default")
     assert stack.shape == full.shape == (30, 1536, 576)
     np.testing.assert_array_equal(stack[28:30], full[28:30])

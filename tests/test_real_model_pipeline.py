@@ -10,7 +10,10 @@ import pytest
 import torch
 import transformers
 
-from prunenet_jax import checkpoints, hf_export, hf_io, prune
+from prunenet_jax import prune
+from prunenet_jax.formats import orbax as orbax_format
+from prunenet_jax.formats import hf as hf_format
+from prunenet_jax import sources
 from prunenet_jax.models.config import LlamaConfig
 from tests.test_hf_export import _assert_close, _hf_load, _hf_logits, _our_logits
 
@@ -39,8 +42,8 @@ def test_prune_export_loads_in_transformers_with_equal_logits(pruned_run):
     out, manifest = pruned_run
     (entry,) = manifest["outputs"]
     assert entry["kept"] == int(0.8 * 1536) and entry["hf_dir"] == "ratio_0.2/hf"
-    sliced = checkpoints.load_model(str(out / entry["orbax_dir"]))
-    exported = hf_io.load_model(str(out / entry["hf_dir"]))
+    sliced = orbax_format.load_model(str(out / entry["orbax_dir"]))
+    exported = sources.load_model(str(out / entry["hf_dir"]))
     assert exported.hf_config["intermediate_size"] == entry["kept"]
     for (name, a), (name_b, b) in zip(sorted(sliced.named_arrays()), sorted(exported.named_arrays())):
         assert name == name_b
@@ -49,7 +52,7 @@ def test_prune_export_loads_in_transformers_with_equal_logits(pruned_run):
     model = _hf_load(out / entry["hf_dir"], dtype=torch.float32)  # asserts no missing/unexpected keys
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / entry["hf_dir"])
     ids = tokenizer(SENTENCE)["input_ids"]
-    assert ids == hf_io.load_tokenizer(sliced)(SENTENCE)["input_ids"]  # the source's tokenizer
+    assert ids == sources.load_tokenizer(sliced)(SENTENCE)["input_ids"]  # the source's tokenizer
     got, want = _hf_logits(model, [ids]), _our_logits(sliced, [ids])
     # fp32 over 30 layers, logits up to ~25. Measured on this sentence: dense model 8.5e-5; this
     # policy-pruned model 9.6e-4 (transformers fp32 is 1.1e-4 from its own fp64 here, ours 1.0e-3:
@@ -75,7 +78,7 @@ def test_torch_format_loads_with_weights_only(pruned_run):
 
 def test_batch_of_three_real_checkpoints_two_ratios(pruned_run, tmp_path):
     out, _ = pruned_run
-    base = hf_io.load_model("default")
+    base = sources.load_model("default")
     copies = []
     for name, scale in (("scaled", 1.1), ("perturbed", None)):
         rng = np.random.default_rng(0)
@@ -83,13 +86,13 @@ def test_batch_of_three_real_checkpoints_two_ratios(pruned_run, tmp_path):
             lambda a: a + np.float32(1e-3) * rng.standard_normal(a.shape, np.float32))
         modified = base.astype(np.float32)
         modified.layers = {n: change(a) for n, a in modified.layers.items()}
-        copies.append(hf_export.export_hf(modified, str(tmp_path / name)))
-    other = hf_io.load_model("default")
+        copies.append(hf_format.export_hf(modified, str(tmp_path / name)))
+    other = sources.load_model("default")
     other.layers = {n: a[:3] for n, a in other.layers.items()}  # another shape: 3 layers
     other.hf_config = {**other.hf_config, "num_hidden_layers": 3, "intermediate_size": 1536}
     other.config = LlamaConfig.from_hf(other.hf_config)
     other = prune.slice_weights(other, np.tile(np.arange(1000), (3, 1)))  # I = 1000
-    copies.append(hf_export.export_hf(other, str(tmp_path / "narrow")))
+    copies.append(hf_format.export_hf(other, str(tmp_path / "narrow")))
 
     batch_out = tmp_path / "batch"
     proc = _launch("launch.batch_prune", f"--checkpoints=default,{','.join(copies)}",

@@ -9,11 +9,13 @@ targets for an fp32 implementation. Rewards do not involve the policy and are co
 """
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunenet_jax import policy, train
+from prunenet_jax.method import policy
+from prunenet_jax.method import train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "reference", "episode_fixture.npz")
 
@@ -73,3 +75,61 @@ def test_layer_schedule_update_equals_paper_loop(ref):
     for name in ("P", "b", "r"):
         np.testing.assert_allclose(np.asarray(params[name]), ref[f"fp32_layer_steps_{name}"][-1],
                                    atol=5e-7, err_msg=name)
+
+
+def _real_step(ref, clip_norm):
+    """The reference's one real step (the last recorded episode; every earlier step was skipped
+    by its GradScaler, so the policy and AdamW state before it are the initial ones)."""
+    params, W, sv = _inputs(ref)
+    e = len(ref["step_called"]) - 1
+    cfg = train.TrainConfig(ratio=0.3, schedule="episode", clip_norm=clip_norm)
+    opt_state = train.make_optimizer(cfg).init(params)
+    new, _, _ = train.update_from_actions(params, opt_state, W, sv, jnp.asarray(ref["idx"][e]),
+                                          jnp.asarray(ref["loss_u"][e]), cfg)
+    return max(float(np.abs(np.asarray(new[n]) - ref[f"after_{n}"]).max()) for n in ("P", "b", "r"))
+
+
+def test_episode_schedule_equals_the_references_recorded_gradscaler_step(ref):
+    """Against the reference's own recorded step (fp16 autocast, GradScaler): it clips the SCALED
+    gradient at 1.0, so its true gradient norm is 1/scale. With that clip norm our update matches
+    (the rest is its fp16 loss pass); with our [choice] of 1.0 on the true gradient it does not."""
+    assert list(ref["step_called"]) == [False] * 7 + [True]  # earlier steps skipped: init params
+    scale = float(ref["loss_scale"][-1])
+    assert _real_step(ref, 1.0 / scale) < 2e-5  # measured 8e-6 (median 7e-9)
+    assert _real_step(ref, 1.0) > 1e-4  # measured 6e-4: the test can tell the two clip norms apart
+
+
+def _episode_grads(ref, gamma):
+    """Our summed episode-schedule gradient w.r.t. (P, b, r), from our loss pieces (layer_loss,
+    discount_factors) on episode 0's recorded actions and loss-pass noise."""
+    params, W, sv = _inputs(ref)
+    idx, u = jnp.asarray(ref["idx"][0]), jnp.asarray(ref["loss_u"][0])
+    rewards = jnp.asarray(ref["reward"][0], jnp.float32)
+    disc = rewards * train.discount_factors(jnp.arange(W.shape[0]), gamma)
+
+    def loss(p):
+        z = policy.policy_logits(p, W)
+        return sum(train.layer_loss(z[l], idx[l], u[l], disc[l]) for l in range(W.shape[0]))
+
+    return jax.grad(loss)(params)
+
+
+def test_gamma_alone_fails_the_parameter_comparison(ref):
+    """A discount of 1.0 instead of the reference's 0.99 must break the comparison by itself (not
+    only the loss check): the layer schedule's parameters at the tolerance used above, and the
+    episode schedule's summed gradient. (One episode-schedule AdamW step moves each parameter by
+    about lr * sign(gradient), so its parameters hardly see gamma: 2e-7 apart, inside 5e-7.)"""
+    params, W, sv = _inputs(ref)
+    for gamma, should_match in ((0.99, True), (1.0, False)):
+        cfg = train.TrainConfig(ratio=0.3, schedule="layer", gamma=gamma)
+        new, _, _ = train.update_from_actions(
+            params, train.make_optimizer(cfg).init(params), W, sv, jnp.asarray(ref["idx"][0]),
+            jnp.asarray(ref["loss_u"][0]), cfg)
+        diff = max(float(np.abs(np.asarray(new[n]) - ref[f"fp32_layer_steps_{n}"][-1]).max())
+                   for n in ("P", "b", "r"))
+        assert (diff <= 5e-7) == should_match, (gamma, diff)  # measured: 1.8e-7 vs 2.0e-5
+
+        grads = _episode_grads(ref, gamma)
+        rel = max(float(np.abs(np.asarray(grads[n]) - ref[f"fp32_grad_{n}"]).max()
+                        / np.abs(ref[f"fp32_grad_{n}"]).max()) for n in ("P", "b", "r"))
+        assert (rel <= 1e-4) == should_match, (gamma, rel)

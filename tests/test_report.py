@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prunenet_jax import hf_io, lm_eval_runner, prune, report, spectral
+from prunenet_jax import prune
+from prunenet_jax import sources
+from prunenet_jax.evaluation import lm_eval
+from prunenet_jax.evaluation import report
+from prunenet_jax.method import spectral
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from tests import tiny_models
@@ -61,7 +65,7 @@ def kept_indices(L: int, I: int, k: int, seed: int = 0) -> np.ndarray:
 def dense(tmp_path_factory):
     folder = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_tied"),
                                        tmp_path_factory.mktemp("dense") / "tiny")
-    return hf_io.load_model(folder)
+    return sources.load_model(folder)
 
 
 def test_identical_model_has_zero_ks_and_ratio(dense):
@@ -199,13 +203,13 @@ def test_table_formats_missing_values(dense):
 # ----------------------------------------------------------------------------- lm-eval runner
 
 def test_parse_tasks_and_paper_metrics():
-    assert lm_eval_runner.parse_tasks("") == []
-    assert lm_eval_runner.parse_tasks("paper") == list(lm_eval_runner.PAPER_TASKS)
-    assert lm_eval_runner.parse_tasks(" piqa, paper ,boolq") == [*lm_eval_runner.PAPER_TASKS, "boolq"]
+    assert lm_eval.parse_tasks("") == []
+    assert lm_eval.parse_tasks("paper") == list(lm_eval.PAPER_TASKS)
+    assert lm_eval.parse_tasks(" piqa, paper ,boolq") == [*lm_eval.PAPER_TASKS, "boolq"]
     results = {"acc,none": 0.5, "acc_norm,none": 0.75}
-    assert lm_eval_runner.task_metric("piqa", results) == ("acc_norm", 0.75)
-    assert lm_eval_runner.task_metric("winogrande", results) == ("acc", 0.5)
-    assert lm_eval_runner.task_metric("arc_easy", {"acc,none": 0.25}) == ("acc", 0.25)
+    assert lm_eval.task_metric("piqa", results) == ("acc_norm", 0.75)
+    assert lm_eval.task_metric("winogrande", results) == ("acc", 0.5)
+    assert lm_eval.task_metric("arc_easy", {"acc,none": 0.25}) == ("acc", 0.25)
 
 
 def test_not_installed_names_the_pip_command(monkeypatch):
@@ -213,16 +217,16 @@ def test_not_installed_names_the_pip_command(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "lm_eval" else real(n, *a))
-    with pytest.raises(UserError, match=f"pip install lm-eval=={lm_eval_runner.LM_EVAL_VERSION}"):
-        lm_eval_runner.check_installed()
-    assert lm_eval_runner.prepare("") is None  # no task: nothing to check
+    with pytest.raises(UserError, match=f"pip install lm-eval=={lm_eval.LM_EVAL_VERSION}"):
+        lm_eval.check_installed()
+    assert lm_eval.prepare("") is None  # no task: nothing to check
 
 
 def test_is_hf_folder(dense, tmp_path):
-    assert lm_eval_runner.is_hf_folder(dense.tokenizer_dir)
+    assert lm_eval.is_hf_folder(dense.tokenizer_dir)
     (tmp_path / "config.json").write_text("{}")
-    assert not lm_eval_runner.is_hf_folder(str(tmp_path))  # no weights
-    assert not lm_eval_runner.is_hf_folder(None)
+    assert not lm_eval.is_hf_folder(str(tmp_path))  # no weights
+    assert not lm_eval.is_hf_folder(None)
 
 
 @pytest.fixture
@@ -245,19 +249,19 @@ def isolated_hub(tmp_path, monkeypatch):
 
 def test_offline_tasks_are_unavailable_with_one_clear_line(isolated_hub):
     pytest.importorskip("lm_eval")
-    tasks = lm_eval_runner.prepare("paper")
-    assert set(tasks.unavailable) == set(lm_eval_runner.PAPER_TASKS)
+    tasks = lm_eval.prepare("paper")
+    assert set(tasks.unavailable) == set(lm_eval.PAPER_TASKS)
     line = tasks.message()
     assert "\n" not in line
     assert line.startswith("lm-eval: cannot load the datasets of piqa, winogrande, hellaswag, "
                            "arc_easy, arc_challenge: the Hugging Face dataset hub (http://127.0.0.1:9) "
                            "is unreachable")
-    result = lm_eval_runner.evaluate(tasks, "/not/used")  # nothing to run: no model is loaded
+    result = lm_eval.evaluate(tasks, "/not/used")  # nothing to run: no model is loaded
     assert result["available"] is False and result["average"] is None
     assert "unreachable" in result["reason"]
     assert all(t["value"] is None for t in result["tasks"].values())
     with pytest.raises(UserError, match="no_such_task"):
-        lm_eval_runner.prepare("piqa,no_such_task")
+        lm_eval.prepare("piqa,no_such_task")
 
 
 def test_lm_eval_runs_a_local_task_on_an_hf_folder(isolated_hub, tmp_path):
@@ -275,16 +279,16 @@ def test_lm_eval_runs_a_local_task_on_an_hf_folder(isolated_hub, tmp_path):
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    tasks = lm_eval_runner.prepare("tiny_choice", include_path=str(task_dir))
+    tasks = lm_eval.prepare("tiny_choice", include_path=str(task_dir))
     assert tasks.unavailable == {} and tasks.message() is None
-    result = lm_eval_runner.evaluate(tasks, model, limit=4, batch_size=2)
+    result = lm_eval.evaluate(tasks, model, limit=4, batch_size=2)
     assert result["available"] and result["reason"] is None
     got = result["tasks"]["tiny_choice"]
     assert got["metric"] == "acc_norm" and got["value"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 examples
     assert result["average"] == got["value"]
-    assert lm_eval_runner.metrics(tasks, [None, result]) == {"tiny_choice": "acc_norm"}
+    assert lm_eval.metrics(tasks, [None, result]) == {"tiny_choice": "acc_norm"}
     # A folder lm-eval cannot run (no tokenizer) is recorded as unavailable, not raised.
     bare = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_tied"), tmp_path / "bare")
-    failed = lm_eval_runner.evaluate(tasks, bare, limit=4)
+    failed = lm_eval.evaluate(tasks, bare, limit=4)
     assert failed["available"] is False and failed["average"] is None
     assert failed["reason"].startswith("lm-eval failed (")

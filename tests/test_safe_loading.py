@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from prunenet_jax import hf_io
+from prunenet_jax import sources
 from prunenet_jax.errors import UserError
 from tests import tiny_models
 
@@ -39,7 +39,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
     with open(os.path.join(folder, "pytorch_model.bin"), "wb") as f:
         f.write(b"\x80\x04not really")  # never opened: we do not read pickles
     with pytest.raises(UserError, match="safetensors"):
-        hf_io.load_model(str(folder))
+        sources.load_model(str(folder))
 
 
 def test_hub_downloads_take_a_revision(monkeypatch):
@@ -53,7 +53,7 @@ def test_hub_downloads_take_a_revision(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     with pytest.raises(UserError, match="org/model"):
-        hf_io.load_model("org/model", revision="v1.2")
+        sources.load_model("org/model", revision="v1.2")
     assert calls["revision"] == "v1.2"
     # Only weights in safetensors form, configs and tokenizer files: never a pickle or code file.
     assert not any(p.endswith((".bin", ".pt", ".py", ".pkl")) for p in calls["patterns"])

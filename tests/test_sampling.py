@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunenet_jax import sampling
+from prunenet_jax.method import sampling
 from prunenet_jax.errors import UserError
 
 
@@ -107,3 +107,61 @@ def test_num_kept():
             sampling.num_kept(100, bad)
     with pytest.raises(UserError):
         sampling.num_kept(3, 0.9)
+
+
+def _composition_problem():
+    """A policy whose logits are exactly z on every layer (H = 1, P = 1, r = 1/I, b = 0, so
+    z = W v + c = W[:, :, 0]) over 100000 identical layers: each layer is one independent draw of
+    k = 1 channel of I = 4."""
+    from prunenet_jax.method import policy
+
+    z = np.array([-6.0, -2.0, 2.0, 6.0], np.float32)
+    I, L = len(z), 100000
+    params = {"P": jnp.ones((I, 1)), "b": jnp.zeros((I,)), "r": jnp.full((I, 1), 1.0 / I)}
+    W = jnp.broadcast_to(jnp.asarray(z)[None, :, None], (L, I, 1))
+    np.testing.assert_allclose(np.asarray(policy.policy_logits(params, W))[0], z, atol=1e-6)
+    return z, params, W
+
+
+def _expected_frequencies(z):
+    """P(channel i is the one kept) for k = 1 under each candidate rule, by independent numpy
+    Monte Carlo: the composed rule keep = sigmoid(logit(u) + z) with fresh u, and wrong ones."""
+    rng = np.random.default_rng(0)
+    u = rng.uniform(size=(1000000, len(z)))
+    keep = 1.0 / (1.0 + np.exp(-(np.log(u) - np.log1p(-u) + z)))
+    composed = (keep / keep.sum(1, keepdims=True)).mean(0)
+    sig = 1.0 / (1.0 + np.exp(-z))
+    wrong = {"z alone (sigmoid z)": sig / sig.sum(), "Gumbel on z (softmax z)": np.exp(z) / np.exp(z).sum(),
+             "top-k of z": np.eye(len(z))[np.argmax(z)]}
+    return composed, wrong
+
+
+def _check_frequencies(indices, z):
+    freq = np.bincount(np.asarray(indices).reshape(-1), minlength=len(z)) / np.asarray(indices).size
+    composed, wrong = _expected_frequencies(z)
+    np.testing.assert_allclose(freq, composed, atol=0.008)  # 5 standard errors at 100000 draws
+    for name, p in wrong.items():  # each wrong rule is well outside that tolerance
+        assert np.abs(p - composed).max() > 0.04, name
+        assert np.abs(freq - p).max() > 0.025, f"the sampler looks like {name}: {freq} vs {p}"
+
+
+def test_training_samples_from_keep_with_fresh_noise():
+    """The assembled training sampler (train's sampling pass) keeps channels with the frequencies
+    of keep = sigmoid(logit(u) + z), not of z alone or of Gumbel noise on z."""
+    from prunenet_jax.method import train
+
+    z, params, W = _composition_problem()
+    cfg = train.TrainConfig(ratio=0.75)  # k = int(0.25 * 4) = 1
+    S, _ = train._sample_local(cfg, None, params, W, jax.random.key(5))
+    assert S.shape == (W.shape[0], 1)
+    _check_frequencies(S, z)
+
+
+def test_pruning_samples_from_keep_with_fresh_noise():
+    """The same for pruning's `sample` mode (prune.select_kept)."""
+    from prunenet_jax import prune
+
+    z, params, W = _composition_problem()
+    kept = prune.select_kept(params, W, 0.75, "sample", seed=5)
+    assert kept.shape == (W.shape[0], 1)
+    _check_frequencies(kept, z)

@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from prunenet_jax import sharding
+from prunenet_jax.method import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[1])
     import jax, jax.numpy as jnp, numpy as np
-    from prunenet_jax import sharding, train as T
+    from prunenet_jax.method import sharding
+    from prunenet_jax.method import train as T
     from tests.test_sharding import _RecordingArray
     assert jax.device_count() == 8, jax.devices()
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from prunenet_jax import spectral
+from prunenet_jax.method import spectral
 
 
 def _ks_cases():

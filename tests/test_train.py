@@ -6,9 +6,10 @@ import pytest
 import torch
 from scipy import stats
 
-from prunenet_jax import policy as pol
-from prunenet_jax import sampling, sharding
-from prunenet_jax import train as T
+from prunenet_jax.method import policy as pol
+from prunenet_jax.method import sampling
+from prunenet_jax.method import sharding
+from prunenet_jax.method import train as T
 from prunenet_jax.errors import UserError
 
 L, I, H = 4, 24, 6
@@ -234,3 +235,32 @@ def test_train_loop_is_seeded_and_ratio_sets_k(problem):
         T.TrainConfig(ratio=1.0)
     with pytest.raises(UserError):
         T.TrainConfig(ratio=0.3, schedule="batch")
+
+
+@pytest.mark.parametrize("I,H,ratio", [(48, 32, 0.3), (48, 32, 0.75)])  # k = 33 > H; k = 12 < H
+def test_per_layer_rewards_differ_and_match_scipy(I, H, ratio):
+    """Per-layer KS, reward and discounted reward of an episode against numpy SVD + scipy's
+    ks_2samp, on layers whose KS differ (each layer its own spectrum shape), with k >= H and k < H
+    (then the sliced spectrum is shorter than the reference's)."""
+    rng = np.random.default_rng(3)
+    L = 5
+    # Layer l: rows scaled by a layer-specific spread; it drops its 2l largest rows and keeps
+    # the next k, so slicing changes each layer's spectrum differently.
+    W = np.stack([rng.normal(size=(I, H)) * np.exp(np.linspace(0, 1.5 * l, I))[:, None]
+                  for l in range(L)]).astype(np.float32)
+    cfg = T.TrainConfig(ratio=ratio, gamma=0.9)
+    k = sampling.num_kept(I, ratio)
+    idx = np.stack([np.sort(np.argsort(-np.linalg.norm(W[l], axis=1))[min(2 * l, I - k):][:k])
+                    for l in range(L)]).astype(np.int32)
+    params = T.initial_params(0, I, H)
+    u = rng.uniform(0.01, 0.99, size=(L, I)).astype(np.float32)
+    ref_sv = T.reference_singular_values(jnp.asarray(W))
+    _, _, m = T.update_from_actions(params, T.make_optimizer(cfg).init(params), jnp.asarray(W), ref_sv,
+                                    jnp.asarray(idx), jnp.asarray(u), cfg)
+    want_ks = np.array([stats.ks_2samp(np.linalg.svd(W[l], compute_uv=False),
+                                       np.linalg.svd(W[l][idx[l]], compute_uv=False)).statistic
+                        for l in range(L)])
+    assert len(np.unique(np.round(want_ks, 6))) == L  # every layer's KS differs
+    np.testing.assert_allclose(np.asarray(m.ks), want_ks, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(m.rewards), 1.0 / want_ks, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(m.discounted_rewards), 0.9 ** np.arange(L) / want_ks, rtol=1e-5)

@@ -1,6 +1,6 @@
 """A policy-training run that survives being killed: the state is checkpointed after every
-episode under `<out_dir>/train_state`, a rerun with `resume=True` continues from the last
-checkpoint, and the trained policy is saved to `<out_dir>/policy`.
+episode under `state_dir`, a rerun with `resume=True` continues from the last checkpoint, and the
+trained policy is saved to `policy_dir` (run/run_dir.py names both inside a run folder).
 
 Resuming gives exactly the policy an uninterrupted run gives: episode e's randomness depends only
 on the seed and e, and the checkpoint holds the whole state (policy, optimiser, best so far).
@@ -16,15 +16,13 @@ import jax
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
-from tqdm import tqdm
 
-from prunenet_jax import checkpoints, sampling, sharding, train
-from prunenet_jax import policy as policy_lib
+from prunenet_jax import progress
 from prunenet_jax.errors import UserError
+from prunenet_jax.formats import orbax
+from prunenet_jax.method import policy as policy_lib
+from prunenet_jax.method import sampling, sharding, train
 from prunenet_jax.models.config import LlamaConfig
-
-TRAIN_STATE = "train_state"
-POLICY = "policy"
 
 
 def _barrier(name: str) -> None:
@@ -48,28 +46,28 @@ def _restore(ckpts, config: LlamaConfig, cfg: train.TrainConfig, seed: int, epis
 
 
 def train_policy(W, config: LlamaConfig, cfg: train.TrainConfig, *, seed: int, episodes: int,
-                 mesh: Optional[Mesh], out_dir: Optional[str], resume: bool,
-                 source: str, checkpoint_every: int = 1) -> tuple[dict, dict]:
+                 mesh: Optional[Mesh], state_dir: Optional[str], policy_dir: Optional[str],
+                 resume: bool, source: str, checkpoint_every: int = 1) -> tuple[dict, dict]:
     """Trains on every process (W may be a LazyLayerStack); returns (host params of the best
-    episode, a JSON-able training summary). With `out_dir`, checkpoints every
-    `checkpoint_every` episodes (and after the last) and saves
-    the policy (process 0); without `resume` an old train_state there is discarded first."""
+    episode, a JSON-able training summary). With `state_dir`, checkpoints every
+    `checkpoint_every` episodes (and after the last); without `resume` an old state there is
+    discarded first. With `policy_dir`, process 0 saves the policy there."""
     ckpts = resume_from = None
-    if out_dir:
-        path = os.path.join(out_dir, TRAIN_STATE)
+    if state_dir:
+        path = state_dir
         if not resume and os.path.isdir(path) and jax.process_index() == 0:
             shutil.rmtree(path)  # the old run's resume points belong to the run being replaced
         _barrier("prunenet_train_state_cleared")
         run_meta = {"seed": seed, "num_layers": config.num_hidden_layers,
                     "intermediate_size": config.intermediate_size,
                     "hidden_size": config.hidden_size, "train_config": dataclasses.asdict(cfg)}
-        ckpts = checkpoints.TrainCheckpoints(path, run_meta)
+        ckpts = orbax.TrainCheckpoints(path, run_meta)
         if resume and ckpts.latest_episode() is not None:
             resume_from = _restore(ckpts, config, cfg, seed, episodes)
 
     done_before = 0 if resume_from is None else len(resume_from[1])
-    bar = tqdm(total=episodes, desc="episodes", initial=done_before,
-               disable=jax.process_index() != 0)
+    bar = progress.bar(total=episodes, desc="episodes", initial=done_before,
+                       disable=jax.process_index() != 0)
 
     def on_episode(e, m):
         bar.set_postfix(mean_ks=f"{float(np.mean(m.ks)):.4f}",
@@ -93,8 +91,8 @@ def train_policy(W, config: LlamaConfig, cfg: train.TrainConfig, *, seed: int, e
                "episode_total_rewards": [float(m.total_reward) for m in result.history],
                "setup_seconds": result.setup_seconds, "episode_seconds": result.episode_seconds,
                "resumed_after": None if resume_from is None else done_before}
-    if out_dir and jax.process_index() == 0:
-        checkpoints.save_policy(os.path.join(out_dir, POLICY), params, {
+    if policy_dir and jax.process_index() == 0:
+        orbax.save_policy(policy_dir, params, {
             "seed": seed, "train_config": dataclasses.asdict(cfg), "source": source,
             "episodes": episodes, "best_episode": summary["best_episode"],
             "best_total_reward": summary["best_total_reward"],

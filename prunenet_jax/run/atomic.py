@@ -1,4 +1,4 @@
-"""Safe writing of outputs: checking --out_dir, atomic files and folders.
+"""Safe writing of outputs: checking an output folder, atomic files and folders.
 
 Files and folders are written under a temporary name and renamed, so a crash leaves the old one or the
 complete new one, never a partial one. The input checkpoint is never written into.
@@ -23,11 +23,14 @@ RUN_DIR_FIX = ("pass --overwrite to replace an earlier run's outputs, --resume t
 
 
 def check_out_dir(out_dir: str, inputs, *, reuse: bool = True, name: Optional[str] = None,
-                  fix: str = RUN_DIR_FIX, replaced: bool = False) -> None:
-    """Refuses an output folder inside an input (a path or a list of paths), one that cannot be
-    written, and (unless `reuse`, i.e. --overwrite/--resume) a non-empty one, whose error says
-    `fix`. `replaced`: the folder is swapped whole (staged_dir), so one holding an input is refused
-    too. `name` is how messages call the folder (default `--out_dir=<out_dir>`). Creates nothing."""
+                  fix: str = RUN_DIR_FIX, replaced: bool = False,
+                  must_not_exist: bool = False) -> None:
+    """The one check of every output folder (--out_dir, --report_dir, --output, HF exports):
+    refuses one inside an input (a path or a list of paths), one that cannot be written, and
+    (unless `reuse`, i.e. --overwrite/--resume) a non-empty one, whose error says `fix`, or with
+    `must_not_exist` an existing one. `replaced`: the folder is swapped whole (staged_dir), so one
+    holding an input is refused too. `name` is how messages call the folder (default
+    `--out_dir=<out_dir>`). Creates nothing."""
     name = name or f"--out_dir={out_dir}"
     out = os.path.realpath(out_dir)
     for source in [inputs] if isinstance(inputs, str) else inputs:
@@ -44,6 +47,8 @@ def check_out_dir(out_dir: str, inputs, *, reuse: bool = True, name: Optional[st
         raise UserError(f"{name} exists and is not a folder; choose another path")
     if not reuse and os.path.isdir(out) and os.listdir(out):
         raise UserError(f"{name} is not empty; {fix}")
+    if must_not_exist and not reuse and os.path.exists(out_dir):
+        raise UserError(f"{name} exists; pass --overwrite to replace it")
     existing = out
     while not os.path.exists(existing):  # the nearest existing ancestor must let us create it
         existing = os.path.dirname(existing)
@@ -130,5 +135,7 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
-def write_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+def write_json(path: str, obj, *, sort_keys: bool = False) -> None:
+    """`obj` as indented JSON, written atomically (fsynced, then renamed into place)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))

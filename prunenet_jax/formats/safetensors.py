@@ -14,7 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from prunenet_jax import outputs
+from prunenet_jax.run import atomic
 from prunenet_jax.errors import UserError
 
 DTYPES = {
@@ -122,7 +122,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         for name in order:
             _write_tensor(f, tensors[name], dtypes[name])
 
-    outputs.atomic_write(path, write)
+    atomic.atomic_write(path, write)
     return offset
 
 

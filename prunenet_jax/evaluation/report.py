@@ -9,7 +9,6 @@ The report folder is written under a temporary sibling name and renamed into pla
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -18,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunenet_jax import outputs, spectral
 from prunenet_jax.errors import UserError
+from prunenet_jax.method import spectral
 from prunenet_jax.models import registry
+from prunenet_jax.run import atomic
 from prunenet_jax.weights import ModelWeights
 
 JSON, MARKDOWN = "report.json", "report.md"
@@ -28,7 +28,7 @@ SPECTRA_PNG, KS_PNG, PPL_PNG = "spectra.png", "ks_per_layer.png", "ppl_vs_ratio.
 MATPLOTLIB_VERSION = "3.11.2"  # the version the plots are checked with
 
 _layer_sv = jax.jit(spectral.singular_values)
-_ks = jax.jit(jax.vmap(spectral.ks_statistic))
+_ks = jax.jit(spectral.spectra_ks)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -41,8 +41,9 @@ def gate_spectra(weights: ModelWeights) -> np.ndarray:
     return np.stack([np.asarray(_layer_sv(jnp.asarray(W[l], jnp.float32))) for l in range(len(W))])
 
 
-def layer_ks(dense_sv: np.ndarray, sv: np.ndarray) -> np.ndarray:
-    """KS statistic per layer between dense spectra (L, m) and another model's (L, m')."""
+def gate_ks(dense_sv: np.ndarray, sv: np.ndarray) -> np.ndarray:
+    """KS statistic per layer between the dense model's gate spectra (L, m) and another model's
+    (L, m') (method/spectral.layer_ks is the same statistic inside training, from kept rows)."""
     if len(dense_sv) != len(sv):
         raise UserError(f"a pruned model has {len(sv)} layers but the dense model {len(dense_sv)}; "
                         "compare models pruned from the same dense model")
@@ -52,7 +53,7 @@ def layer_ks(dense_sv: np.ndarray, sv: np.ndarray) -> np.ndarray:
 def compare(dense: ModelWeights, pruned: Sequence[ModelWeights]) -> tuple[list, list]:
     """(spectra, ks) for the dense model followed by each pruned one; the dense model's KS is 0."""
     spectra = [gate_spectra(w) for w in (dense, *pruned)]
-    return spectra, [layer_ks(spectra[0], sv) for sv in spectra]
+    return spectra, [gate_ks(spectra[0], sv) for sv in spectra]
 
 
 def plotted_layers(num_layers: int) -> list[int]:
@@ -67,7 +68,7 @@ def ratio_of(weights: ModelWeights, dense_intermediate: int) -> float:
 
 def model_record(name: str, source: str, weights: ModelWeights, ratio: float, ks: np.ndarray,
                  perplexity: Optional[dict] = None) -> dict:
-    """One model's row of report.json. `perplexity`: evaluate.perplexity's result, or None."""
+    """One model's row of report.json. `perplexity`: perplexity.perplexity's result, or None."""
     return {"name": name, "source": source, "ratio": float(ratio),
             "kept": int(weights.config.intermediate_size), "params": int(weights.num_params()),
             "ppl": perplexity["ppl"] if perplexity else None,
@@ -275,7 +276,7 @@ def plot_ppl(path: str, models: list[dict], title: str) -> None:
 def check_report_dir(report_dir: str, inputs: Sequence[str], overwrite: bool) -> None:
     """Refuses a report_dir inside an input (or holding one), a non-empty one without
     `overwrite`, and one that cannot be created. Creates nothing."""
-    outputs.check_out_dir(report_dir, inputs, reuse=overwrite, name=f"--report_dir={report_dir}",
+    atomic.check_out_dir(report_dir, inputs, reuse=overwrite, name=f"--report_dir={report_dir}",
                           fix="pass --overwrite to replace it, or choose a new folder", replaced=True)
 
 
@@ -287,10 +288,8 @@ def write_report(report_dir: str, summary: dict, spectra: list[np.ndarray],
     """
     models = summary["models"]
     final = os.path.abspath(report_dir)
-    if os.path.isdir(final) and os.listdir(final) and not overwrite:
-        raise UserError(f"--report_dir={report_dir} is not empty; pass --overwrite to replace it, "
-                        "or choose a new folder")
-    with outputs.staged_dir(final) as tmp:  # the old report stays whole until the new one is in
+    check_report_dir(report_dir, [], overwrite)
+    with atomic.staged_dir(final) as tmp:  # the old report stays whole until the new one is in
         plots = {"spectra": SPECTRA_PNG}
         plot_spectra(os.path.join(tmp, SPECTRA_PNG), models, spectra, summary["spectra_layers"])
         if len(models) > 1:
@@ -302,9 +301,7 @@ def write_report(report_dir: str, summary: dict, spectra: list[np.ndarray],
             plot_ppl(os.path.join(tmp, PPL_PNG), models,
                      f"Perplexity on {text} ({summary.get('tokens', '?')} tokens)")
         summary = {**summary, "plots": plots}
-        with open(os.path.join(tmp, JSON), "w") as f:
-            json.dump(json_safe(summary), f, indent=2)
-            f.write("\n")
+        atomic.write_json(os.path.join(tmp, JSON), json_safe(summary))
         with open(os.path.join(tmp, MARKDOWN), "w") as f:
             f.write(markdown(summary))
     return summary

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prunenet_jax import outputs
+from prunenet_jax.run import atomic
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
@@ -64,7 +64,7 @@ def _save(path: str, items: dict[str, Any], meta: dict, overwrite: bool) -> None
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args["meta"] = ocp.args.JsonSave(meta)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with outputs.staged_dir(path, create=False) as tmp:  # orbax creates tmp; we swap it into path
+    with atomic.staged_dir(path, create=False) as tmp:  # orbax creates tmp; we swap it into path
         _checkpointer().save(tmp, args=ocp.args.Composite(**args))
 
 
@@ -265,7 +265,7 @@ def restore_model_arrays(path: str, mesh: Optional[Mesh] = None) -> tuple[dict, 
 
 
 def load_model(path: str, dtype=np.float32, source: Optional[str] = None) -> ModelWeights:
-    """A sliced model checkpoint as host ModelWeights (like `hf_io.load_model`); dtype None keeps
+    """A sliced model checkpoint as host ModelWeights (like `sources.load_model`); dtype None keeps
     the saved dtypes."""
     meta = _expect_kind(path, MODEL_KIND, "a sliced-model orbax folder", "or an HF folder")
     config, templates = _model_templates(meta, path)

@@ -36,8 +36,10 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from prunenet_jax import policy as policy_lib
-from prunenet_jax import sampling, sharding, spectral
+from prunenet_jax.method import policy as policy_lib
+from prunenet_jax.method import sampling
+from prunenet_jax.method import sharding
+from prunenet_jax.method import spectral
 from prunenet_jax.errors import UserError
 
 SCHEDULES = ("layer", "episode")

@@ -95,11 +95,15 @@ def reward_from_ks(ks: jax.Array, cap: float = REWARD_CAP) -> jax.Array:
     return jnp.where(ks == 0, jnp.asarray(cap, safe.dtype), 1.0 / safe)
 
 
+def spectra_ks(ref_sv: jax.Array, sv: jax.Array) -> jax.Array:
+    """KS statistic per layer between two stacks of spectra (L, m) and (L, m')."""
+    return jax.vmap(ks_statistic)(ref_sv, sv)
+
+
 def layer_ks(W: jax.Array, ref_sv: jax.Array, indices: jax.Array,
              method: str = DEFAULT_SV_METHOD) -> jax.Array:
     """KS statistic per layer between the reference spectra (L, m) and the sliced spectra."""
-    sv = sliced_singular_values(W, indices, method)
-    return jax.vmap(ks_statistic)(ref_sv, sv)
+    return spectra_ks(ref_sv, sliced_singular_values(W, indices, method))
 
 
 def layer_rewards(W: jax.Array, ref_sv: jax.Array, indices: jax.Array,

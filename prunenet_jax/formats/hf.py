@@ -1,6 +1,8 @@
-"""Exporting weights (pruned or not) as a Hugging Face folder that PyTorch `transformers` loads.
+"""Hugging Face checkpoint folders: reading one (`load_folder`: config.json + single or sharded
+safetensors, read tensor by tensor through a memory map; pickle .bin files are never opened) and
+writing one (`export_hf`) that PyTorch `transformers` loads.
 
-The folder holds what `save_pretrained` would write: `config.json` (the source's, with the sliced
+The exported folder holds what `save_pretrained` would write: `config.json` (the source's, with the sliced
 `intermediate_size` and the dtype written), safetensors weights with HF names (sharded like
 transformers above `max_shard_bytes`), `generation_config.json`, the tokenizer files and a
 `README.md` model card; optionally `pytorch_model.bin` too. It is written under a temporary
@@ -18,25 +20,26 @@ import re
 import shutil
 from typing import Optional
 
-import ml_dtypes
 import numpy as np
 
-from prunenet_jax import outputs
+from prunenet_jax import progress
 from prunenet_jax.errors import UserError
+from prunenet_jax.formats.layer_stack import LazyLayerStack
+from prunenet_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from prunenet_jax.models import registry
-from prunenet_jax.safetensors_io import write_safetensors
-from prunenet_jax.weights import ModelWeights
+from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.run import atomic
+from prunenet_jax.weights import DTYPES, ModelWeights, check_shape
 
 log = logging.getLogger(__name__)
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
-# dtypes a transformers checkpoint declares, by the name config.json uses.
-_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-           "float16": np.dtype(np.float16)}
 # Tokenizer files of an HF folder (whichever exist are copied).
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
                     "merges.txt", "spiece.model", "*.tiktoken", "chat_template.*")
@@ -44,6 +47,101 @@ _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json"
 _CARD_ORDER = ("source", "ratio", "kept", "k", "params_before", "params_after", "seed", "mode",
                "policy_fingerprint", "command")
 
+
+# ----------------------------------------------------------------------------- reading
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{folder} has no config.json; pass the folder of a Hugging Face checkpoint "
+                        "(it holds config.json and the safetensors files)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore the file from the source") from None
+
+
+def open_shards(folder: str) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the file that holds it (single file or sharded with an index)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise UserError(f"{index} is not a valid safetensors index; restore it from the source") from None
+        files = {}
+        for fname in sorted(set(weight_map.values())):
+            path = os.path.join(folder, fname)
+            if not os.path.isfile(path):
+                raise UserError(f"{index} names {fname}, which is missing from {folder}; "
+                                "download the complete checkpoint")
+            files[fname] = SafetensorsFile(path)
+        return {name: files[fname] for name, fname in weight_map.items()}
+    if os.path.isfile(single):
+        f = SafetensorsFile(single)
+        return {name: f for name in f.keys()}
+    hint = " (pickle .bin files are not loaded, for safety)" if any(
+        n.endswith(".bin") for n in os.listdir(folder)) else ""
+    raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}; "
+                    "save the model with safetensors (save_pretrained does by default)")
+
+
+def load_folder(folder: str, dtype=np.float32, source: Optional[str] = None) -> ModelWeights:
+    source = source or folder
+    hf_config = read_config(folder)
+    cfg = LlamaConfig.from_hf(hf_config, source=os.path.join(folder, "config.json"))
+    where = open_shards(folder)
+    shapes = registry.expected_shapes(cfg)
+    for name in where:  # layers beyond the config mean config and weights disagree
+        m = _LAYER_NAME.match(name)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+            raise UserError(f"{source}: tensor {name!r} is beyond num_hidden_layers="
+                            f"{cfg.num_hidden_layers}; fix config.json or use matching weights")
+
+    def read(name: str, shape: tuple) -> np.ndarray:
+        if name not in where:
+            raise UserError(f"{source}: tensor {name!r} is missing; the checkpoint is incomplete or "
+                            "its config.json describes another model")
+        check_shape(source, name, where[name].shape(name), shape, "config.json",
+                    "fix config.json or use matching weights")
+        return where[name].get(name)
+
+    globals_ = {n: np.array(read(n, shapes[n]), dtype=dtype) for n in registry.global_tensor_names(cfg)}
+    layers = {}
+    for suffix in registry.layer_tensor_names(cfg):
+        L, *shape = shapes[suffix]
+        stacked = None
+        for i in range(L):  # fill a preallocated stack: host peak stays near one copy
+            t = read(registry.LAYER_PREFIX.format(i) + suffix, tuple(shape))
+            if stacked is None:
+                stacked = np.empty((L, *shape), dtype=dtype or t.dtype)
+            stacked[i] = t
+        layers[suffix] = stacked
+    return ModelWeights(config=cfg, hf_config=hf_config, globals=globals_, layers=layers,
+                        source=source, tokenizer_dir=folder)
+
+
+def load_config(folder: str) -> LlamaConfig:
+    return LlamaConfig.from_hf(read_config(folder), source=os.path.join(folder, "config.json"))
+
+
+def load_gate_stack(folder: str) -> tuple[LlamaConfig, LazyLayerStack]:
+    """The config and the gate matrices (L, I, H) as a float32 stack read layer by layer on use."""
+    cfg = load_config(folder)
+    where = open_shards(folder)
+    names = [registry.LAYER_PREFIX.format(i) + registry.GATE for i in range(cfg.num_hidden_layers)]
+    shape = registry.expected_shapes(cfg)[registry.GATE]
+    for n in names:
+        if n not in where or where[n].shape(n) != shape[1:]:
+            raise UserError(f"{folder}: tensor {n!r} is missing or has the wrong shape; the "
+                            "checkpoint is incomplete or its config.json describes another model")
+    return cfg, LazyLayerStack(shape, np.float32, lambda i: where[names[i]].get(names[i]))
+
+
+# ----------------------------------------------------------------------------- writing
 
 def export_hf(weights: ModelWeights, out_dir: str, *, model_card: Optional[dict] = None,
               torch_format: bool = False, dtype=None, max_shard_bytes: int = 5 * 2**30,
@@ -72,14 +170,14 @@ def export_hf(weights: ModelWeights, out_dir: str, *, model_card: Optional[dict]
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out_dir} ({e.strerror}); choose a writable folder") from None
-    with outputs.staged_dir(out_dir) as tmp:  # renamed to out_dir only once complete
+    with atomic.staged_dir(out_dir) as tmp:  # renamed to out_dir only once complete
         _write_tokenizer(weights, tmp)  # first: a source without a usable tokenizer fails fast
         _write_sharded(tmp, SAFE_WEIGHTS, tensors, dtype, max_shard_bytes,
                        lambda path, shard: write_safetensors(path, shard, {"format": "pt"}, dtype))
         if torch is not None:
             _write_sharded(tmp, TORCH_WEIGHTS, _with_tied_head(weights, tensors), dtype, max_shard_bytes,
                            lambda path, shard: _torch_save(torch, path, shard, dtype))
-        _write_json(os.path.join(tmp, "config.json"), config)
+        atomic.write_json(os.path.join(tmp, "config.json"), config, sort_keys=True)
         _write_generation_config(weights, config, tmp)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(render_model_card(config, weights.num_params(), model_card or {}))
@@ -123,7 +221,7 @@ def _check_target(weights: ModelWeights, out_dir: str, overwrite: bool) -> None:
             raise UserError(f"{out_dir} exists and is not a folder; remove it or choose another path")
     # An input inside out_dir would be deleted by --overwrite; out_dir inside an input folder
     # would write into the input checkpoint.
-    outputs.check_out_dir(out_dir, [weights.tokenizer_dir, weights.gguf_file, weights.source],
+    atomic.check_out_dir(out_dir, [weights.tokenizer_dir, weights.gguf_file, weights.source],
                           name=out_dir, replaced=True)
 
 
@@ -139,20 +237,20 @@ def _import_torch():
 def _target_dtype(hf_config: dict, dtype) -> np.dtype:
     if dtype is None:
         declared = hf_config.get("dtype") or hf_config.get("torch_dtype")
-        return _DTYPES.get(str(declared), _DTYPES["float32"])  # none (GGUF) or exotic: float32
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
+        return DTYPES.get(str(declared), DTYPES["float32"])  # none (GGUF) or exotic: float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
     try:
         dt = np.dtype(dtype)
     except TypeError:
         dt = None
-    if dt not in _DTYPES.values():
-        raise UserError(f"export dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    if dt not in DTYPES.values():
+        raise UserError(f"export dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return dt
 
 
 def _dtype_name(dtype: np.dtype) -> str:
-    return next(n for n, d in _DTYPES.items() if d == dtype)
+    return next(n for n, d in DTYPES.items() if d == dtype)
 
 
 def _config(weights: ModelWeights, dtype: np.dtype) -> dict:
@@ -208,13 +306,13 @@ def _write_sharded(folder, filename, tensors, dtype, max_shard_bytes, write) -> 
     stem, ext = os.path.splitext(filename)
     files = [filename] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}{ext}" for i in range(len(shards))]
-    for fname, names in _progress(list(zip(files, shards)), filename):
+    for fname, names in progress.over(list(zip(files, shards)), f"writing {filename}", "file"):
         write(os.path.join(folder, fname), {n: tensors[n] for n in names})
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": sum(int(t.size) for t in unique.values()),
                               "total_size": sum(int(t.size) * dtype.itemsize for t in unique.values())},
                  "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
-        _write_json(os.path.join(folder, filename + ".index.json"), index)
+        atomic.write_json(os.path.join(folder, filename + ".index.json"), index, sort_keys=True)
 
 
 def _torch_save(torch, path: str, shard: dict, dtype: np.dtype) -> None:
@@ -226,16 +324,16 @@ def _torch_save(torch, path: str, shard: dict, dtype: np.dtype) -> None:
         if id(array) not in made:  # an alias reuses the tensor: torch.save stores it once
             a = np.ascontiguousarray(array, dtype=dtype)  # same rounding as the safetensors
             made[id(array)] = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-                               if dtype == _DTYPES["bfloat16"] else torch.from_numpy(a))
+                               if dtype == DTYPES["bfloat16"] else torch.from_numpy(a))
         state[name] = made[id(array)]
     torch.save(state, path)
 
 
 def _write_tokenizer(weights: ModelWeights, folder: str) -> None:
     if weights.gguf_file:  # built from the file's metadata, saved as tokenizer.json & co
-        from prunenet_jax import gguf_io
+        from prunenet_jax.formats import gguf
 
-        gguf_io.load_gguf_tokenizer(weights.gguf_file).save_pretrained(folder)
+        gguf.load_gguf_tokenizer(weights.gguf_file).save_pretrained(folder)
         return
     src = weights.tokenizer_dir
     if not src or not os.path.isdir(src):
@@ -259,12 +357,8 @@ def _write_generation_config(weights: ModelWeights, config: dict, folder: str) -
     ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
            if config.get(k) is not None}
     if ids:
-        _write_json(os.path.join(folder, "generation_config.json"), {"_from_model_config": True, **ids})
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        atomic.write_json(os.path.join(folder, "generation_config.json"),
+                          {"_from_model_config": True, **ids}, sort_keys=True)
 
 
 def _fsync_tree(folder: str) -> None:
@@ -276,11 +370,3 @@ def _fsync_tree(folder: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-
-def _progress(items, what):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=f"writing {what}", unit="file", leave=False, disable=None)

@@ -1,9 +1,10 @@
 """Perplexity in JAX: non-overlapping windows, jitted, batched with a padding mask."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from prunenet_jax.errors import UserError
+from prunenet_jax.models import llama
 
 
 def windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,3 +82,35 @@ def perplexity(model: nnx.Module, tokenizer, texts: dict[str, str], seq_len: int
         total_nll += nll
         total_count += count
     return {"ppl": math.exp(total_nll / total_count), "tokens": total_count, "files": files}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """How perplexity is measured: the texts (already read, see texts.read_texts), windows."""
+    texts: dict  # name -> text
+    name: str = ""  # what the texts were named by (--eval_text), for reports
+    seq_len: int = 512
+    batch_size: int = 4
+    max_tokens: int = 0  # tokens per text; 0: all
+    dtype: object = jnp.float32  # compute dtype
+
+    def check(self) -> None:
+        """Refuses bad values before anything heavy runs (the messages name the flags)."""
+        if self.max_tokens < 0:
+            raise UserError(f"--max_tokens={self.max_tokens} must be >= 0 (0 means all)")
+        if self.seq_len < 2:
+            raise UserError(f"--seq_len={self.seq_len} is too short; use at least 2 (512 is typical)")
+        if self.batch_size < 1:
+            raise UserError(f"--batch_size={self.batch_size} must be at least 1")
+
+
+def perplexity_fn(tokenizer, cfg: EvalConfig) -> Callable:
+    """`weights -> perplexity result` (see `perplexity`) of a model built from ModelWeights, scored
+    with `tokenizer` (the dense model's: pruning keeps the vocabulary)."""
+
+    def measure(weights) -> dict:
+        model = llama.from_named_arrays(weights.config, weights.named_arrays(), dtype=cfg.dtype)
+        return perplexity(model, tokenizer, cfg.texts, seq_len=cfg.seq_len,
+                          batch_size=cfg.batch_size, max_tokens=cfg.max_tokens or None)
+
+    return measure

@@ -49,7 +49,7 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 def load_gguf_tokenizer(path: str):
     """The fast tokenizer described by the GGUF file's metadata (built once per file version:
     every export of a batch needs it, and reading 50k+ tokens takes a second)."""
-    from prunenet_jax import gguf_io
+    from prunenet_jax.formats import gguf as gguf_io
 
     path = os.fspath(path)
     gguf_io.open_gguf(path)  # clear errors for a missing, non-GGUF or truncated file
@@ -59,7 +59,7 @@ def load_gguf_tokenizer(path: str):
 
 @functools.lru_cache(maxsize=2)
 def _cached_tokenizer(path: str, size: int, mtime_ns: int):
-    from prunenet_jax import gguf_io
+    from prunenet_jax.formats import gguf as gguf_io
 
     return build_tokenizer(_tokenizer_metadata(gguf_io.open_gguf(path), path), path)
 

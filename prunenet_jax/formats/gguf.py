@@ -20,11 +20,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from prunenet_jax import progress
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
 from prunenet_jax.errors import UserError
-from prunenet_jax.gguf_tokenizer import load_gguf_tokenizer  # noqa: F401  (the GGUF source's tokenizer)
-from prunenet_jax.weights import ModelWeights
+from prunenet_jax.formats.gguf_tokenizer import load_gguf_tokenizer  # noqa: F401  (the file's tokenizer)
+from prunenet_jax.weights import ModelWeights, check_shape
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +110,14 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     tensors = {t.name: t for t in reader.tensors}
     hf_config = gguf_hf_config(reader, path, tensors)
     config = LlamaConfig.from_hf(hf_config, source=path)
-    arch = registry.get(config.model_type, path)
 
     def tensor(gguf_name: str, expected: tuple) -> np.ndarray:
         if gguf_name not in tensors:
             raise UserError(f"{path}: tensor {gguf_name!r} is missing; the file is incomplete or "
                             "holds another kind of model; re-download or re-convert it")
         arr = _dequantize(tensors[gguf_name], path)
-        if arr.shape != tuple(expected):
-            raise UserError(f"{path}: tensor {gguf_name!r} has shape {arr.shape} but the file's "
-                            f"metadata implies {tuple(expected)}; the file is corrupt or was "
-                            "converted wrongly; re-convert it")
+        check_shape(path, gguf_name, arr.shape, expected, "the file's metadata",
+                    "the file is corrupt or was converted wrongly; re-convert it")
         return arr
 
     expected = registry.expected_shapes(config)
@@ -130,10 +128,7 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
         copy = np.may_share_memory(arr, reader.data)
         globals_[hf_name] = arr.astype(dtype, copy=copy)
 
-    permuted_heads = {}
-    if arch.gguf_permutes_qk:
-        permuted_heads = {registry.Q: config.num_attention_heads, registry.Q_BIAS: config.num_attention_heads,
-                          registry.K: config.num_key_value_heads, registry.K_BIAS: config.num_key_value_heads}
+    transforms = registry.gguf_transforms(config)
     names = registry.layer_tensor_names(config)
     missing = [n for n in (f"blk.{i}.{registry.GGUF_LAYER[h]}" for i in range(config.num_hidden_layers)
                            for h in names) if n not in tensors]
@@ -142,11 +137,12 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
                         "the file is incomplete or holds another kind of model; re-download or "
                         "re-convert it")
     layers = {hf_name: np.empty(expected[hf_name], dtype=dtype) for hf_name in names}
-    for i in _progress(range(config.num_hidden_layers), path):
+    bar = progress.over(range(config.num_hidden_layers), f"loading {os.path.basename(path)}", "layer")
+    for i in bar:
         for hf_name in names:
             arr = tensor(f"blk.{i}.{registry.GGUF_LAYER[hf_name]}", expected[hf_name][1:])
-            if hf_name in permuted_heads:
-                arr = unpermute_qk(arr, permuted_heads[hf_name])
+            if hf_name in transforms:
+                arr = transforms[hf_name](arr)
             layers[hf_name][i] = arr  # casts to dtype
 
     used = {registry.GGUF_GLOBAL[n] for n in globals_} | {
@@ -172,7 +168,7 @@ def load_gguf_config(path: str) -> LlamaConfig:
 
 def gguf_gate_stack(path: str):
     """(config, gate matrices as a LazyLayerStack) without dequantising any other tensor."""
-    from prunenet_jax.layer_stack import LazyLayerStack
+    from prunenet_jax.formats.layer_stack import LazyLayerStack
 
     path = os.fspath(path)
     reader = open_gguf(path)
@@ -186,24 +182,6 @@ def gguf_gate_stack(path: str):
     return config, LazyLayerStack(shape, np.float32, lambda i: _dequantize(tensors[names[i]], path))
 
 
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's q/k row permutation (rows = n_head * head_dim, weights or biases).
-
-    The converter reorders each head's rows from rotate-half order (HF: first the real halves,
-    then the imaginary ones) to interleaved pairs (ggml's RoPE): rows (h, c, j) -> (h, j, c) with
-    c in {0, 1} and j < head_dim / 2. We map them back.
-    """
-    rows = w.shape[0]
-    if rows % (2 * n_head):
-        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")
-    half = rows // n_head // 2
-    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter permutation (HF -> GGUF); the inverse of `unpermute_qk`."""
-    half = w.shape[0] // n_head // 2
-    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_hf_config(reader, path: str, tensors: Optional[dict] = None) -> dict[str, Any]:
@@ -358,14 +336,6 @@ def _dequantize(t, path: str) -> np.ndarray:
     if arr.shape != shape:
         arr = arr.reshape(shape)
     return arr.astype(np.float32, copy=False)
-
-
-def _progress(it, path):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, desc=f"loading {os.path.basename(path)}", unit="layer", leave=False, disable=None)
 
 
 class _Metadata:

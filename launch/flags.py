@@ -1,0 +1,134 @@
+"""Every flag group, defined once, and what turns parsed flags into the library's config
+dataclasses. A launcher calls the `define_*` functions of the groups it takes (absl flags are
+global, and one launcher runs per process), then builds its job from FLAGS here; the library
+itself never reads FLAGS."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from absl import flags
+
+from prunenet_jax import prune, weights
+from prunenet_jax.errors import UserError
+from prunenet_jax.evaluation import texts
+from prunenet_jax.evaluation.perplexity import EvalConfig
+from prunenet_jax.method import train
+from prunenet_jax.run.prune_run import OutputOptions, Training
+
+FLAGS = flags.FLAGS
+
+
+def define_model_flags(what: str = "model") -> None:
+    flags.DEFINE_string(what, "default", "'default' (SmolLM2-135M-Instruct GGUF), an HF folder, a "
+                        "hub id or a .gguf file")
+    flags.DEFINE_string("revision", None, f"Hub revision (branch, tag or commit) when --{what} is "
+                        "a hub id")
+
+
+def define_eval_flags() -> None:
+    flags.DEFINE_string("eval_text", None, "Text files for perplexity (comma-separated, .gz "
+                        "allowed); a glob is one text made of its matches in sorted name order")
+    flags.DEFINE_integer("max_tokens", 0, "Tokens per text to score (0: all)")
+    flags.DEFINE_integer("seq_len", 512, "Perplexity window length; windows do not overlap")
+    flags.DEFINE_integer("batch_size", 4, "Perplexity windows per forward pass")
+
+
+def define_pruning_flags() -> None:
+    """Ratios, policy training, selection and outputs (launch.prune, launch.batch_prune)."""
+    flags.DEFINE_string("ratios", "0.1,0.2,0.3", "Comma-separated compression ratios in [0, 1)")
+    flags.DEFINE_float("train_ratio", None, "Ratio the policy is trained at (default: the largest "
+                       "of --ratios); the trained policy then prunes at every ratio")
+    flags.DEFINE_integer("episodes", 20, "Training episodes")
+    flags.DEFINE_integer("checkpoint_every", 1, "With --out_dir, save the training state every this "
+                         "many episodes (and after the last); a resumed run repeats at most this many - 1")
+    flags.DEFINE_float("lr", 1e-3, "AdamW learning rate")
+    flags.DEFINE_float("gamma", 0.99, "Discount across layer depth")
+    flags.DEFINE_integer("seed", 42, "Seed of every random draw (policy init, episodes, slicing)")
+    flags.DEFINE_enum("mode", "sample", prune.MODES, "How channels are chosen when pruning: sample "
+                      "(the reference), topk (largest logits, no noise), random (baseline, no policy)")
+    flags.DEFINE_enum("update_schedule", "layer", train.SCHEDULES, "layer: one AdamW step per layer "
+                      "(the paper's code); episode: one step per episode, grad-norm clip 1.0")
+    flags.DEFINE_bool("use_kl", False, "Add the KL term to the loss")
+    flags.DEFINE_bool("reuse_noise", False, "Loss pass reuses the sampling noise (default: fresh "
+                      "noise, as the reference)")
+    flags.DEFINE_bool("export_hf", False, "Also write each pruned model as a Hugging Face folder "
+                      "(ratio_<r>/hf: config.json, safetensors, tokenizer, model card)")
+    flags.DEFINE_bool("torch_format", False, "With --export_hf, also write pytorch_model.bin (needs "
+                      "torch)")
+    flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run in --out_dir")
+
+
+def define_mesh_flag() -> None:
+    flags.DEFINE_integer("mesh", 0, "Devices on the layer axis (0: all devices of all hosts)")
+
+
+def define_parallel_flags() -> None:
+    define_mesh_flag()
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
+                        "(jax.distributed.initialize); unset on one host")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index")
+
+
+# ----------------------------------------------------------------------------- flags -> configs
+
+def parse_ratios(spec: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in spec.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--ratios={spec!r} is not a comma-separated list of numbers; "
+                        "pass e.g. --ratios=0.1,0.2,0.3") from None
+    if not ratios:
+        raise UserError("--ratios is empty; pass e.g. --ratios=0.1,0.2,0.3")
+    for r in ratios:
+        if not 0.0 <= r < 1.0:
+            raise UserError(f"ratio {r} in --ratios is outside [0, 1); pass ratios such as 0.2")
+    return ratios
+
+
+def check_pruning_flags() -> None:
+    """Refuses bad values of the pruning flags, before anything is loaded (the eval flags:
+    EvalConfig.check)."""
+    if FLAGS.episodes < 1:
+        raise UserError(f"--episodes={FLAGS.episodes}: train for at least 1 episode")
+    if FLAGS.checkpoint_every < 1:
+        raise UserError(f"--checkpoint_every={FLAGS.checkpoint_every} must be at least 1")
+    if FLAGS.torch_format and not FLAGS.export_hf:
+        raise UserError("--torch_format adds pytorch_model.bin to the HF export; pass "
+                        "--export_hf too")
+    if FLAGS.export_hf and not FLAGS.out_dir:
+        raise UserError("--export_hf needs --out_dir")
+
+
+def training(ratios: list[float]) -> Training:
+    ratio = max(ratios) if FLAGS.train_ratio is None else FLAGS.train_ratio
+    cfg = train.TrainConfig(ratio=ratio, gamma=FLAGS.gamma, schedule=FLAGS.update_schedule,
+                            learning_rate=FLAGS.lr, use_kl=FLAGS.use_kl,
+                            reuse_noise=FLAGS.reuse_noise)
+    return Training(cfg, episodes=FLAGS.episodes, checkpoint_every=FLAGS.checkpoint_every)
+
+
+def output_options() -> OutputOptions:
+    return OutputOptions(mode=FLAGS.mode, seed=FLAGS.seed, export_hf=FLAGS.export_hf,
+                         torch_format=FLAGS.torch_format)
+
+
+def eval_settings(dtype_name: str = "float32") -> EvalConfig:
+    """The perplexity settings, checked, without the texts (see `with_texts`)."""
+    cfg = EvalConfig(texts={}, name=FLAGS.eval_text or "", seq_len=FLAGS.seq_len,
+                     batch_size=FLAGS.batch_size, max_tokens=FLAGS.max_tokens,
+                     dtype=weights.dtype_by_name(dtype_name))
+    cfg.check()
+    return cfg
+
+
+def with_texts(cfg: EvalConfig) -> EvalConfig:
+    """`cfg` with --eval_text read (unchanged without --eval_text)."""
+    return dataclasses.replace(cfg, texts=texts.read_texts(cfg.name)) if cfg.name else cfg
+
+
+def eval_config() -> Optional[EvalConfig]:
+    """The perplexity settings with --eval_text read; None without --eval_text."""
+    cfg = eval_settings()
+    return with_texts(cfg) if cfg.name else None

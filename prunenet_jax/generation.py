@@ -1,0 +1,82 @@
+"""Text generation with a dense or pruned model (`launch.generate`; the sampler is models/sampler.py).
+
+`GenerateJob` says what to generate; `generate(job)` loads the model, applies the chat template when
+asked, samples, and returns {"prompt", "completion", "tokens"}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Optional
+
+from prunenet_jax import sources
+from prunenet_jax.errors import UserError
+from prunenet_jax.models import llama, sampler
+from prunenet_jax.weights import ModelWeights, dtype_by_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateJob:
+    model: str
+    prompt: str
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool = False
+    dtype: str = "float32"
+    revision: Optional[str] = None
+
+    def check(self) -> None:
+        checks = [(self.max_new_tokens < 1, f"--max_new_tokens={self.max_new_tokens} must be at least 1"),
+                  (not self.temperature >= 0, f"--temperature={self.temperature} must be >= 0 (0 is greedy)"),
+                  (not 0 < self.top_p <= 1, f"--top_p={self.top_p} must be in (0, 1] (1 keeps every token)")]
+        for bad, message in checks:
+            if bad:
+                raise UserError(message)
+        dtype_by_name(self.dtype)
+
+
+def eos_ids(weights: ModelWeights) -> list[int]:
+    """The EOS ids of config.json and, in an HF folder, generation_config.json (either may list several)."""
+    found = [weights.hf_config.get("eos_token_id")]
+    path = os.path.join(weights.tokenizer_dir or "", "generation_config.json")
+    if weights.tokenizer_dir and os.path.isfile(path):
+        with open(path) as f:
+            found.append(json.load(f).get("eos_token_id"))
+    ids = []
+    for e in found:
+        ids += e if isinstance(e, list) else [] if e is None else [e]
+    return sorted(set(int(i) for i in ids))
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool, model: str) -> list[int]:
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"--chat: the tokenizer of --model={model} has no chat template; "
+                        "drop --chat to continue the prompt as plain text")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def generate(job: GenerateJob) -> dict:
+    job.check()
+    weights = sources.load_model(job.model, revision=job.revision)
+    tokenizer = sources.load_tokenizer(weights)
+    ids = prompt_ids(tokenizer, job.prompt, job.chat, job.model)
+    if not ids:
+        raise UserError("--prompt is empty after tokenisation; pass some text")
+    model = llama.from_named_arrays(weights.config, weights.named_arrays(), dtype=dtype_by_name(job.dtype))
+    eos = eos_ids(weights)
+    del weights
+    log.info("prompt of %d tokens, EOS ids %s", len(ids), eos)
+    tokens = sampler.generate(model, [ids], job.max_new_tokens, temperature=job.temperature,
+                              top_p=job.top_p, seed=job.seed, eos_ids=eos)[0]
+    return {"prompt": job.prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True),
+            "tokens": tokens}

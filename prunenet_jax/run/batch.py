@@ -1,0 +1,193 @@
+"""Many checkpoints x many ratios with one policy (launch.batch_prune).
+
+Each checkpoint is loaded once, pruned at every ratio, written to `<out_dir>/<name>/ratio_<r>/`,
+and released before the next; the (shard's) manifest records every output after each one, so
+rerunning the same job skips what is done. A checkpoint that fails (missing, corrupt, other
+shapes than the policy's) is recorded as failed and the batch goes on. Shards split the list
+(every n-th checkpoint) and merge their manifests (run_dir.merge_manifests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import glob
+import os
+from typing import Optional
+
+from absl import logging
+
+from prunenet_jax import progress, sources
+from prunenet_jax.errors import UserError
+from prunenet_jax.evaluation import perplexity
+from prunenet_jax.formats import orbax
+from prunenet_jax.method import trainer
+from prunenet_jax.models import registry
+from prunenet_jax.run import atomic, run_dir
+from prunenet_jax.run.prune_run import OutputOptions, Training, check_ratios_fit, ppl_of, prune_at_ratios
+from prunenet_jax.run.run_dir import Manifest, OutputEntry
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchJob:
+    """Everything launch.batch_prune asks for."""
+    checkpoints: tuple  # what each item names (anything --model accepts; hub ids may end @rev)
+    ratios: tuple
+    training: Training
+    outputs: OutputOptions
+    out_dir: str
+    policy: Optional[str] = None
+    overwrite: bool = False
+    num_shards: int = 1
+    shard_index: int = 0
+    eval: Optional[perplexity.EvalConfig] = None
+    command: str = ""
+
+    def check(self) -> None:
+        """Refuses what cannot work, before anything is loaded."""
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise UserError(f"--shard_index={self.shard_index} must be in [0, --num_shards="
+                            f"{self.num_shards})")
+        if self.num_shards > 1 and not self.policy:
+            raise UserError("several shards need one shared --policy: train it once with "
+                            "launch.prune --out_dir=... and pass --policy=<that out_dir>/policy")
+        # Rerunning into the same --out_dir resumes, so an existing folder is fine.
+        atomic.check_out_dir(self.out_dir, list(self.checkpoints) + ([self.policy] if self.policy else []))
+
+
+def parse_checkpoints(spec: str) -> list[str]:
+    """The checkpoint list: a text file (one per line, # comments), or a comma list whose items
+    may be globs (expanded in sorted order)."""
+    if os.path.isfile(spec) and not spec.endswith(".gguf") and not glob.has_magic(spec):
+        with open(spec) as f:
+            items = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        items = []
+        for part in (p.strip() for p in spec.split(",")):
+            if part and glob.has_magic(part):
+                found = sorted(glob.glob(part))
+                if not found:
+                    raise UserError(f"--checkpoints: {part!r} matches nothing; check the pattern")
+                items += found
+            elif part:
+                items.append(part)
+    if not items:
+        raise UserError(f"--checkpoints={spec!r} names no checkpoint; pass a comma list, a text "
+                        "file with one per line, or a glob")
+    return items
+
+
+def split_revision(source: str) -> tuple[str, Optional[str]]:
+    """`org/name@revision` -> (org/name, revision) for hub ids; local paths are left whole."""
+    if "@" in source and not os.path.exists(source):
+        name, _, revision = source.rpartition("@")
+        return name, revision or None
+    return source, None
+
+
+def output_names(checkpoints: list[str]) -> list[str]:
+    """A folder name for each checkpoint (its base name, numbered when two share one); computed
+    over the whole list so every shard agrees."""
+    names, seen = [], {}
+    for src in (split_revision(s)[0] for s in checkpoints):
+        base = os.path.basename(src.rstrip("/")) or "checkpoint"
+        base = base[:-5] if base.endswith(".gguf") else base
+        if src.count("/") == 1 and not os.path.exists(src):  # a hub id: org/name
+            base = src.replace("/", "--")
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+def get_policy(job: BatchJob, mesh) -> tuple[dict, dict, str]:
+    """(params, training summary, policy dir): the job's policy, or one trained on the first
+    checkpoint (resumable, in <out_dir>/policy)."""
+    if job.policy:
+        params, _ = orbax.load_policy(job.policy)
+        return params, {"policy": os.path.abspath(job.policy)}, os.path.abspath(job.policy)
+    cfg = job.training.config
+    path, revision = split_revision(job.checkpoints[0])
+    weights = sources.load_model(path, revision=revision)  # a failure here stops the batch
+    check_ratios_fit(weights.config.intermediate_size, list(job.ratios) + [cfg.ratio],
+                     job.checkpoints[0])
+    params, summary = trainer.train_policy(
+        weights.layers[registry.GATE], weights.config, cfg, seed=job.outputs.seed,
+        episodes=job.training.episodes, mesh=mesh(),
+        state_dir=os.path.join(job.out_dir, run_dir.TRAIN_STATE),
+        policy_dir=os.path.join(job.out_dir, run_dir.POLICY), resume=True,
+        source=job.checkpoints[0], checkpoint_every=job.training.checkpoint_every)
+    return params, summary, run_dir.POLICY
+
+
+def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta, manifest: Manifest,
+               recipe: dict, bar) -> None:
+    """Load, prune at every ratio, write, release; a failure marks this checkpoint's remaining
+    outputs failed and returns."""
+    if not job.overwrite and all(manifest.is_done(r, recipe, name) for r in job.ratios):
+        bar.update(len(job.ratios))  # finished by an earlier run
+        return
+    weights = None
+    path, revision = split_revision(source)
+    try:
+        config = sources.load_config(path, revision)  # shape errors before the weights are read
+        if policy_meta is not None:
+            orbax.check_policy_fits(policy_meta, config, source, job.policy)
+        check_ratios_fit(config.intermediate_size, job.ratios, source)
+        weights = sources.load_model(path, revision=revision)
+        ppl = ppl_of(weights, job.eval)
+        dense_ppl = ppl(weights)
+        prune_at_ratios(weights, params, job.ratios, job.outputs,
+                        out_dir=os.path.join(job.out_dir, name), manifest=manifest, ppl=ppl,
+                        card={"source": source, "command": job.command}, checkpoint=name,
+                        extra={"source": source, "dense_ppl": dense_ppl},
+                        on_output=lambda e: bar.update(1))
+    except Exception as e:  # one bad checkpoint must not stop the batch
+        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, UserError):
+            logging.exception("unexpected error on %s", source)
+        progress.message(f"error: {name}: {message}")  # above the progress bar
+        for r in job.ratios:
+            if not manifest.is_done(r, recipe, name):
+                manifest.record(OutputEntry(ratio=r, status=run_dir.FAILED, checkpoint=name,
+                                            error=message, recipe=recipe,
+                                            extra={"source": source}))
+                bar.update(1)
+    finally:
+        del weights
+        gc.collect()
+
+
+@dataclasses.dataclass
+class BatchResult:
+    outputs: list  # OutputEntry per (checkpoint, ratio) of this shard
+    manifest_path: str
+    num_checkpoints: int  # of this shard
+
+    def summary(self) -> tuple[dict, list]:
+        return run_dir.batch_summary(self.outputs, self.manifest_path)
+
+
+def run(job: BatchJob, mesh) -> BatchResult:
+    """The whole batch (this shard's share). `mesh()` gives the training mesh (called only when a
+    policy is trained). `job` is checked (BatchJob.check)."""
+    policy_meta = orbax.load_policy(job.policy)[1] if job.policy else None
+    params, training, policy_dir = get_policy(job, mesh)
+    names = output_names(list(job.checkpoints))
+    mine = list(zip(names, job.checkpoints))[job.shard_index::job.num_shards]
+    recipe = job.outputs.recipe(params)
+    header = run_dir.batch_header(
+        checkpoints=dict(zip(names, job.checkpoints)), ratios=list(job.ratios),
+        policy_dir=policy_dir, fingerprint=recipe["policy_fingerprint"], seed=job.outputs.seed,
+        mode=job.outputs.mode, training=training, num_shards=job.num_shards,
+        shard_index=job.shard_index, command=job.command)
+    manifest = Manifest(job.out_dir, header, resume=not job.overwrite,
+                        name=run_dir.shard_manifest_name(job.shard_index, job.num_shards))
+    manifest.save()
+    bar = progress.bar(total=len(mine) * len(job.ratios), desc="outputs")
+    for name, source in mine:
+        bar.set_postfix(checkpoint=name)
+        _prune_one(job, name, source, params, policy_meta, manifest, recipe, bar)
+    bar.close()
+    if job.num_shards > 1:
+        run_dir.merge_manifests(job.out_dir, job.num_shards)
+    entries = [manifest.find(r, n) for n, _ in mine for r in job.ratios]
+    return BatchResult(entries, manifest.path, len(mine))

@@ -1,0 +1,230 @@
+"""The run folder (`--out_dir`) as one concept: its folder names and `manifest.json`.
+
+    <out_dir>/manifest.json            run fields + "outputs": one OutputEntry per (checkpoint,) ratio
+    <out_dir>/policy/                  the trained policy (orbax)
+    <out_dir>/train_state/<episode>/   per-episode training state (orbax)
+    <out_dir>/[<name>/]ratio_<r>/{orbax,hf}/
+    <out_dir>/manifests/shard-<i>-of-<n>.json   batch shards (merged into manifest.json)
+
+This module is the only writer and reader of the manifest: its keys and the status strings appear
+nowhere else. It is rewritten atomically after every output, so an interrupted run is resumed by
+skipping the entries marked done (by the same recipe) whose folders still exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+from prunenet_jax.errors import UserError
+from prunenet_jax.run import atomic
+
+MANIFEST = "manifest.json"
+POLICY = "policy"
+TRAIN_STATE = "train_state"
+ORBAX, HF = "orbax", "hf"
+DONE, FAILED = "done", "failed"
+
+# What an output depends on besides the model and ratio: an entry made with another recipe is
+# stale and gets redone on resume.
+RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_format")
+_FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir", "status", "error")
+
+
+def ratio_dirname(ratio: float) -> str:
+    return f"ratio_{ratio:g}"
+
+
+def output_dirs(out_dir: str, ratio: float) -> tuple[str, str]:
+    """(orbax folder, HF folder) of the output at `ratio` under `out_dir`."""
+    folder = os.path.join(out_dir, ratio_dirname(ratio))
+    return os.path.join(folder, ORBAX), os.path.join(folder, HF)
+
+
+@dataclasses.dataclass
+class OutputEntry:
+    """One output of a run: a model pruned at `ratio` (of batch item `checkpoint`), or why not."""
+    ratio: float
+    status: str = DONE
+    kept: Optional[int] = None
+    params: Optional[int] = None
+    ppl: Optional[float] = None
+    orbax_dir: Optional[str] = None  # relative to the run folder
+    hf_dir: Optional[str] = None
+    checkpoint: Optional[str] = None  # the batch item's name; None in a one-model run
+    error: Optional[str] = None  # status FAILED: the one-line message
+    recipe: dict = dataclasses.field(default_factory=dict)  # RECIPE_FIELDS
+    extra: dict = dataclasses.field(default_factory=dict)  # e.g. source, dense_ppl
+
+    @property
+    def done(self) -> bool:
+        return self.status == DONE
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {} if self.checkpoint is None else {"checkpoint": self.checkpoint}
+        d.update(self.extra)
+        d.update(ratio=self.ratio, kept=self.kept, params=self.params, ppl=self.ppl,
+                 orbax_dir=self.orbax_dir, hf_dir=self.hf_dir, status=self.status)
+        if self.error is not None:
+            d["error"] = self.error
+        d.update(self.recipe)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "OutputEntry":
+        """Reads entries of every manifest version: missing fields are None (an old entry lacks
+        some recipe fields and so is redone), unknown ones are kept in `extra`."""
+        return cls(**{k: d.get(k) for k in _FIXED if k != "status"}, status=d.get("status"),
+                   recipe={k: d[k] for k in RECIPE_FIELDS if k in d},
+                   extra={k: v for k, v in d.items() if k not in _FIXED and k not in RECIPE_FIELDS})
+
+
+def recipe(fingerprint: str, mode: str, seed: int, export_hf: bool, torch_format: bool) -> dict:
+    return dict(zip(RECIPE_FIELDS, (fingerprint, mode, seed, export_hf, torch_format)))
+
+
+class Manifest:
+    """`manifest.json` (or a shard's manifest) of a run folder: run-level fields (`header`) plus
+    the outputs; with `resume` the outputs of an existing manifest are kept."""
+
+    def __init__(self, folder: str, header: dict, *, resume: bool, name: str = MANIFEST):
+        self.folder, self.path = folder, os.path.join(folder, name)
+        old = read_manifest(self.path) if resume else None
+        self.header = dict(header)
+        self.outputs = [OutputEntry.from_json(e) for e in old["outputs"]] if old else []
+
+    def find(self, ratio: float, checkpoint: Optional[str] = None) -> Optional[OutputEntry]:
+        return next((e for e in self.outputs if e.ratio == ratio and e.checkpoint == checkpoint),
+                    None)
+
+    def is_done(self, ratio: float, made_by: dict, checkpoint: Optional[str] = None) -> bool:
+        """Done by the same recipe (`made_by`), and its folders are still there."""
+        e = self.find(ratio, checkpoint)
+        if not e or not e.done or any(e.recipe.get(k) != v for k, v in made_by.items()):
+            return False
+        return all(os.path.isdir(os.path.join(self.folder, d)) for d in (e.orbax_dir, e.hf_dir) if d)
+
+    def record(self, entry: OutputEntry) -> None:
+        old = self.find(entry.ratio, entry.checkpoint)
+        if old is None:
+            self.outputs.append(entry)
+        else:
+            self.outputs[self.outputs.index(old)] = entry
+        self.save()
+
+    def relative(self, path: str) -> str:
+        return os.path.relpath(path, self.folder)
+
+    def to_json(self) -> dict:
+        return manifest_json(self.header, self.outputs)
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        atomic.write_json(self.path, self.to_json())
+
+
+def manifest_json(header: dict, entries: list[OutputEntry]) -> dict:
+    """A manifest's JSON (also what launch.prune prints last): run fields + "outputs"."""
+    return {**header, "outputs": [e.to_json() for e in entries]}
+
+
+def read_manifest(path: str) -> Optional[dict]:
+    """The manifest's JSON, or None when there is none (or a foreign file: start afresh)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError:
+        return None  # written atomically, so only a foreign file can be broken: start afresh
+    return data if isinstance(data, dict) and isinstance(data.get("outputs"), list) else None
+
+
+def is_run_dir(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MANIFEST))
+
+
+@dataclasses.dataclass
+class FinishedOutput:
+    ratio: Optional[float]
+    model_dir: str  # the HF export when there is one (lm-eval and transformers need it), else orbax
+    hf_dir: Optional[str]
+
+
+def finished_outputs(folder: str) -> list[FinishedOutput]:
+    """The outputs a run folder lists as done, with absolute folders; a UserError when there are
+    none or one's folder is missing."""
+    path = os.path.join(folder, MANIFEST)
+    data = read_manifest(path)
+    if data is None:
+        raise UserError(f"{path} is not a readable prune manifest; pass the --out_dir of a "
+                        "finished launch.prune run")
+    done = [OutputEntry.from_json(o) for o in data["outputs"] if isinstance(o, dict)]
+    done = [o for o in done if o.done]
+    if not done:
+        raise UserError(f"{path} lists no finished output (status '{DONE}'); finish or resume "
+                        "the prune run, or pass model folders")
+    found = []
+    for o in done:
+        rel = o.hf_dir or o.orbax_dir
+        model = os.path.join(folder, rel) if rel else None
+        if model is None or not os.path.isdir(model):
+            raise UserError(f"{path}: the output at ratio {o.ratio} names folder {rel!r}, which "
+                            "is missing; rerun the prune launcher with --resume")
+        found.append(FinishedOutput(None if o.ratio is None else float(o.ratio), model,
+                                    os.path.join(folder, o.hf_dir) if o.hf_dir else None))
+    return found
+
+
+# ----------------------------------------------------------------------------- batch shards
+
+def shard_manifest_name(index: int, count: int) -> str:
+    return MANIFEST if count == 1 else f"manifests/shard-{index:05d}-of-{count:05d}.json"
+
+
+def merge_manifests(out_dir: str, count: int) -> dict:
+    """manifest.json listing the outputs of every shard manifest present, and which are missing."""
+    merged, present, missing = None, [], []
+    for i in range(count):
+        data = read_manifest(os.path.join(out_dir, shard_manifest_name(i, count)))
+        if data is None:
+            missing.append(i)
+            continue
+        present.append(i)
+        if merged is None:
+            merged = {k: v for k, v in data.items() if k not in ("shard_index", "outputs")}
+            merged["outputs"] = []
+        merged["outputs"] += data["outputs"]
+    if merged is None:
+        raise UserError(f"--merge: no shard manifests in {out_dir}/manifests; run the shards first")
+    merged["shards"] = {"present": present, "missing": missing}
+    atomic.write_json(os.path.join(out_dir, MANIFEST), merged)
+    return merged
+
+
+# ----------------------------------------------------------------------------- run-level fields
+
+def prune_header(*, model: str, policy_dir: str, fingerprint: str, seed: int, mode: str,
+                 train_ratio: float, dense_params: int, dense_ppl, training: dict,
+                 command: str) -> dict:
+    """The run-level fields of a one-model run (launch.prune)."""
+    return {"model": model, "policy_dir": policy_dir, "policy_fingerprint": fingerprint,
+            "seed": seed, "mode": mode, "train_ratio": train_ratio, "dense_params": dense_params,
+            "dense_ppl": dense_ppl, "training": training, "command": command}
+
+
+def batch_header(*, checkpoints: dict, ratios: list, policy_dir: str, fingerprint: str, seed: int,
+                 mode: str, training: dict, num_shards: int, shard_index: int,
+                 command: str) -> dict:
+    """The run-level fields of a batch shard (launch.batch_prune)."""
+    return {"checkpoints": checkpoints, "ratios": ratios, "policy_dir": policy_dir,
+            "policy_fingerprint": fingerprint, "seed": seed, "mode": mode, "training": training,
+            "num_shards": num_shards, "shard_index": shard_index, "command": command}
+
+
+def batch_summary(entries: list[OutputEntry], manifest_path: str) -> tuple[dict, list[str]]:
+    """The batch launcher's last JSON line, and the names of the checkpoints that failed."""
+    failed = sorted({e.checkpoint for e in entries if not e.done})
+    return ({"outputs": [e.to_json() for e in entries], "failed": failed,
+             "manifest": manifest_path}, failed)
