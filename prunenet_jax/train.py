@@ -214,26 +214,35 @@ def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss,
     return params, opt_state, local_losses
 
 
+def _layer_logits(params, W):
+    """z_l = W_l v + c for every layer (L, I), one layer at a time: a bf16 stack is upcast to
+    fp32 a layer at a time, never whole."""
+    v, c = policy_lib.projection(params)
+    return lax.map(lambda w: policy_lib.logits_from_projection(w, v, c), W)
+
+
 def _episode_schedule(cfg, opt, valid, axis, params, opt_state, W, S, u_loss, disc):
     """One optimiser step on sum_l loss_l (the optimiser chain clips the global grad norm)."""
-    v, c = policy_lib.projection(params)
-    z = policy_lib.logits_from_projection(W, v, c)  # (L_loc, I)
+    z = _layer_logits(params, W)  # (L_loc, I)
     losses, g = jax.vmap(jax.value_and_grad(layer_loss), in_axes=(0, 0, 0, 0, None))(
         z, S, u_loss, disc, cfg.use_kl)
     losses = jnp.where(valid, losses, 0.0)
     g = jnp.where(valid[:, None], g, 0.0)
-    dv = _psum(jnp.einsum("li,lih->h", g, W, precision=_HIGHEST), axis)
+    dv = lax.map(lambda a: jnp.matmul(a[0], a[1], precision=_HIGHEST), (g, W))  # W_l^T g_l
+    dv = _psum(jnp.sum(dv, axis=0), axis)
     dc = _psum(jnp.sum(g), axis)
     grads = _param_grads(params, dv, dc)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, losses
 
 
-def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u_loss):
-    """Rewards of the given actions and the policy update, on this device's block of layers."""
+def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u_loss,
+                  grams=None):
+    """Rewards of the given actions and the policy update, on this device's block of layers.
+    grams: (L, H, H) W_l^T W_l (see `layer_grams`) or None (kept rows' Grams computed directly)."""
     ids = _local_layer_ids(W.shape[0], axis)
     valid = ids < num_layers
-    ks, rewards = spectral.layer_rewards(W, ref_sv, S, cfg.sv_method)
+    ks, rewards = spectral.layer_rewards(W, ref_sv, S, cfg.sv_method, grams)
     rewards = jnp.where(valid, rewards, 0.0)
     disc = rewards * discount_factors(ids, cfg.gamma)
     total = _psum(jnp.sum(rewards), axis)
@@ -254,7 +263,7 @@ def _sample_local(cfg, axis, params, W, key):
     k = sampling.num_kept(I, cfg.ratio)
     ids = _local_layer_ids(L_loc, axis)
     k_u, k_gumbel, k_u_loss = jax.random.split(key, 3)
-    z = policy_lib.policy_logits(params, W)
+    z = _layer_logits(params, W)
     u = sampling.uniform_noise(k_u, L_loc, I, ids)
     S = sampling.sample_indices_from_logits(k_gumbel, sampling.keep_logits(z, u), k, ids)
     u_loss = u if cfg.reuse_noise else sampling.uniform_noise(k_u_loss, L_loc, I, ids)
@@ -272,6 +281,13 @@ def _distribute(fn: Callable, mesh: Optional[Mesh], in_specs, out_specs) -> Call
                          in_specs=in_specs, out_specs=out_specs)
 
 
+def _with_grams(args: tuple, specs: tuple, grams) -> tuple[tuple, tuple]:
+    """Appends the optional (L, H, H) Grams (split over the layer axis) to a step's arguments."""
+    if grams is None:
+        return args, specs
+    return args + (grams,), specs + (P(sharding.LAYER_AXIS),)
+
+
 def _num_layers(num_layers, total):
     return total if num_layers is None else int(num_layers)
 
@@ -280,22 +296,24 @@ def _num_layers(num_layers, total):
 
 def make_update_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
                    mesh: Optional[Mesh] = None) -> Callable:
-    """Jitted `(params, opt_state, W, ref_sv, indices, u_loss) -> (params, opt_state, metrics)`.
+    """Jitted `(params, opt_state, W, ref_sv, indices, u_loss[, grams]) -> (params, opt_state,
+    metrics)`.
 
     The lower level of an episode with the actions supplied from outside: indices (L, k) (sorted
     kept rows, e.g. exported from the PyTorch reference) and the loss-pass noise u' (L, I) in
     (0, 1). W (L, I, H), ref_sv (L, m); the leading axis may be padded past `num_layers`.
-    opt_state must come from `make_optimizer(cfg).init(params)` (or a TrainState).
+    opt_state must come from `make_optimizer(cfg).init(params)` (or a TrainState). `grams`
+    (optional): `layer_grams(W)`, which lets the rewards downdate the full Grams.
     """
     opt = make_optimizer(cfg)
     lay = P(sharding.LAYER_AXIS)
 
-    def update(params, opt_state, W, ref_sv, indices, u_loss):
+    def update(params, opt_state, W, ref_sv, indices, u_loss, grams=None):
         nl = _num_layers(num_layers, W.shape[0])
         body = lambda axis, *a: _update_local(cfg, opt, nl, axis, *a)
-        return _distribute(body, mesh, (P(), P(), lay, lay, lay, lay),
-                           (P(), P(), _METRIC_SPECS))(
-            params, opt_state, W, ref_sv, indices.astype(jnp.int32), u_loss)
+        args, specs = _with_grams((params, opt_state, W, ref_sv, indices.astype(jnp.int32),
+                                   u_loss), (P(), P(), lay, lay, lay, lay), grams)
+        return _distribute(body, mesh, specs, (P(), P(), _METRIC_SPECS))(*args)
 
     return jax.jit(update)
 
@@ -314,10 +332,12 @@ def _cached_update_fn(cfg, num_layers, mesh):
 
 def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
                     mesh: Optional[Mesh] = None) -> Callable:
-    """Jitted `(state, W, ref_sv, key) -> (new_state, EpisodeMetrics)`: one whole episode.
+    """Jitted `(state, W, ref_sv, key[, grams]) -> (new_state, EpisodeMetrics)`: one whole episode.
 
-    W: (L, I, H) gate matrices, ref_sv: (L, min(I, H)) their singular values (see
-    `reference_singular_values`); L may be padded past `num_layers` (default: L) so that it
+    W: (L, I, H) gate matrices in their stored dtype (fp32 or bf16/fp16: spectra and logits are
+    computed in fp32), ref_sv: (L, min(I, H)) their singular values (see
+    `reference_singular_values`), grams (optional): `layer_grams(W)` (L, H, H), with which the
+    kept rows' Grams are downdated where that is less work (`spectral.uses_downdate`); L may be padded past `num_layers` (default: L) so that it
     divides the mesh size. With `mesh`, W/ref_sv are expected split over its layer axis
     (`sharding.place_stacked`) and the state replicated. Layer l's randomness is derived from
     `key` and l alone, so the result does not depend on the number of devices.
@@ -325,16 +345,18 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
     opt = make_optimizer(cfg)
     lay = P(sharding.LAYER_AXIS)
 
-    def episode(state: TrainState, W, ref_sv, key):
+    def episode(state: TrainState, W, ref_sv, key, grams=None):
         nl = _num_layers(num_layers, W.shape[0])
 
-        def body(axis, params, opt_state, W, ref_sv, key):
+        def body(axis, params, opt_state, W, ref_sv, key, grams=None):
             S, u_loss = _sample_local(cfg, axis, params, W, key)
-            return _update_local(cfg, opt, nl, axis, params, opt_state, W, ref_sv, S, u_loss)
+            return _update_local(cfg, opt, nl, axis, params, opt_state, W, ref_sv, S, u_loss,
+                                 grams)
 
-        params, opt_state, metrics = _distribute(
-            body, mesh, (P(), P(), lay, lay, P()), (P(), P(), _METRIC_SPECS))(
-            state.params, state.opt_state, W, ref_sv, key)
+        args, specs = _with_grams((state.params, state.opt_state, W, ref_sv, key),
+                                  (P(), P(), lay, lay, P()), grams)
+        params, opt_state, metrics = _distribute(body, mesh, specs,
+                                                 (P(), P(), _METRIC_SPECS))(*args)
         better = metrics.total_reward > state.best_reward
         new_state = TrainState(
             params=params,
@@ -350,17 +372,34 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
 
 
 def reference_singular_values(W, *, mesh: Optional[Mesh] = None,
-                              method: str = spectral.DEFAULT_SV_METHOD) -> jax.Array:
+                              method: str = spectral.DEFAULT_SV_METHOD,
+                              grams: Optional[jax.Array] = None) -> jax.Array:
     """Singular values of every layer's gate matrix, (L, I, H) -> (L, min(I, H)), computed where
-    each layer lives (under shard_map when a mesh is given)."""
-    return _cached_sv_fn(mesh, method)(W)
+    each layer lives (under shard_map when a mesh is given), one layer at a time. With `grams`
+    (`layer_grams(W)`) they are the Grams' eigenvalues when W's spectrum comes from W^T W."""
+    L, I, H = W.shape
+    if grams is not None and I >= H and spectral.resolve_method(I, H, method) == "gram":
+        return _cached_sv_fn(mesh, method)(grams)
+    return _cached_sv_fn(mesh, method, from_gram=False)(W)
+
+
+def layer_grams(W, *, mesh: Optional[Mesh] = None) -> jax.Array:
+    """W_l^T W_l of every layer (L, I, H) -> (L, H, H) fp32, where each layer lives."""
+    return _cached_gram_fn(mesh)(W)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_sv_fn(mesh, method):
+def _cached_sv_fn(mesh, method, from_gram=True):
     lay = P(sharding.LAYER_AXIS)
-    fn = _distribute(lambda axis, w: spectral.singular_values(w, method), mesh, (lay,), lay)
+    one = spectral.sv_from_gram if from_gram else lambda w: spectral.singular_values(w, method)
+    fn = _distribute(lambda axis, x: lax.map(one, x), mesh, (lay,), lay)
     return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_gram_fn(mesh):
+    lay = P(sharding.LAYER_AXIS)
+    return jax.jit(_distribute(lambda axis, w: spectral.layer_grams(w), mesh, (lay,), lay))
 
 
 @functools.lru_cache(maxsize=32)
@@ -409,6 +448,13 @@ def history_template(num_episodes: int, num_layers: int, k: int) -> dict[str, np
             "total_reward": np.zeros((E,), np.float32)}
 
 
+def device_dtype(dtype) -> np.dtype:
+    """The dtype gate matrices are kept in on the device: their own when fp32, bf16 or fp16
+    (spectra and logits are accumulated in fp32 anyway), else fp32."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.name in ("float32", "bfloat16", "float16") else np.dtype(np.float32)
+
+
 def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params] = None,
           seed: int = 42, num_episodes: int = 20, mesh: Optional[Mesh] = None,
           callback: Optional[Callable[[int, EpisodeMetrics], None]] = None,
@@ -436,19 +482,21 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
     first = int(np.asarray(state.episode))
     if first != len(history):
         raise ValueError(f"resume state is after {first} episodes but history has {len(history)}")
-    if mesh is not None:
-        W_dev = sharding.place_stacked(W, mesh, dtype=np.float32)  # W may be a LazyLayerStack
-        state = sharding.replicate(state, mesh)
-    else:
-        W_dev = jnp.asarray(W, jnp.float32)
-        state = jax.tree.map(jnp.asarray, state)
-    ref_sv = jax.block_until_ready(reference_singular_values(W_dev, mesh=mesh, method=cfg.sv_method))
+    # W (an array or a LazyLayerStack) goes to the device(s) a layer at a time, in its stored
+    # dtype (bf16 stays bf16); no host copy of the stack is made or kept.
+    W_dev = sharding.place_stacked(W, mesh or sharding.make_mesh(1), dtype=device_dtype(W.dtype))
+    state = sharding.replicate(state, mesh) if mesh is not None else jax.tree.map(jnp.asarray, state)
+    grams = None
+    if spectral.uses_downdate(I, H, sampling.num_kept(I, cfg.ratio), cfg.sv_method):
+        grams = layer_grams(W_dev, mesh=mesh)  # once per run: every episode downdates them
+    ref_sv = jax.block_until_ready(reference_singular_values(W_dev, mesh=mesh, method=cfg.sv_method,
+                                                             grams=grams))
     setup_seconds = time.perf_counter() - start
     episode_fn = _cached_episode_fn(cfg, L, mesh)
     seconds = []
     for e in range(first, num_episodes):
         t0 = time.perf_counter()
-        state, metrics = episode_fn(state, W_dev, ref_sv, episode_key(ep_key, e))
+        state, metrics = episode_fn(state, W_dev, ref_sv, episode_key(ep_key, e), grams)
         host = EpisodeMetrics(*(sharding.to_host(m) for m in metrics))
         host = host._replace(**{f: host_f[:L] for f, host_f in host._asdict().items()
                                 if f != "total_reward"})

@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from prunenet_jax import policy as pol
-from prunenet_jax import sampling, sharding
+from prunenet_jax import sampling, sharding, spectral
 from prunenet_jax import train as T
 from prunenet_jax.errors import UserError
 
@@ -234,3 +234,38 @@ def test_train_loop_is_seeded_and_ratio_sets_k(problem):
         T.TrainConfig(ratio=1.0)
     with pytest.raises(UserError):
         T.TrainConfig(ratio=0.3, schedule="batch")
+
+
+def test_episode_with_downdated_grams_equals_direct():
+    """The step's rewards from W^T W - W_R^T W_R equal those from the kept rows' Gram."""
+    rng = np.random.default_rng(11)
+    L, I, H = 4, 40, 12
+    W = jnp.asarray(rng.standard_normal((L, I, H)).astype(np.float32))
+    cfg = T.TrainConfig(ratio=0.3)  # k = 28 >= H and 12 rows dropped: the downdate is used
+    assert spectral.uses_downdate(I, H, 28, cfg.sv_method)
+    G = T.layer_grams(W)
+    ref_sv = T.reference_singular_values(W, grams=G)
+    np.testing.assert_allclose(ref_sv, T.reference_singular_values(W), rtol=1e-5)
+    state = T.init_state(T.initial_params(0, I, H), cfg)
+    step = T.make_episode_fn(cfg)
+    for e in range(3):
+        key = jax.random.key(e)
+        s_direct, m_direct = step(state, W, ref_sv, key)
+        s_down, m_down = step(state, W, ref_sv, key, G)
+        np.testing.assert_array_equal(m_down.indices, m_direct.indices)
+        np.testing.assert_array_equal(m_down.ks, m_direct.ks)
+        state = s_down
+
+
+def test_bf16_gate_matrices_train_like_their_fp32_values():
+    """bf16 weights stay bf16 on the device and train exactly as the same values in fp32."""
+    rng = np.random.default_rng(12)
+    Wb = rng.standard_normal((3, 40, 12)).astype(jnp.bfloat16)
+    cfg = T.TrainConfig(ratio=0.3)
+    rb = T.train(Wb, cfg, seed=3, num_episodes=2)
+    r32 = T.train(Wb.astype(np.float32), cfg, seed=3, num_episodes=2)
+    assert T.device_dtype(Wb.dtype) == jnp.bfloat16
+    for mb, m32 in zip(rb.history, r32.history):
+        np.testing.assert_array_equal(mb.indices, m32.indices)
+        np.testing.assert_array_equal(mb.ks, m32.ks)
+    np.testing.assert_allclose(rb.state.params["P"], r32.state.params["P"], atol=1e-6)
