@@ -6,7 +6,7 @@ sampled actions, then computes every layer's KS statistic for each action four w
   lapack_direct: the same Gram, eigenvalues by LAPACK's values-only driver (spectral.eigvalsh)
   xla_downdate / lapack_downdate: W^T W - W_R^T W_R (R: the dropped rows), then each solver
 each against its own reference spectrum (computed the same way, as training does), and against
-fp64 truth (np.linalg.svd in float64). Prints how many (episode, layer) KS values differ from
+fp64 truth (float64 Grams and eigenvalues). Prints how many (episode, layer) KS values differ from
 xla_direct's and from the fp64 ones, and the largest relative singular-value error of each form.
 
   .venv/bin/python bench/check_spectral_forms.py [--episodes=20]
@@ -77,7 +77,8 @@ def main() -> None:
     for m in result.history:
         S = np.asarray(m.indices)
         sv = run(jnp.asarray(S))
-        sv64 = np.linalg.svd(np.take_along_axis(W64, S[:, :, None], 1), compute_uv=False)
+        rows = np.take_along_axis(W64, S[:, :, None], 1)  # fp64 truth via fp64 Grams (k > H)
+        sv64 = np.sqrt(np.maximum(np.linalg.eigvalsh(np.swapaxes(rows, 1, 2) @ rows), 0))[:, ::-1]
         ks["fp64"].append(np.asarray(ks_fn(jnp.asarray(ref64, jnp.float32), jnp.asarray(sv64, jnp.float32))))
         for f in forms:
             ks[f].append(np.asarray(ks_fn(refs[f], sv[f])))

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from prunenet_jax import policy as policy_lib
 from prunenet_jax import sampling, sharding, spectral
 from prunenet_jax.errors import UserError
+from prunenet_jax.layer_stack import layer_range
 
 SCHEDULES = ("layer", "episode")
 _HIGHEST = lax.Precision.HIGHEST
@@ -153,11 +154,12 @@ def discount_factors(layer_ids: jax.Array, gamma: float) -> jax.Array:
 
 # ----------------------------------------------------------------------------- collectives
 
-def _local_layer_ids(num_local: int, axis: Optional[str]) -> jax.Array:
-    """Global indices of this device's layers: its block of the layer axis."""
+def _local_layer_ids(num_local: int, axis: Optional[str], first=0) -> jax.Array:
+    """Global indices of this device's layers: its block of the layer axis (without a mesh: the
+    layers from `first` on, e.g. a streamed chunk)."""
     ids = jnp.arange(num_local, dtype=jnp.int32)
     if axis is None:
-        return ids
+        return ids + first
     return lax.axis_index(axis).astype(jnp.int32) * num_local + ids
 
 
@@ -178,11 +180,12 @@ def _masked(cond, new, old):
 
 # ----------------------------------------------------------------------------- update schedules
 
-def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss, disc):
+def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss, disc, first=0):
     """One optimiser step per layer, in global layer order (lax.scan). Inputs are this device's
     block of layers; at step l the device that owns layer l computes the pulled-back gradient
     (H + 1 numbers + the loss) and a psum hands it to every device, which all apply the same
-    update to the replicated params. Returns (params, opt_state, local losses)."""
+    update to the replicated params. Without a mesh, `first` is the global index of W's first
+    layer (a streamed chunk). Returns (params, opt_state, local losses)."""
     L_loc = W.shape[0]
     n_dev = 1 if axis is None else lax.axis_size(axis)
     me = 0 if axis is None else lax.axis_index(axis)
@@ -204,7 +207,7 @@ def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss,
         grads = _param_grads(params, dv, dc)
         updates, new_opt_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        valid = l < num_layers  # padded layers: no step (AdamW would still decay/move params)
+        valid = first + l < num_layers  # padded layers: no step (AdamW would still decay/move params)
         params, opt_state = _masked(valid, (new_params, new_opt_state), (params, opt_state))
         return (params, opt_state), jnp.where(valid, loss, 0.0)
 
@@ -221,8 +224,8 @@ def _layer_logits(params, W):
     return lax.map(lambda w: policy_lib.logits_from_projection(w, v, c), W)
 
 
-def _episode_schedule(cfg, opt, valid, axis, params, opt_state, W, S, u_loss, disc):
-    """One optimiser step on sum_l loss_l (the optimiser chain clips the global grad norm)."""
+def _episode_grads(cfg, valid, axis, params, W, S, u_loss, disc):
+    """(dL/dv, dL/dc, per-layer losses) of sum_l loss_l over the (valid) layers of W."""
     z = _layer_logits(params, W)  # (L_loc, I)
     losses, g = jax.vmap(jax.value_and_grad(layer_loss), in_axes=(0, 0, 0, 0, None))(
         z, S, u_loss, disc, cfg.use_kl)
@@ -231,9 +234,19 @@ def _episode_schedule(cfg, opt, valid, axis, params, opt_state, W, S, u_loss, di
     dv = lax.map(lambda a: jnp.matmul(a[0], a[1], precision=_HIGHEST), (g, W))  # W_l^T g_l
     dv = _psum(jnp.sum(dv, axis=0), axis)
     dc = _psum(jnp.sum(g), axis)
-    grads = _param_grads(params, dv, dc)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, losses
+    return dv, dc, losses
+
+
+def _episode_step(opt, params, opt_state, dv, dc):
+    updates, opt_state = opt.update(_param_grads(params, dv, dc), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _episode_schedule(cfg, opt, valid, axis, params, opt_state, W, S, u_loss, disc):
+    """One optimiser step on sum_l loss_l (the optimiser chain clips the global grad norm)."""
+    dv, dc, losses = _episode_grads(cfg, valid, axis, params, W, S, u_loss, disc)
+    params, opt_state = _episode_step(opt, params, opt_state, dv, dc)
+    return params, opt_state, losses
 
 
 def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u_loss,
@@ -257,11 +270,11 @@ def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u
     return params, opt_state, metrics
 
 
-def _sample_local(cfg, axis, params, W, key):
+def _sample_local(cfg, axis, params, W, key, first=0):
     """Actions and loss-pass noise for this device's layers: (S, u_loss)."""
     L_loc, I, _ = W.shape
     k = sampling.num_kept(I, cfg.ratio)
-    ids = _local_layer_ids(L_loc, axis)
+    ids = _local_layer_ids(L_loc, axis, first)
     k_u, k_gumbel, k_u_loss = jax.random.split(key, 3)
     z = _layer_logits(params, W)
     u = sampling.uniform_noise(k_u, L_loc, I, ids)
@@ -357,18 +370,22 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
                                   (P(), P(), lay, lay, P()), grams)
         params, opt_state, metrics = _distribute(body, mesh, specs,
                                                  (P(), P(), _METRIC_SPECS))(*args)
-        better = metrics.total_reward > state.best_reward
-        new_state = TrainState(
-            params=params,
-            opt_state=opt_state,
-            episode=state.episode + 1,
-            best_reward=jnp.where(better, metrics.total_reward, state.best_reward),
-            best_params=_masked(better, state.params, state.best_params),
-            best_episode=jnp.where(better, state.episode, state.best_episode),
-        )
-        return new_state, metrics
+        return _advance(state, params, opt_state, metrics.total_reward), metrics
 
     return jax.jit(episode)
+
+
+def _advance(state: TrainState, params, opt_state, total_reward) -> TrainState:
+    """The state after an episode: new params, and the best-episode bookkeeping."""
+    better = total_reward > state.best_reward
+    return TrainState(
+        params=params,
+        opt_state=opt_state,
+        episode=state.episode + 1,
+        best_reward=jnp.where(better, total_reward, state.best_reward),
+        best_params=_masked(better, state.params, state.best_params),
+        best_episode=jnp.where(better, state.episode, state.best_episode),
+    )
 
 
 def reference_singular_values(W, *, mesh: Optional[Mesh] = None,
@@ -405,6 +422,91 @@ def _cached_gram_fn(mesh):
 @functools.lru_cache(maxsize=32)
 def _cached_episode_fn(cfg, num_layers, mesh):
     return make_episode_fn(cfg, num_layers=num_layers, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------- streamed episodes
+
+def stream_chunk(shape: tuple, dtype, cfg: TrainConfig,
+                 device_budget_bytes: Optional[int] = None) -> Optional[int]:
+    """Layers per chunk when the gate stack (and its Grams) would not fit in the device budget,
+    else None (the whole stack stays on the device). Budget: `device_budget_bytes`, else 70% of
+    what the device's allocator reports as its limit (GPU/TPU); CPU reports none: no streaming."""
+    L, I, H = shape
+    if device_budget_bytes is None:
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        device_budget_bytes = None if limit is None else int(0.7 * limit)
+    if device_budget_bytes is None:
+        return None
+    layer = I * H * device_dtype(dtype).itemsize
+    grams = H * H * 4 if spectral.uses_downdate(I, H, sampling.num_kept(I, cfg.ratio),
+                                                cfg.sv_method) else 0
+    if L * (layer + grams) <= device_budget_bytes:
+        return None
+    return max(1, int(device_budget_bytes) // (2 * layer))  # a chunk and its successor in flight
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_fns(cfg: TrainConfig, num_layers: int):
+    """Jitted pieces of an episode over a chunk of layers starting at global layer `first`."""
+    opt = make_optimizer(cfg)
+
+    def actions(params, W, ref_sv, key, first):
+        S, u_loss = _sample_local(cfg, None, params, W, key, first)
+        ks, rewards = spectral.layer_rewards(W, ref_sv, S, cfg.sv_method)
+        return S, u_loss, ks, rewards
+
+    def layer_steps(params, opt_state, W, S, u_loss, disc, first):
+        return _layer_schedule(cfg, opt, num_layers, None, params, opt_state, W, S, u_loss, disc,
+                               first)
+
+    def grads(params, W, S, u_loss, disc):
+        return _episode_grads(cfg, jnp.ones(W.shape[0], bool), None, params, W, S, u_loss, disc)
+
+    step = functools.partial(_episode_step, opt)
+    return tuple(jax.jit(f) for f in (actions, layer_steps, grads, step))
+
+
+def _chunks(num_layers: int, chunk: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk, num_layers)) for a in range(0, num_layers, chunk)]
+
+
+def _place_chunk(W, start: int, stop: int) -> jax.Array:
+    return sharding.place_stacked(layer_range(W, start, stop), sharding.make_mesh(1),
+                                  dtype=device_dtype(W.dtype))
+
+
+def streamed_reference_singular_values(W, chunk: int, method: str) -> jax.Array:
+    return jnp.concatenate([reference_singular_values(_place_chunk(W, a, b), method=method)
+                            for a, b in _chunks(W.shape[0], chunk)])
+
+
+def streamed_episode(cfg: TrainConfig, state: TrainState, W, ref_sv, key, chunk: int):
+    """One episode on one device with the gate stack W (host array or LazyLayerStack) streamed
+    to it `chunk` layers at a time, twice (actions and rewards with the episode's initial policy;
+    then the updates). Same draws and updates as `make_episode_fn` (rewards from the kept rows'
+    Grams directly: a full Gram costs more than the kept rows' when it is not kept)."""
+    L = W.shape[0]
+    actions, layer_steps, grads, step = _chunk_fns(cfg, L)
+    ranges = _chunks(L, chunk)
+    params, opt_state = state.params, state.opt_state
+    parts = [actions(params, _place_chunk(W, a, b), ref_sv[a:b], key, a) for a, b in ranges]
+    S, u_loss, ks, rewards = (jnp.concatenate(x) for x in zip(*parts))
+    disc = rewards * discount_factors(jnp.arange(L), cfg.gamma)
+    losses, dv, dc = [], 0.0, 0.0
+    for a, b in ranges:
+        Wc = _place_chunk(W, a, b)
+        if cfg.schedule == "layer":
+            params, opt_state, lc = layer_steps(params, opt_state, Wc, S[a:b], u_loss[a:b],
+                                                disc[a:b], a)
+        else:
+            g_v, g_c, lc = grads(params, Wc, S[a:b], u_loss[a:b], disc[a:b])
+            dv, dc = dv + g_v, dc + g_c
+        losses.append(lc)
+    if cfg.schedule == "episode":
+        params, opt_state = step(params, opt_state, dv, dc)
+    metrics = EpisodeMetrics(indices=S, ks=ks, rewards=rewards, discounted_rewards=disc,
+                             losses=jnp.concatenate(losses), total_reward=jnp.sum(rewards))
+    return _advance(state, params, opt_state, metrics.total_reward), metrics
 
 
 # ----------------------------------------------------------------------------- host loop
@@ -459,7 +561,8 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
           seed: int = 42, num_episodes: int = 20, mesh: Optional[Mesh] = None,
           callback: Optional[Callable[[int, EpisodeMetrics], None]] = None,
           resume_from: Optional[tuple[TrainState, list]] = None,
-          on_state: Optional[Callable[[int, TrainState, list], None]] = None) -> TrainResult:
+          on_state: Optional[Callable[[int, TrainState, list], None]] = None,
+          device_budget_bytes: Optional[int] = None) -> TrainResult:
     """Trains the policy on host gate matrices W (L, I, H) for `num_episodes` episodes.
 
     `seed` fixes everything: key = jax.random.key(seed); the policy (when `params` is None) is
@@ -468,6 +571,8 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
     `resume_from=(state, history)` (host arrays, e.g. restored from a checkpoint after
     `state.episode` episodes) continues that run: the result equals an uninterrupted run's.
     `on_state(episodes_done, state, history)` is called after each episode (for checkpointing).
+    Without a mesh, a stack that does not fit `device_budget_bytes` (default: see `stream_chunk`)
+    is streamed to the device in chunks of layers every episode (`streamed_episode`).
     """
     if num_episodes < 1:
         raise UserError(f"num_episodes={num_episodes}: train for at least one episode")
@@ -484,19 +589,28 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
         raise ValueError(f"resume state is after {first} episodes but history has {len(history)}")
     # W (an array or a LazyLayerStack) goes to the device(s) a layer at a time, in its stored
     # dtype (bf16 stays bf16); no host copy of the stack is made or kept.
-    W_dev = sharding.place_stacked(W, mesh or sharding.make_mesh(1), dtype=device_dtype(W.dtype))
-    state = sharding.replicate(state, mesh) if mesh is not None else jax.tree.map(jnp.asarray, state)
-    grams = None
-    if spectral.uses_downdate(I, H, sampling.num_kept(I, cfg.ratio), cfg.sv_method):
-        grams = layer_grams(W_dev, mesh=mesh)  # once per run: every episode downdates them
-    ref_sv = jax.block_until_ready(reference_singular_values(W_dev, mesh=mesh, method=cfg.sv_method,
-                                                             grams=grams))
+    # Without a mesh: a 1-device one, so that W, the state and the episode's outputs all have the
+    # same sharding and the episode compiles once.
+    place_on = mesh if mesh is not None else sharding.make_mesh(1)
+    state = sharding.replicate(state, place_on)
+    chunk = None if mesh is not None else stream_chunk(W.shape, W.dtype, cfg, device_budget_bytes)
+    if chunk is not None:
+        ref_sv = jax.block_until_ready(streamed_reference_singular_values(W, chunk, cfg.sv_method))
+        run_episode = lambda state, key: streamed_episode(cfg, state, W, ref_sv, key, chunk)
+    else:
+        W_dev = sharding.place_stacked(W, place_on, dtype=device_dtype(W.dtype))
+        grams = None
+        if spectral.uses_downdate(I, H, sampling.num_kept(I, cfg.ratio), cfg.sv_method):
+            grams = layer_grams(W_dev, mesh=mesh)  # once per run: every episode downdates them
+        ref_sv = jax.block_until_ready(reference_singular_values(
+            W_dev, mesh=mesh, method=cfg.sv_method, grams=grams))
+        episode_fn = _cached_episode_fn(cfg, L, mesh)
+        run_episode = lambda state, key: episode_fn(state, W_dev, ref_sv, key, grams)
     setup_seconds = time.perf_counter() - start
-    episode_fn = _cached_episode_fn(cfg, L, mesh)
     seconds = []
     for e in range(first, num_episodes):
         t0 = time.perf_counter()
-        state, metrics = episode_fn(state, W_dev, ref_sv, episode_key(ep_key, e), grams)
+        state, metrics = run_episode(state, episode_key(ep_key, e))
         host = EpisodeMetrics(*(sharding.to_host(m) for m in metrics))
         host = host._replace(**{f: host_f[:L] for f, host_f in host._asdict().items()
                                 if f != "total_reward"})

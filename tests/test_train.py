@@ -269,3 +269,25 @@ def test_bf16_gate_matrices_train_like_their_fp32_values():
         np.testing.assert_array_equal(mb.indices, m32.indices)
         np.testing.assert_array_equal(mb.ks, m32.ks)
     np.testing.assert_allclose(rb.state.params["P"], r32.state.params["P"], atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["layer", "episode"])
+def test_streamed_episodes_equal_resident_ones(schedule):
+    """A stack that does not fit the device budget is streamed in chunks of layers; same run."""
+    rng = np.random.default_rng(13)
+    L, I, H = 5, 40, 12
+    W = rng.standard_normal((L, I, H)).astype(np.float32)
+    cfg = T.TrainConfig(ratio=0.3, schedule=schedule)
+    budget = 2 * 2 * I * H * 4  # two layers per chunk: chunks [0, 2), [2, 4), [4, 5)
+    assert T.stream_chunk(W.shape, W.dtype, cfg, budget) == 2
+    assert T.stream_chunk(W.shape, W.dtype, cfg, 10**9) is None
+    whole = T.train(W, cfg, seed=5, num_episodes=3)
+    streamed = T.train(W, cfg, seed=5, num_episodes=3, device_budget_bytes=budget)
+    for a, b in zip(whole.history, streamed.history):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.ks, b.ks)
+        np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
+    for name in ("P", "b", "r"):
+        np.testing.assert_allclose(streamed.state.params[name], whole.state.params[name],
+                                   atol=1e-6)
+    assert int(streamed.state.best_episode) == int(whole.state.best_episode)
