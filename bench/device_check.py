@@ -9,7 +9,9 @@ Parts (each timed; a part that fails or runs past the deadline reports why and t
           (a default-shaped stack 30 x 1536 x 576 whose fp32 values are made from PCG64's raw bits,
           so they are bit-identical on every machine; 20 episodes, seed 42, ratio 0.3)
   70b:    70B-shaped training (80 x 28672 x 8192, bf16), 3 episodes, per-episode seconds, last
-          because it is the longest; stopped after the deadline.
+          because it is the longest; stopped after the deadline, skipped when the 7B part's
+          timing says its setup and first episode cannot finish before it.
+Each part prints its own JSON line when done; the last line holds them all.
 
   python bench/device_check.py                       # on the device (bench/device_check.sh)
   python bench/device_check.py --make_fixture        # here, on CPU: writes the kept fixture
@@ -157,6 +159,16 @@ def compare_kept(got: dict) -> dict:
             "ks_equal": bool(np.array_equal(got["episode_ks"], want["episode_ks"]))}
 
 
+def estimate_seconds(out: dict, L: int, H: int, episodes: int):
+    """Setup + first episode of an (L, ., H) run, scaled from the 7B part's steady episode."""
+    done = out.get("7b", {})
+    if not done.get("steady_episode_seconds"):
+        return None
+    L7, _, H7 = done["shape"]
+    per_layer = done["steady_episode_seconds"] / L7 * (H / H7) ** 3
+    return 3 * per_layer * L  # reference spectra + Grams, then the first episode with compilation
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--make_fixture", action="store_true")
@@ -180,6 +192,10 @@ def main() -> None:
                 raise Deadline("not started: past the deadline")
             if part in shapes:
                 (L, I, H), episodes = shapes[part]
+                need = estimate_seconds(out, L, H, episodes)
+                if need is not None and time.perf_counter() + need > deadline + 60:
+                    raise Deadline(f"skipped: setup + 1 episode estimated at {need:.0f} s from "
+                                   "the 7B part (eigenvalues scale as H^3), past the deadline")
                 out[part] = timed_training(random_bf16_stack(L, I, H), episodes, deadline)
             elif part == "ppl":
                 out[part] = ppl_throughput()
@@ -191,7 +207,8 @@ def main() -> None:
             out[part] = {"error": f"{type(e).__name__}: {e}",
                          "trace": traceback.format_exc(limit=3)[-1500:]}
         out[part]["part_seconds"] = time.perf_counter() - t0
-        print(f"# {part} done in {out[part]['part_seconds']:.1f} s", file=sys.stderr, flush=True)
+        # each part's line as soon as it is done: a run killed later still reports it
+        print(json.dumps({part: out[part]}, default=float), flush=True)
     out["total_seconds"] = time.perf_counter() - start
     print(json.dumps(out, default=float))
 
