@@ -3,8 +3,6 @@
 `key(seed, stream)` = fold_in(jax.random.key(seed), stream). Streams are independent, so adding
 draws to one (more episodes, more ratios) never changes another's, and the same seed gives the
 same policy init, episodes and kept channels however the run is split or resumed.
-`method/train.py` derives POLICY_INIT and EPISODES with these same numbers (tests/test_rng.py
-checks that the two agree).
 """
 from __future__ import annotations
 

@@ -89,8 +89,9 @@ def download(repo_id: str, revision: Optional[str] = None) -> str:
 
 
 def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[LlamaConfig, LazyLayerStack]:
-    """The config and the gate matrices (L, I, H) as a float32 stack read layer by layer on use
-    (multi-host training: each host reads only the layers of its own devices)."""
+    """The config and the gate matrices (L, I, H) as a stack read layer by layer on use, in the
+    stored dtype of an HF checkpoint (fp32 for a dequantised GGUF): training streams it to the
+    devices a layer at a time, and each host of a multi-host run reads only its own layers."""
     kind, source = resolve_source(source, revision)
     if kind == "gguf":
         return _gguf().gguf_gate_stack(source)

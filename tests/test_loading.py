@@ -62,6 +62,9 @@ def test_half_precision_files(tmp_path, hf_model, torch_dtype, np_dtype):
     as_f32 = sources.load_model(half)
     want = hf_model.state_dict()["model.layers.1.mlp.up_proj.weight"].to(torch_dtype).float().numpy()
     np.testing.assert_array_equal(as_f32.layers[registry.UP][1], want)
+    _, gates = sources.load_gate_stack(half)  # what training streams to the devices: as stored
+    assert gates.dtype == np_dtype and gates[1].dtype == np_dtype
+    np.testing.assert_array_equal(np.asarray(gates[:], np.float32), as_f32.layers[registry.GATE])
 
 
 def _raises(source, *fragments):

@@ -86,3 +86,71 @@ def test_half_precision_weights_use_float32_spectra():
     assert sv.dtype == jnp.float32
     np.testing.assert_allclose(sv, np.linalg.svd(W.astype(np.float64), compute_uv=False),
                                rtol=1e-4)
+
+
+def _sliced(W, idx):
+    return np.take_along_axis(W, idx[:, :, None], 1)
+
+
+@pytest.mark.parametrize("I,H,k", [(20, 12, 8), (20, 12, 12), (20, 12, 16), (60, 12, 40)])
+def test_downdated_gram_spectra_equal_direct(I, H, k):
+    """k < H (the k x k Gram is used, no downdate), k = H and k > H (W^T W - W_R^T W_R)."""
+    rng = np.random.default_rng(I + H + k)
+    L = 3
+    W = rng.standard_normal((L, I, H)).astype(np.float32)
+    idx = np.sort(np.stack([rng.choice(I, k, replace=False) for _ in range(L)]), axis=1)
+    assert spectral.uses_downdate(I, H, k, "gram") == (k >= H and I - k < k)
+    G = spectral.layer_grams(jnp.asarray(W))
+    for l in range(L):  # the Gram's eigenvalues themselves, downdated vs direct vs fp64
+        R = np.asarray(spectral.dropped_rows(jnp.asarray(idx[l]), I))
+        assert sorted(set(R.tolist()) | set(idx[l].tolist())) == list(range(I)) and len(R) == I - k
+        rest = W[l][R]
+        down = np.asarray(spectral.eigvalsh(G[l] - jnp.asarray(rest.T @ rest)))
+        ws = _sliced(W, idx)[l].astype(np.float64)
+        exact = np.linalg.eigvalsh(ws.T @ ws)
+        scale = exact.max()
+        np.testing.assert_allclose(down, exact, atol=2e-6 * scale)
+    got = jax.jit(lambda w, i, g: spectral.sliced_singular_values(w, i, "gram", g))(
+        jnp.asarray(W), jnp.asarray(idx), G)
+    direct = spectral.sliced_singular_values(jnp.asarray(W), jnp.asarray(idx), "gram")
+    ref = np.linalg.svd(_sliced(W, idx).astype(np.float64), compute_uv=False)
+    m = min(k, H)
+    # Gram-based values: absolute error ~ eps * s_max^2 / s, so compare relative to s_max.
+    np.testing.assert_allclose(got, ref, atol=1e-5 * ref.max(), rtol=0)
+    np.testing.assert_allclose(got, direct, atol=1e-5 * ref.max(), rtol=0)
+    assert got.shape == (L, m)
+    if not spectral.uses_downdate(I, H, k, "gram"):  # grams unused: the very same computation
+        np.testing.assert_array_equal(got, direct)
+
+
+def test_dropped_rows_complement():
+    idx = jnp.asarray([1, 4, 5], jnp.int32)
+    np.testing.assert_array_equal(spectral.dropped_rows(idx, 7), [0, 2, 3, 6])
+
+
+def test_bf16_weights_fp32_gram_and_spectra():
+    """bf16 weights stay bf16; Grams accumulate in fp32 (a bf16 product is exact in fp32), so the
+    spectra match fp64 SVD of the same bf16 values to rtol 1e-4 (fp32 Gram + eigensolver)."""
+    rng = np.random.default_rng(5)
+    L, I, H, k = 2, 64, 16, 48
+    Wb = jnp.asarray(rng.standard_normal((L, I, H)), jnp.bfloat16)
+    W64 = np.asarray(Wb.astype(jnp.float32)).astype(np.float64)
+    G = spectral.layer_grams(Wb)
+    assert G.dtype == jnp.float32
+    np.testing.assert_allclose(G, np.einsum("lij,lik->ljk", W64, W64), rtol=0,
+                               atol=1e-6 * np.abs(G).max())
+    idx = np.sort(np.stack([rng.choice(I, k, replace=False) for _ in range(L)]), axis=1)
+    sv = spectral.sliced_singular_values(Wb, jnp.asarray(idx), grams=G)
+    assert sv.dtype == jnp.float32
+    np.testing.assert_allclose(sv, np.linalg.svd(_sliced(W64, idx), compute_uv=False), rtol=1e-4)
+    np.testing.assert_allclose(spectral.singular_values(Wb),
+                               np.linalg.svd(W64, compute_uv=False), rtol=1e-4)
+
+
+def test_eigvalsh_lapack_values_only_under_jit_and_vmap():
+    rng = np.random.default_rng(6)
+    A = rng.standard_normal((4, 3, 9, 9)).astype(np.float32)
+    S = A @ np.swapaxes(A, -1, -2)
+    want = np.linalg.eigvalsh(S.astype(np.float64))
+    np.testing.assert_allclose(jax.jit(spectral.eigvalsh)(S), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.vmap(jax.jit(spectral.eigvalsh))(S), want, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ from scipy import stats
 
 from prunenet_jax.method import policy as pol
 from prunenet_jax.method import sampling
-from prunenet_jax.method import sharding
+from prunenet_jax.method import sharding, spectral
 from prunenet_jax.method import train as T
 from prunenet_jax.errors import UserError
 
@@ -264,3 +264,60 @@ def test_per_layer_rewards_differ_and_match_scipy(I, H, ratio):
     np.testing.assert_allclose(np.asarray(m.ks), want_ks, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(m.rewards), 1.0 / want_ks, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(m.discounted_rewards), 0.9 ** np.arange(L) / want_ks, rtol=1e-5)
+
+
+def test_episode_with_downdated_grams_equals_direct():
+    """The step's rewards from W^T W - W_R^T W_R equal those from the kept rows' Gram."""
+    rng = np.random.default_rng(11)
+    L, I, H = 4, 40, 12
+    W = jnp.asarray(rng.standard_normal((L, I, H)).astype(np.float32))
+    cfg = T.TrainConfig(ratio=0.3)  # k = 28 >= H and 12 rows dropped: the downdate is used
+    assert spectral.uses_downdate(I, H, 28, cfg.sv_method)
+    G = T.layer_grams(W)
+    ref_sv = T.reference_singular_values(W, grams=G)
+    np.testing.assert_allclose(ref_sv, T.reference_singular_values(W), rtol=1e-5)
+    state = T.init_state(T.initial_params(0, I, H), cfg)
+    step = T.make_episode_fn(cfg)
+    for e in range(3):
+        key = jax.random.key(e)
+        s_direct, m_direct = step(state, W, ref_sv, key)
+        s_down, m_down = step(state, W, ref_sv, key, G)
+        np.testing.assert_array_equal(m_down.indices, m_direct.indices)
+        np.testing.assert_array_equal(m_down.ks, m_direct.ks)
+        state = s_down
+
+
+def test_bf16_gate_matrices_train_like_their_fp32_values():
+    """bf16 weights stay bf16 on the device and train exactly as the same values in fp32."""
+    rng = np.random.default_rng(12)
+    Wb = rng.standard_normal((3, 40, 12)).astype(jnp.bfloat16)
+    cfg = T.TrainConfig(ratio=0.3)
+    rb = T.train(Wb, cfg, seed=3, num_episodes=2)
+    r32 = T.train(Wb.astype(np.float32), cfg, seed=3, num_episodes=2)
+    assert T.device_dtype(Wb.dtype) == jnp.bfloat16
+    for mb, m32 in zip(rb.history, r32.history):
+        np.testing.assert_array_equal(mb.indices, m32.indices)
+        np.testing.assert_array_equal(mb.ks, m32.ks)
+    np.testing.assert_allclose(rb.state.params["P"], r32.state.params["P"], atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["layer", "episode"])
+def test_streamed_episodes_equal_resident_ones(schedule):
+    """A stack that does not fit the device budget is streamed in chunks of layers; same run."""
+    rng = np.random.default_rng(13)
+    L, I, H = 5, 40, 12
+    W = rng.standard_normal((L, I, H)).astype(np.float32)
+    cfg = T.TrainConfig(ratio=0.3, schedule=schedule)
+    budget = 2 * 2 * I * H * 4  # two layers per chunk: chunks [0, 2), [2, 4), [4, 5)
+    assert T.stream_chunk(W.shape, W.dtype, cfg, budget) == 2
+    assert T.stream_chunk(W.shape, W.dtype, cfg, 10**9) is None
+    whole = T.train(W, cfg, seed=5, num_episodes=3)
+    streamed = T.train(W, cfg, seed=5, num_episodes=3, device_budget_bytes=budget)
+    for a, b in zip(whole.history, streamed.history):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.ks, b.ks)
+        np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
+    for name in ("P", "b", "r"):
+        np.testing.assert_allclose(streamed.state.params[name], whole.state.params[name],
+                                   atol=1e-6)
+    assert int(streamed.state.best_episode) == int(whole.state.best_episode)

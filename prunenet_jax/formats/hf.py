@@ -129,7 +129,8 @@ def load_config(folder: str) -> LlamaConfig:
 
 
 def load_gate_stack(folder: str) -> tuple[LlamaConfig, LazyLayerStack]:
-    """The config and the gate matrices (L, I, H) as a float32 stack read layer by layer on use."""
+    """The config and the gate matrices (L, I, H) read layer by layer on use, in their stored
+    dtype when it is fp32, bf16 or fp16 (a bf16 checkpoint stays bf16 on the device), else fp32."""
     cfg = load_config(folder)
     where = open_shards(folder)
     names = [registry.LAYER_PREFIX.format(i) + registry.GATE for i in range(cfg.num_hidden_layers)]
@@ -138,7 +139,9 @@ def load_gate_stack(folder: str) -> tuple[LlamaConfig, LazyLayerStack]:
         if n not in where or where[n].shape(n) != shape[1:]:
             raise UserError(f"{folder}: tensor {n!r} is missing or has the wrong shape; the "
                             "checkpoint is incomplete or its config.json describes another model")
-    return cfg, LazyLayerStack(shape, np.float32, lambda i: where[names[i]].get(names[i]))
+    stored = where[names[0]].get(names[0]).dtype
+    dtype = stored if stored.name in ("float32", "bfloat16", "float16") else np.dtype(np.float32)
+    return cfg, LazyLayerStack(shape, dtype, lambda i: where[names[i]].get(names[i]))
 
 
 # ----------------------------------------------------------------------------- writing

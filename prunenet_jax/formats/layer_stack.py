@@ -29,3 +29,9 @@ class LazyLayerStack:
 
     def __array__(self, dtype=None, copy=None):
         return np.asarray(self[:], dtype)
+
+
+def layer_range(stack, start: int, stop: int) -> LazyLayerStack:
+    """Layers [start, stop) of a stacked array or LazyLayerStack, read only when sliced."""
+    shape = (stop - start,) + tuple(stack.shape[1:])
+    return LazyLayerStack(shape, stack.dtype, lambda i: stack[start + i:start + i + 1][0])

@@ -8,11 +8,14 @@ loss are zero, and no optimiser step is taken for them), and results are cut bac
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 LAYER_AXIS = "layers"
 
@@ -72,13 +75,14 @@ def unpad(x, num_layers: int):
 def place_stacked(array: np.ndarray, mesh: Mesh, num_padded: Optional[int] = None,
                   dtype=None) -> jax.Array:
     """Puts a host (L, ...) array on the mesh, split along L, padded with zero layers to
-    `num_padded` (default: the next multiple of the mesh size).
+    `num_padded` (default: the next multiple of the mesh size), in `dtype` (default: its own).
 
-    Each device receives only its own slice (`jax.make_array_from_callback`): the padded array is
-    never materialised on the host, and on multi-host setups each host supplies its own devices'
-    slices from its own copy of `array`.
+    Streamed one layer at a time: each device's block is allocated on the device and its layers
+    are read (`array[l:l + 1]`, so a `LazyLayerStack` reads just that layer), converted and copied
+    in one by one. Host memory holds one layer, never the stack nor the padding; each device
+    receives only its own layers, and on multi-host setups each host reads only its own devices'
+    layers from its own copy of `array`.
     """
-    array = np.asarray(array) if not hasattr(array, "shape") else array
     dtype = np.dtype(array.dtype if dtype is None else dtype)
     L = array.shape[0]
     Lp = padded_num_layers(L, mesh) if num_padded is None else int(num_padded)
@@ -86,17 +90,27 @@ def place_stacked(array: np.ndarray, mesh: Mesh, num_padded: Optional[int] = Non
         raise ValueError(f"num_padded={Lp} must be >= {L} and a multiple of the mesh size "
                          f"{mesh_size(mesh)}")
     shape = (Lp,) + tuple(array.shape[1:])
+    target = layer_sharding(mesh)
+    blocks = []
+    for device, index in target.addressable_devices_indices_map(shape).items():
+        start, stop, _ = index[0].indices(Lp)
+        block = _zeros((stop - start,) + shape[1:], dtype, device)
+        for l in range(start, min(stop, L)):
+            layer = jax.device_put(np.asarray(array[l:l + 1], dtype), device)
+            block = _set_layers(block, layer, l - start)
+        blocks.append(block)
+    return jax.make_array_from_single_device_arrays(shape, target, blocks)
 
-    def slice_of(index):
-        rows = index[0]
-        start, stop, _ = rows.indices(Lp)
-        real = np.asarray(array[start:min(stop, L)], dtype)[(slice(None),) + tuple(index[1:])]
-        if stop <= L:
-            return real
-        pad_shape = (stop - max(start, L),) + real.shape[1:]
-        return np.concatenate([real, np.zeros(pad_shape, real.dtype)])
 
-    return jax.make_array_from_callback(shape, layer_sharding(mesh), slice_of, dtype=dtype)
+def _zeros(shape: tuple, dtype, device: jax.Device) -> jax.Array:
+    """Zeros allocated on `device` itself (no host buffer of that size)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=SingleDeviceSharding(device))()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layers(block: jax.Array, layers: jax.Array, start) -> jax.Array:
+    """block[start:start + n] = layers, in place (the block's buffer is donated)."""
+    return lax.dynamic_update_slice_in_dim(block, layers, start, axis=0)
 
 
 def replicate(tree, mesh: Mesh):

@@ -40,7 +40,9 @@ from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import sampling
 from prunenet_jax.method import sharding
 from prunenet_jax.method import spectral
+from prunenet_jax import rng
 from prunenet_jax.errors import UserError
+from prunenet_jax.formats.layer_stack import layer_range
 
 SCHEDULES = ("layer", "episode")
 _HIGHEST = lax.Precision.HIGHEST
@@ -155,11 +157,12 @@ def discount_factors(layer_ids: jax.Array, gamma: float) -> jax.Array:
 
 # ----------------------------------------------------------------------------- collectives
 
-def _local_layer_ids(num_local: int, axis: Optional[str]) -> jax.Array:
-    """Global indices of this device's layers: its block of the layer axis."""
+def _local_layer_ids(num_local: int, axis: Optional[str], first=0) -> jax.Array:
+    """Global indices of this device's layers: its block of the layer axis (without a mesh: the
+    layers from `first` on, e.g. a streamed chunk)."""
     ids = jnp.arange(num_local, dtype=jnp.int32)
     if axis is None:
-        return ids
+        return ids + first
     return lax.axis_index(axis).astype(jnp.int32) * num_local + ids
 
 
@@ -180,11 +183,12 @@ def _masked(cond, new, old):
 
 # ----------------------------------------------------------------------------- update schedules
 
-def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss, disc):
+def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss, disc, first=0):
     """One optimiser step per layer, in global layer order (lax.scan). Inputs are this device's
     block of layers; at step l the device that owns layer l computes the pulled-back gradient
     (H + 1 numbers + the loss) and a psum hands it to every device, which all apply the same
-    update to the replicated params. Returns (params, opt_state, local losses)."""
+    update to the replicated params. Without a mesh, `first` is the global index of W's first
+    layer (a streamed chunk). Returns (params, opt_state, local losses)."""
     L_loc = W.shape[0]
     n_dev = 1 if axis is None else lax.axis_size(axis)
     me = 0 if axis is None else lax.axis_index(axis)
@@ -206,7 +210,7 @@ def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss,
         grads = _param_grads(params, dv, dc)
         updates, new_opt_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        valid = l < num_layers  # padded layers: no step (AdamW would still decay/move params)
+        valid = first + l < num_layers  # padded layers: no step (AdamW would still decay/move params)
         params, opt_state = _masked(valid, (new_params, new_opt_state), (params, opt_state))
         return (params, opt_state), jnp.where(valid, loss, 0.0)
 
@@ -216,26 +220,45 @@ def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss,
     return params, opt_state, local_losses
 
 
-def _episode_schedule(cfg, opt, valid, axis, params, opt_state, W, S, u_loss, disc):
-    """One optimiser step on sum_l loss_l (the optimiser chain clips the global grad norm)."""
+def _layer_logits(params, W):
+    """z_l = W_l v + c for every layer (L, I), one layer at a time: a bf16 stack is upcast to
+    fp32 a layer at a time, never whole."""
     v, c = policy_lib.projection(params)
-    z = policy_lib.logits_from_projection(W, v, c)  # (L_loc, I)
+    return lax.map(lambda w: policy_lib.logits_from_projection(w, v, c), W)
+
+
+def _episode_grads(cfg, valid, axis, params, W, S, u_loss, disc):
+    """(dL/dv, dL/dc, per-layer losses) of sum_l loss_l over the (valid) layers of W."""
+    z = _layer_logits(params, W)  # (L_loc, I)
     losses, g = jax.vmap(jax.value_and_grad(layer_loss), in_axes=(0, 0, 0, 0, None))(
         z, S, u_loss, disc, cfg.use_kl)
     losses = jnp.where(valid, losses, 0.0)
     g = jnp.where(valid[:, None], g, 0.0)
-    dv = _psum(jnp.einsum("li,lih->h", g, W, precision=_HIGHEST), axis)
+    dv = lax.map(lambda a: jnp.matmul(a[0], a[1], precision=_HIGHEST), (g, W))  # W_l^T g_l
+    dv = _psum(jnp.sum(dv, axis=0), axis)
     dc = _psum(jnp.sum(g), axis)
-    grads = _param_grads(params, dv, dc)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, losses
+    return dv, dc, losses
 
 
-def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u_loss):
-    """Rewards of the given actions and the policy update, on this device's block of layers."""
+def _episode_step(opt, params, opt_state, dv, dc):
+    updates, opt_state = opt.update(_param_grads(params, dv, dc), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _episode_schedule(cfg, opt, valid, axis, params, opt_state, W, S, u_loss, disc):
+    """One optimiser step on sum_l loss_l (the optimiser chain clips the global grad norm)."""
+    dv, dc, losses = _episode_grads(cfg, valid, axis, params, W, S, u_loss, disc)
+    params, opt_state = _episode_step(opt, params, opt_state, dv, dc)
+    return params, opt_state, losses
+
+
+def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u_loss,
+                  grams=None):
+    """Rewards of the given actions and the policy update, on this device's block of layers.
+    grams: (L, H, H) W_l^T W_l (see `layer_grams`) or None (kept rows' Grams computed directly)."""
     ids = _local_layer_ids(W.shape[0], axis)
     valid = ids < num_layers
-    ks, rewards = spectral.layer_rewards(W, ref_sv, S, cfg.sv_method)
+    ks, rewards = spectral.layer_rewards(W, ref_sv, S, cfg.sv_method, grams)
     rewards = jnp.where(valid, rewards, 0.0)
     disc = rewards * discount_factors(ids, cfg.gamma)
     total = _psum(jnp.sum(rewards), axis)
@@ -250,13 +273,13 @@ def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u
     return params, opt_state, metrics
 
 
-def _sample_local(cfg, axis, params, W, key):
+def _sample_local(cfg, axis, params, W, key, first=0):
     """Actions and loss-pass noise for this device's layers: (S, u_loss)."""
     L_loc, I, _ = W.shape
     k = sampling.num_kept(I, cfg.ratio)
-    ids = _local_layer_ids(L_loc, axis)
+    ids = _local_layer_ids(L_loc, axis, first)
     k_u, k_gumbel, k_u_loss = jax.random.split(key, 3)
-    z = policy_lib.policy_logits(params, W)
+    z = _layer_logits(params, W)
     u = sampling.uniform_noise(k_u, L_loc, I, ids)
     S = sampling.sample_indices_from_logits(k_gumbel, sampling.keep_logits(z, u), k, ids)
     u_loss = u if cfg.reuse_noise else sampling.uniform_noise(k_u_loss, L_loc, I, ids)
@@ -274,6 +297,13 @@ def _distribute(fn: Callable, mesh: Optional[Mesh], in_specs, out_specs) -> Call
                          in_specs=in_specs, out_specs=out_specs)
 
 
+def _with_grams(args: tuple, specs: tuple, grams) -> tuple[tuple, tuple]:
+    """Appends the optional (L, H, H) Grams (split over the layer axis) to a step's arguments."""
+    if grams is None:
+        return args, specs
+    return args + (grams,), specs + (P(sharding.LAYER_AXIS),)
+
+
 def _num_layers(num_layers, total):
     return total if num_layers is None else int(num_layers)
 
@@ -282,22 +312,24 @@ def _num_layers(num_layers, total):
 
 def make_update_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
                    mesh: Optional[Mesh] = None) -> Callable:
-    """Jitted `(params, opt_state, W, ref_sv, indices, u_loss) -> (params, opt_state, metrics)`.
+    """Jitted `(params, opt_state, W, ref_sv, indices, u_loss[, grams]) -> (params, opt_state,
+    metrics)`.
 
     The lower level of an episode with the actions supplied from outside: indices (L, k) (sorted
     kept rows, e.g. exported from the PyTorch reference) and the loss-pass noise u' (L, I) in
     (0, 1). W (L, I, H), ref_sv (L, m); the leading axis may be padded past `num_layers`.
-    opt_state must come from `make_optimizer(cfg).init(params)` (or a TrainState).
+    opt_state must come from `make_optimizer(cfg).init(params)` (or a TrainState). `grams`
+    (optional): `layer_grams(W)`, which lets the rewards downdate the full Grams.
     """
     opt = make_optimizer(cfg)
     lay = P(sharding.LAYER_AXIS)
 
-    def update(params, opt_state, W, ref_sv, indices, u_loss):
+    def update(params, opt_state, W, ref_sv, indices, u_loss, grams=None):
         nl = _num_layers(num_layers, W.shape[0])
         body = lambda axis, *a: _update_local(cfg, opt, nl, axis, *a)
-        return _distribute(body, mesh, (P(), P(), lay, lay, lay, lay),
-                           (P(), P(), _METRIC_SPECS))(
-            params, opt_state, W, ref_sv, indices.astype(jnp.int32), u_loss)
+        args, specs = _with_grams((params, opt_state, W, ref_sv, indices.astype(jnp.int32),
+                                   u_loss), (P(), P(), lay, lay, lay, lay), grams)
+        return _distribute(body, mesh, specs, (P(), P(), _METRIC_SPECS))(*args)
 
     return jax.jit(update)
 
@@ -316,10 +348,12 @@ def _cached_update_fn(cfg, num_layers, mesh):
 
 def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
                     mesh: Optional[Mesh] = None) -> Callable:
-    """Jitted `(state, W, ref_sv, key) -> (new_state, EpisodeMetrics)`: one whole episode.
+    """Jitted `(state, W, ref_sv, key[, grams]) -> (new_state, EpisodeMetrics)`: one whole episode.
 
-    W: (L, I, H) gate matrices, ref_sv: (L, min(I, H)) their singular values (see
-    `reference_singular_values`); L may be padded past `num_layers` (default: L) so that it
+    W: (L, I, H) gate matrices in their stored dtype (fp32 or bf16/fp16: spectra and logits are
+    computed in fp32), ref_sv: (L, min(I, H)) their singular values (see
+    `reference_singular_values`), grams (optional): `layer_grams(W)` (L, H, H), with which the
+    kept rows' Grams are downdated where that is less work (`spectral.uses_downdate`); L may be padded past `num_layers` (default: L) so that it
     divides the mesh size. With `mesh`, W/ref_sv are expected split over its layer axis
     (`sharding.place_stacked`) and the state replicated. Layer l's randomness is derived from
     `key` and l alone, so the result does not depend on the number of devices.
@@ -327,47 +361,155 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
     opt = make_optimizer(cfg)
     lay = P(sharding.LAYER_AXIS)
 
-    def episode(state: TrainState, W, ref_sv, key):
+    def episode(state: TrainState, W, ref_sv, key, grams=None):
         nl = _num_layers(num_layers, W.shape[0])
 
-        def body(axis, params, opt_state, W, ref_sv, key):
+        def body(axis, params, opt_state, W, ref_sv, key, grams=None):
             S, u_loss = _sample_local(cfg, axis, params, W, key)
-            return _update_local(cfg, opt, nl, axis, params, opt_state, W, ref_sv, S, u_loss)
+            return _update_local(cfg, opt, nl, axis, params, opt_state, W, ref_sv, S, u_loss,
+                                 grams)
 
-        params, opt_state, metrics = _distribute(
-            body, mesh, (P(), P(), lay, lay, P()), (P(), P(), _METRIC_SPECS))(
-            state.params, state.opt_state, W, ref_sv, key)
-        better = metrics.total_reward > state.best_reward
-        new_state = TrainState(
-            params=params,
-            opt_state=opt_state,
-            episode=state.episode + 1,
-            best_reward=jnp.where(better, metrics.total_reward, state.best_reward),
-            best_params=_masked(better, state.params, state.best_params),
-            best_episode=jnp.where(better, state.episode, state.best_episode),
-        )
-        return new_state, metrics
+        args, specs = _with_grams((state.params, state.opt_state, W, ref_sv, key),
+                                  (P(), P(), lay, lay, P()), grams)
+        params, opt_state, metrics = _distribute(body, mesh, specs,
+                                                 (P(), P(), _METRIC_SPECS))(*args)
+        return _advance(state, params, opt_state, metrics.total_reward), metrics
 
     return jax.jit(episode)
 
 
+def _advance(state: TrainState, params, opt_state, total_reward) -> TrainState:
+    """The state after an episode: new params, and the best-episode bookkeeping."""
+    better = total_reward > state.best_reward
+    return TrainState(
+        params=params,
+        opt_state=opt_state,
+        episode=state.episode + 1,
+        best_reward=jnp.where(better, total_reward, state.best_reward),
+        best_params=_masked(better, state.params, state.best_params),
+        best_episode=jnp.where(better, state.episode, state.best_episode),
+    )
+
+
 def reference_singular_values(W, *, mesh: Optional[Mesh] = None,
-                              method: str = spectral.DEFAULT_SV_METHOD) -> jax.Array:
+                              method: str = spectral.DEFAULT_SV_METHOD,
+                              grams: Optional[jax.Array] = None) -> jax.Array:
     """Singular values of every layer's gate matrix, (L, I, H) -> (L, min(I, H)), computed where
-    each layer lives (under shard_map when a mesh is given)."""
-    return _cached_sv_fn(mesh, method)(W)
+    each layer lives (under shard_map when a mesh is given), one layer at a time. With `grams`
+    (`layer_grams(W)`) they are the Grams' eigenvalues when W's spectrum comes from W^T W."""
+    L, I, H = W.shape
+    if grams is not None and I >= H and spectral.resolve_method(I, H, method) == "gram":
+        return _cached_sv_fn(mesh, method)(grams)
+    return _cached_sv_fn(mesh, method, from_gram=False)(W)
+
+
+def layer_grams(W, *, mesh: Optional[Mesh] = None) -> jax.Array:
+    """W_l^T W_l of every layer (L, I, H) -> (L, H, H) fp32, where each layer lives."""
+    return _cached_gram_fn(mesh)(W)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_sv_fn(mesh, method):
+def _cached_sv_fn(mesh, method, from_gram=True):
     lay = P(sharding.LAYER_AXIS)
-    fn = _distribute(lambda axis, w: spectral.singular_values(w, method), mesh, (lay,), lay)
+    one = spectral.sv_from_gram if from_gram else lambda w: spectral.singular_values(w, method)
+    fn = _distribute(lambda axis, x: lax.map(one, x), mesh, (lay,), lay)
     return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_gram_fn(mesh):
+    lay = P(sharding.LAYER_AXIS)
+    return jax.jit(_distribute(lambda axis, w: spectral.layer_grams(w), mesh, (lay,), lay))
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_episode_fn(cfg, num_layers, mesh):
     return make_episode_fn(cfg, num_layers=num_layers, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------- streamed episodes
+
+def stream_chunk(shape: tuple, dtype, cfg: TrainConfig,
+                 device_budget_bytes: Optional[int] = None) -> Optional[int]:
+    """Layers per chunk when the gate stack (and its Grams) would not fit in the device budget,
+    else None (the whole stack stays on the device). Budget: `device_budget_bytes`, else 70% of
+    what the device's allocator reports as its limit (GPU/TPU); CPU reports none: no streaming."""
+    L, I, H = shape
+    if device_budget_bytes is None:
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        device_budget_bytes = None if limit is None else int(0.7 * limit)
+    if device_budget_bytes is None:
+        return None
+    layer = I * H * device_dtype(dtype).itemsize
+    grams = H * H * 4 if spectral.uses_downdate(I, H, sampling.num_kept(I, cfg.ratio),
+                                                cfg.sv_method) else 0
+    if L * (layer + grams) <= device_budget_bytes:
+        return None
+    return max(1, int(device_budget_bytes) // (2 * layer))  # a chunk and its successor in flight
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_fns(cfg: TrainConfig, num_layers: int):
+    """Jitted pieces of an episode over a chunk of layers starting at global layer `first`."""
+    opt = make_optimizer(cfg)
+
+    def actions(params, W, ref_sv, key, first):
+        S, u_loss = _sample_local(cfg, None, params, W, key, first)
+        ks, rewards = spectral.layer_rewards(W, ref_sv, S, cfg.sv_method)
+        return S, u_loss, ks, rewards
+
+    def layer_steps(params, opt_state, W, S, u_loss, disc, first):
+        return _layer_schedule(cfg, opt, num_layers, None, params, opt_state, W, S, u_loss, disc,
+                               first)
+
+    def grads(params, W, S, u_loss, disc):
+        return _episode_grads(cfg, jnp.ones(W.shape[0], bool), None, params, W, S, u_loss, disc)
+
+    step = functools.partial(_episode_step, opt)
+    return tuple(jax.jit(f) for f in (actions, layer_steps, grads, step))
+
+
+def _chunks(num_layers: int, chunk: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk, num_layers)) for a in range(0, num_layers, chunk)]
+
+
+def _place_chunk(W, start: int, stop: int) -> jax.Array:
+    return sharding.place_stacked(layer_range(W, start, stop), sharding.make_mesh(1),
+                                  dtype=device_dtype(W.dtype))
+
+
+def streamed_reference_singular_values(W, chunk: int, method: str) -> jax.Array:
+    return jnp.concatenate([reference_singular_values(_place_chunk(W, a, b), method=method)
+                            for a, b in _chunks(W.shape[0], chunk)])
+
+
+def streamed_episode(cfg: TrainConfig, state: TrainState, W, ref_sv, key, chunk: int):
+    """One episode on one device with the gate stack W (host array or LazyLayerStack) streamed
+    to it `chunk` layers at a time, twice (actions and rewards with the episode's initial policy;
+    then the updates). Same draws and updates as `make_episode_fn` (rewards from the kept rows'
+    Grams directly: a full Gram costs more than the kept rows' when it is not kept)."""
+    L = W.shape[0]
+    actions, layer_steps, grads, step = _chunk_fns(cfg, L)
+    ranges = _chunks(L, chunk)
+    params, opt_state = state.params, state.opt_state
+    parts = [actions(params, _place_chunk(W, a, b), ref_sv[a:b], key, a) for a, b in ranges]
+    S, u_loss, ks, rewards = (jnp.concatenate(x) for x in zip(*parts))
+    disc = rewards * discount_factors(jnp.arange(L), cfg.gamma)
+    losses, dv, dc = [], 0.0, 0.0
+    for a, b in ranges:
+        Wc = _place_chunk(W, a, b)
+        if cfg.schedule == "layer":
+            params, opt_state, lc = layer_steps(params, opt_state, Wc, S[a:b], u_loss[a:b],
+                                                disc[a:b], a)
+        else:
+            g_v, g_c, lc = grads(params, Wc, S[a:b], u_loss[a:b], disc[a:b])
+            dv, dc = dv + g_v, dc + g_c
+        losses.append(lc)
+    if cfg.schedule == "episode":
+        params, opt_state = step(params, opt_state, dv, dc)
+    metrics = EpisodeMetrics(indices=S, ks=ks, rewards=rewards, discounted_rewards=disc,
+                             losses=jnp.concatenate(losses), total_reward=jnp.sum(rewards))
+    return _advance(state, params, opt_state, metrics.total_reward), metrics
 
 
 # ----------------------------------------------------------------------------- host loop
@@ -387,8 +529,7 @@ def episode_key(key: jax.Array, episode: int) -> jax.Array:
 
 def initial_params(seed: int, intermediate_size: int, hidden_size: int) -> policy_lib.Params:
     """The policy a run seeded with `seed` starts from."""
-    return policy_lib.init_params(jax.random.fold_in(jax.random.key(seed), 0), intermediate_size,
-                                  hidden_size)
+    return policy_lib.init_params(rng.key(seed, rng.POLICY_INIT), intermediate_size, hidden_size)
 
 
 def history_arrays(history: list) -> dict[str, np.ndarray]:
@@ -411,11 +552,19 @@ def history_template(num_episodes: int, num_layers: int, k: int) -> dict[str, np
             "total_reward": np.zeros((E,), np.float32)}
 
 
+def device_dtype(dtype) -> np.dtype:
+    """The dtype gate matrices are kept in on the device: their own when fp32, bf16 or fp16
+    (spectra and logits are accumulated in fp32 anyway), else fp32."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.name in ("float32", "bfloat16", "float16") else np.dtype(np.float32)
+
+
 def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params] = None,
           seed: int = 42, num_episodes: int = 20, mesh: Optional[Mesh] = None,
           callback: Optional[Callable[[int, EpisodeMetrics], None]] = None,
           resume_from: Optional[tuple[TrainState, list]] = None,
-          on_state: Optional[Callable[[int, TrainState, list], None]] = None) -> TrainResult:
+          on_state: Optional[Callable[[int, TrainState, list], None]] = None,
+          device_budget_bytes: Optional[int] = None) -> TrainResult:
     """Trains the policy on host gate matrices W (L, I, H) for `num_episodes` episodes.
 
     `seed` fixes everything: key = jax.random.key(seed); the policy (when `params` is None) is
@@ -424,12 +573,14 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
     `resume_from=(state, history)` (host arrays, e.g. restored from a checkpoint after
     `state.episode` episodes) continues that run: the result equals an uninterrupted run's.
     `on_state(episodes_done, state, history)` is called after each episode (for checkpointing).
+    Without a mesh, a stack that does not fit `device_budget_bytes` (default: see `stream_chunk`)
+    is streamed to the device in chunks of layers every episode (`streamed_episode`).
     """
     if num_episodes < 1:
         raise UserError(f"num_episodes={num_episodes}: train for at least one episode")
     L, I, H = W.shape
     start = time.perf_counter()
-    ep_key = jax.random.fold_in(jax.random.key(seed), 1)
+    ep_key = rng.key(seed, rng.EPISODES)
     if resume_from is not None:
         state, history = resume_from[0], list(resume_from[1])
     else:
@@ -438,19 +589,30 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
     first = int(np.asarray(state.episode))
     if first != len(history):
         raise ValueError(f"resume state is after {first} episodes but history has {len(history)}")
-    if mesh is not None:
-        W_dev = sharding.place_stacked(W, mesh, dtype=np.float32)  # W may be a LazyLayerStack
-        state = sharding.replicate(state, mesh)
+    # W (an array or a LazyLayerStack) goes to the device(s) a layer at a time, in its stored
+    # dtype (bf16 stays bf16); no host copy of the stack is made or kept.
+    # Without a mesh: a 1-device one, so that W, the state and the episode's outputs all have the
+    # same sharding and the episode compiles once.
+    place_on = mesh if mesh is not None else sharding.make_mesh(1)
+    state = sharding.replicate(state, place_on)
+    chunk = None if mesh is not None else stream_chunk(W.shape, W.dtype, cfg, device_budget_bytes)
+    if chunk is not None:
+        ref_sv = jax.block_until_ready(streamed_reference_singular_values(W, chunk, cfg.sv_method))
+        run_episode = lambda state, key: streamed_episode(cfg, state, W, ref_sv, key, chunk)
     else:
-        W_dev = jnp.asarray(W, jnp.float32)
-        state = jax.tree.map(jnp.asarray, state)
-    ref_sv = jax.block_until_ready(reference_singular_values(W_dev, mesh=mesh, method=cfg.sv_method))
+        W_dev = sharding.place_stacked(W, place_on, dtype=device_dtype(W.dtype))
+        grams = None
+        if spectral.uses_downdate(I, H, sampling.num_kept(I, cfg.ratio), cfg.sv_method):
+            grams = layer_grams(W_dev, mesh=mesh)  # once per run: every episode downdates them
+        ref_sv = jax.block_until_ready(reference_singular_values(
+            W_dev, mesh=mesh, method=cfg.sv_method, grams=grams))
+        episode_fn = _cached_episode_fn(cfg, L, mesh)
+        run_episode = lambda state, key: episode_fn(state, W_dev, ref_sv, key, grams)
     setup_seconds = time.perf_counter() - start
-    episode_fn = _cached_episode_fn(cfg, L, mesh)
     seconds = []
     for e in range(first, num_episodes):
         t0 = time.perf_counter()
-        state, metrics = episode_fn(state, W_dev, ref_sv, episode_key(ep_key, e))
+        state, metrics = run_episode(state, episode_key(ep_key, e))
         host = EpisodeMetrics(*(sharding.to_host(m) for m in metrics))
         host = host._replace(**{f: host_f[:L] for f, host_f in host._asdict().items()
                                 if f != "total_reward"})

@@ -160,6 +160,10 @@ def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]])
     if jax.process_index() == 0:
         weights = sources.load_model(job.model, revision=job.revision)
         config, W = weights.config, weights.layers[registry.GATE]
+        if weights.gguf_file is None and policy is None:
+            # training reads the gate matrices as stored (bf16 stays bf16 on the device), streamed a
+            # layer at a time from the memory-mapped file; a GGUF's are dequantised to fp32 anyway
+            _, W = sources.load_gate_stack(job.model, revision=job.revision)
     else:  # other hosts only train: they read just their own layers' gate matrices, lazily
         weights = None
         config, W = sources.load_gate_stack(job.model, revision=job.revision)
