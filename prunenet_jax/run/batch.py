@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import glob
+import hashlib
 import os
 from typing import Optional
 
@@ -25,6 +26,8 @@ from prunenet_jax.models import registry
 from prunenet_jax.run import atomic, run_dir
 from prunenet_jax.run.prune_run import OutputOptions, Training, check_ratios_fit, ppl_of, prune_at_ratios
 from prunenet_jax.run.run_dir import Manifest, OutputEntry
+
+_MAX_LIST_BYTES = 16 * 2**20  # a checkpoint list is a text file, not a model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +55,16 @@ class BatchJob:
                             "launch.prune --out_dir=... and pass --policy=<that out_dir>/policy")
         # Rerunning into the same --out_dir resumes, so an existing folder is fine.
         atomic.check_out_dir(self.out_dir, list(self.checkpoints) + ([self.policy] if self.policy else []))
+        for name in output_names(list(self.checkpoints)):
+            run_dir.check_inside(self.out_dir, os.path.join(self.out_dir, name))
 
 
 def parse_checkpoints(spec: str) -> list[str]:
     """The checkpoint list: a text file (one per line, # comments), or a comma list whose items
     may be globs (expanded in sorted order)."""
     if os.path.isfile(spec) and not spec.endswith(".gguf") and not glob.has_magic(spec):
-        with open(spec) as f:
-            items = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        items = [line.strip() for line in _read_list(spec).splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
     else:
         items = []
         for part in (p.strip() for p in spec.split(",")):
@@ -76,6 +81,23 @@ def parse_checkpoints(spec: str) -> list[str]:
     return items
 
 
+def _read_list(path: str) -> str:
+    """The text of a checkpoint list file; a binary or unreadable file is a UserError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_LIST_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"--checkpoints={path}: cannot read it ({e.strerror}); check the path "
+                        "and permissions") from None
+    try:
+        if len(data) > _MAX_LIST_BYTES or b"\0" in data:
+            raise ValueError
+        return data.decode("utf-8")
+    except ValueError:
+        raise UserError(f"--checkpoints={path} is not a text file (one checkpoint per line); pass "
+                        "a list file, a comma list or a glob") from None
+
+
 def split_revision(source: str) -> tuple[str, Optional[str]]:
     """`org/name@revision` -> (org/name, revision) for hub ids; local paths are left whole."""
     if "@" in source and not os.path.exists(source):
@@ -85,16 +107,34 @@ def split_revision(source: str) -> tuple[str, Optional[str]]:
 
 
 def output_names(checkpoints: list[str]) -> list[str]:
-    """A folder name for each checkpoint (its base name, numbered when two share one); computed
-    over the whole list so every shard agrees."""
-    names, seen = [], {}
-    for src in (split_revision(s)[0] for s in checkpoints):
-        base = os.path.basename(src.rstrip("/")) or "checkpoint"
-        base = base[:-5] if base.endswith(".gguf") else base
-        if src.count("/") == 1 and not os.path.exists(src):  # a hub id: org/name
-            base = src.replace("/", "--")
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    """A folder name for each checkpoint, unique and the same for a given list on every shard:
+    the base name of the resolved source (`org--name` for a hub id); when several items share a
+    base name, or it is one of the run folder's own names, `<base>-<8 hex digits of a sha256 of
+    the resolved source>`. A source listed twice is refused."""
+    keys, bases = [], []
+    for item in checkpoints:
+        src, _ = split_revision(item)
+        if os.path.exists(src) or not sources.is_hub_id(src):
+            key = os.path.realpath(src)  # `x/..`, links and relative paths name what they reach
+            base = os.path.basename(key)
+            base = base[:-5] if base.endswith(".gguf") else base
+        else:
+            key, base = f"hub:{item}", src.replace("/", "--")
+        if key in keys:
+            raise UserError(f"--checkpoints lists {item!r} twice (as "
+                            f"{checkpoints[keys.index(key)]!r}); list each checkpoint once")
+        keys.append(key)
+        bases.append(base)
+    names = []
+    for key, base in zip(keys, bases):
+        clash = bases.count(base) > 1 or base in run_dir.RESERVED or base.startswith(".") or not base
+        names.append(f"{base or 'checkpoint'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+                     if clash else base)
+    for i, name in enumerate(names):  # a hashed name equal to another item's plain one
+        if names.index(name) != i:
+            raise UserError(f"--checkpoints: {checkpoints[names.index(name)]!r} and "
+                            f"{checkpoints[i]!r} would share the output folder {name!r}; rename "
+                            "one of them")
     return names
 
 
@@ -132,6 +172,8 @@ def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta,
         if policy_meta is not None:
             orbax.check_policy_fits(policy_meta, config, source, job.policy)
         check_ratios_fit(config.intermediate_size, job.ratios, source)
+        if job.eval is not None:
+            job.eval.check_model(config, source)
         weights = sources.load_model(path, revision=revision)
         ppl = ppl_of(weights, job.eval)
         dense_ppl = ppl(weights)
