@@ -196,6 +196,8 @@ def export_hf(weights: ModelWeights, out_dir: str, *, model_card: Optional[dict]
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out_dir} ({e.strerror}); choose a writable folder") from None
+    atomic.check_free_space(out_dir, (1 + torch_format) * sum(
+        t.size * np.dtype(dtype).itemsize for t in tensors.values()) + 2**16)
     with atomic.staged_dir(out_dir) as tmp:  # renamed to out_dir only once complete
         _write_tokenizer(weights, tmp)  # first: a source without a usable tokenizer fails fast
         _write_sharded(tmp, SAFE_WEIGHTS, tensors, dtype, max_shard_bytes,

@@ -337,7 +337,9 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
         params, opt_state, metrics = _distribute(
             body, mesh, (P(), P(), lay, lay, P()), (P(), P(), _METRIC_SPECS))(
             state.params, state.opt_state, W, ref_sv, key)
-        better = metrics.total_reward > state.best_reward
+        # A non-finite episode (or one sampled by non-finite params) is never the best.
+        better = ((metrics.total_reward > state.best_reward) & jnp.isfinite(metrics.total_reward)
+                  & all_finite(state.params))
         new_state = TrainState(
             params=params,
             opt_state=opt_state,
@@ -349,6 +351,26 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
         return new_state, metrics
 
     return jax.jit(episode)
+
+
+def all_finite(tree) -> jax.Array:
+    """() bool: every element of every array of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+_all_finite_fn = jax.jit(all_finite)
+
+
+def check_finite_episode(episode: int, metrics: "EpisodeMetrics", params, cfg: TrainConfig) -> None:
+    """Stops training when an episode's losses or rewards, or the params after its update (a
+    non-finite gradient makes them non-finite), are NaN or Inf: what follows would be garbage."""
+    bad = [f for f in ("losses", "rewards", "total_reward") if not np.isfinite(getattr(metrics, f)).all()]
+    if not bool(sharding.to_host(_all_finite_fn(params))):
+        bad.append("policy parameters (after a non-finite gradient)")
+    if bad:
+        raise UserError(f"training became non-finite in episode {episode} ({', '.join(bad)} hold "
+                        f"NaN or Inf) at learning rate {cfg.learning_rate}; lower --lr, or check "
+                        "that the model's gate weights are of a sane size")
 
 
 def reference_singular_values(W, *, mesh: Optional[Mesh] = None,
@@ -445,6 +467,9 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
         W_dev = jnp.asarray(W, jnp.float32)
         state = jax.tree.map(jnp.asarray, state)
     ref_sv = jax.block_until_ready(reference_singular_values(W_dev, mesh=mesh, method=cfg.sv_method))
+    if not bool(sharding.to_host(_all_finite_fn(ref_sv))):
+        raise UserError("the gate matrices' singular values are not finite (weights too large for "
+                        "float32); the model cannot be pruned by its spectra")
     setup_seconds = time.perf_counter() - start
     episode_fn = _cached_episode_fn(cfg, L, mesh)
     seconds = []
@@ -454,6 +479,7 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
         host = EpisodeMetrics(*(sharding.to_host(m) for m in metrics))
         host = host._replace(**{f: host_f[:L] for f, host_f in host._asdict().items()
                                 if f != "total_reward"})
+        check_finite_episode(e, host, state.params, cfg)
         history.append(host)
         seconds.append(time.perf_counter() - t0)  # to_host above waited for the episode
         if callback is not None:

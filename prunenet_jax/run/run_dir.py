@@ -205,6 +205,11 @@ def shard_manifest_name(index: int, count: int) -> str:
     return MANIFEST if count == 1 else f"manifests/shard-{index:05d}-of-{count:05d}.json"
 
 
+def lock_name(index: int, count: int) -> str:
+    """The run lock of one batch shard (run/run_lock.py); one shard locks the whole folder."""
+    return atomic.LOCK_FILE if count == 1 else f"{atomic.LOCK_FILE}.shard-{index:05d}-of-{count:05d}"
+
+
 def merge_manifests(out_dir: str, count: int) -> dict:
     """manifest.json listing the outputs of every shard manifest present, and which are missing."""
     merged, present, missing = None, [], []
