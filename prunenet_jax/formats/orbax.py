@@ -69,7 +69,9 @@ def _save(path: str, items: dict[str, Any], meta: dict, overwrite: bool) -> None
 
 
 def _nbytes(tree) -> int:
-    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+    """Bytes of the arrays of `tree` (no device-to-host copy)."""
+    return sum(int(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes)
+               for x in jax.tree.leaves(tree))
 
 
 def read_meta(path: str) -> Optional[dict]:

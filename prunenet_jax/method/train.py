@@ -364,13 +364,13 @@ _all_finite_fn = jax.jit(all_finite)
 def check_finite_episode(episode: int, metrics: "EpisodeMetrics", params, cfg: TrainConfig) -> None:
     """Stops training when an episode's losses or rewards, or the params after its update (a
     non-finite gradient makes them non-finite), are NaN or Inf: what follows would be garbage."""
-    bad = [f for f in ("losses", "rewards", "total_reward") if not np.isfinite(getattr(metrics, f)).all()]
+    bad = [f"the {f}" for f in ("losses", "rewards") if not np.isfinite(getattr(metrics, f)).all()]
     if not bool(sharding.to_host(_all_finite_fn(params))):
-        bad.append("policy parameters (after a non-finite gradient)")
+        bad.append("the updated policy (a non-finite gradient)")
     if bad:
-        raise UserError(f"training became non-finite in episode {episode} ({', '.join(bad)} hold "
-                        f"NaN or Inf) at learning rate {cfg.learning_rate}; lower --lr, or check "
-                        "that the model's gate weights are of a sane size")
+        raise UserError(f"training became non-finite in episode {episode}: {' and '.join(bad)} "
+                        f"hold NaN or Inf, at learning rate {cfg.learning_rate}; lower --lr, or "
+                        "check that the model's gate weights are of a sane size")
 
 
 def reference_singular_values(W, *, mesh: Optional[Mesh] = None,
