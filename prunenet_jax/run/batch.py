@@ -108,16 +108,16 @@ def split_revision(source: str) -> tuple[str, Optional[str]]:
 
 def output_names(checkpoints: list[str]) -> list[str]:
     """A folder name for each checkpoint, unique and the same for a given list on every shard:
-    the base name of the resolved source (`org--name` for a hub id); when several items share a
-    base name, or it is one of the run folder's own names, `<base>-<8 hex digits of a sha256 of
-    the resolved source>`. A source listed twice is refused."""
+    the base name of the resolved source (`org--name` for a hub id; a `.gguf` file without the
+    suffix unless another item has that name); when items still share a name, or it is one of
+    the run folder's own names, `<name>-<8 hex digits of a sha256 of the resolved source>`. A
+    source listed twice is refused."""
     keys, bases = [], []
     for item in checkpoints:
         src, _ = split_revision(item)
         if os.path.exists(src) or not sources.is_hub_id(src):
             key = os.path.realpath(src)  # `x/..`, links and relative paths name what they reach
             base = os.path.basename(key)
-            base = base[:-5] if base.endswith(".gguf") else base
         else:
             key, base = f"hub:{item}", src.replace("/", "--")
         if key in keys:
@@ -126,10 +126,14 @@ def output_names(checkpoints: list[str]) -> list[str]:
         keys.append(key)
         bases.append(base)
     names = []
-    for key, base in zip(keys, bases):
-        clash = bases.count(base) > 1 or base in run_dir.RESERVED or base.startswith(".") or not base
-        names.append(f"{base or 'checkpoint'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-                     if clash else base)
+    for i, base in enumerate(bases):
+        stem = base[:-5] if base.endswith(".gguf") else base
+        names.append(stem if stem not in bases[:i] + bases[i + 1:] else base)
+    shared = {n for n in names if names.count(n) > 1}
+    for i, (key, name) in enumerate(zip(keys, names)):
+        if name in shared or name in run_dir.RESERVED or name.startswith(".") or not name:
+            stem = bases[i][:-5] if bases[i].endswith(".gguf") else bases[i]
+            names[i] = f"{stem or 'checkpoint'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     for i, name in enumerate(names):  # a hashed name equal to another item's plain one
         if names.index(name) != i:
             raise UserError(f"--checkpoints: {checkpoints[names.index(name)]!r} and "
