@@ -323,3 +323,21 @@ def test_symlinked_outputs_are_never_swapped(tmp_path):
         with atomic.staged_dir(str(link)):
             pass
     assert os.path.islink(link) and (target / "keep.txt").read_text() == "mine"
+
+
+def test_a_failed_write_stops_a_batch_instead_of_failing_the_checkpoint(tmp_path, monkeypatch):
+    """A full disk is no fault of the checkpoint being written: the batch stops (exit 2)."""
+    from prunenet_jax import progress
+    from prunenet_jax.run.prune_run import OutputOptions, Training
+
+    def full_disk(*args, **kwargs):
+        raise WriteError("cannot write x: no space left on the device")
+
+    monkeypatch.setattr(batch.sources, "load_config", full_disk)
+    job = batch.BatchJob(checkpoints=("a", "b"), ratios=(0.5,),
+                         training=Training(train.TrainConfig(ratio=0.5)), outputs=OutputOptions(),
+                         out_dir=str(tmp_path))
+    manifest = run_dir.Manifest(str(tmp_path), {}, resume=False)
+    with pytest.raises(WriteError):
+        batch._prune_one(job, "a", "a", {}, None, manifest, {}, progress.bar(total=1, desc="outputs"))
+    assert manifest.outputs == []  # not recorded as the checkpoint's failure

@@ -18,7 +18,7 @@ from typing import Optional
 from absl import logging
 
 from prunenet_jax import progress, sources
-from prunenet_jax.errors import UserError
+from prunenet_jax.errors import UserError, WriteError
 from prunenet_jax.evaluation import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import trainer
@@ -186,6 +186,8 @@ def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta,
                         card={"source": source, "command": job.command}, checkpoint=name,
                         extra={"source": source, "dense_ppl": dense_ppl},
                         on_output=lambda e: bar.update(1))
+    except WriteError:
+        raise  # a full disk or lost permission is not this checkpoint's fault: stop the batch
     except Exception as e:  # one bad checkpoint must not stop the batch
         message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         if not isinstance(e, UserError):
