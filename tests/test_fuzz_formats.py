@@ -58,6 +58,17 @@ def headers(draw):
     return header
 
 
+def _load_or_refuse(load, path):
+    """load(path), or None when it raises UserError; any other exception fails the test."""
+    try:
+        result = load(path)
+    except UserError:
+        event("refused")
+        return None
+    event("loaded")
+    return result
+
+
 def _check_reads_stay_inside(f: SafetensorsFile, monkeypatch):
     size = os.path.getsize(f.path)
     real = np.memmap
@@ -85,12 +96,9 @@ def test_fuzz_safetensors_headers(workdir, header, data_len, garbage):
     path = os.path.join(workdir, "fuzz.safetensors")
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)) + head + bytes(range(256))[:data_len])
-    try:
-        loaded = SafetensorsFile(path)
-    except UserError:
-        event("refused")
+    loaded = _load_or_refuse(SafetensorsFile, path)
+    if loaded is None:
         return
-    event("loaded")
     with pytest.MonkeyPatch.context() as mp:
         _check_reads_stay_inside(loaded, mp)
 
@@ -114,12 +122,9 @@ def test_fuzz_index_files(workdir, index):
                                     {n: np.ones((2,), np.float32) for n in names})
     with open(os.path.join(folder, hf.SAFE_INDEX), "w") as f:
         json.dump(index, f)
-    try:
-        where = hf.open_shards(folder)
-    except UserError:
-        event("refused")
+    where = _load_or_refuse(hf.open_shards, folder)
+    if where is None:
         return
-    event("loaded")
     for name, shard in where.items():  # only files inside the folder are ever opened
         assert os.path.dirname(os.path.abspath(shard.path)) == os.path.abspath(folder)
         assert shard.get(name).shape == (2,)
@@ -153,11 +158,8 @@ def test_fuzz_config_json(workdir, cfg):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
-    try:
-        config = hf.load_config(folder)
-    except UserError:
-        event("refused")
+    config = _load_or_refuse(hf.load_config, folder)
+    if config is None:
         return
-    event("loaded")
     assert config.hidden_size >= 1 and config.num_attention_heads % config.num_key_value_heads == 0
     assert LlamaConfig.from_hf(cfg) == config
