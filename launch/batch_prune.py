@@ -23,7 +23,7 @@ from absl import flags
 
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
-from prunenet_jax.run import batch, run_dir
+from prunenet_jax.run import batch, run_dir, run_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Comma-separated checkpoints (anything --model of "
@@ -78,7 +78,10 @@ def main(argv) -> int:
             raise common.UserError("--merge needs --out_dir and --num_shards")
         print(json.dumps(run_dir.merge_manifests(FLAGS.out_dir, FLAGS.num_shards)))
         return 0
-    result = batch.run(batch_job(), common.make_mesh)
+    job = batch_job()
+    # Shards write disjoint items and manifests: each locks only its own share.
+    with run_lock.hold(job.out_dir, name=run_dir.lock_name(job.shard_index, job.num_shards)):
+        result = batch.run(job, common.make_mesh)
     print_summary(result.outputs)
     summary, failed = result.summary()
     print(json.dumps(summary))

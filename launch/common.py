@@ -11,12 +11,26 @@ import logging as stdlib_logging
 from absl import app, flags
 from absl import logging as absl_logging
 
-from prunenet_jax.errors import UserError
+from prunenet_jax.errors import UserError, WriteError
+from prunenet_jax.run import atomic
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def _fail_now(message: str) -> None:
+    """_fail after a failed write, skipping interpreter shutdown: orbax's writer threads may still
+    be running the failed save, and would print tracebacks as the interpreter tears down."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+
+
+INTERRUPTED = ("interrupted (Ctrl-C); finished outputs and the last training checkpoint are kept: "
+               "rerun the same command to continue (launch.prune: add --resume)")
 
 
 def _parse_flags(argv):
@@ -27,10 +41,17 @@ def _parse_flags(argv):
 
 
 class _QuietOrbax(stdlib_logging.Filter):
-    """orbax logs every save and restore step at INFO; keep its warnings and errors only."""
+    """orbax logs every save and restore step at INFO; keep its warnings and errors only, except
+    the tracebacks of a failed write (full disk, lost permission), which the run reports as its
+    one `error:` line."""
 
     def filter(self, record):
-        return record.levelno >= stdlib_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno < stdlib_logging.WARNING:
+            return False
+        error = record.exc_info[1] if record.exc_info else Exception(record.getMessage())
+        return atomic.write_failure(error) is None
 
 
 def run(main) -> None:
@@ -42,8 +63,18 @@ def run(main) -> None:
             _fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
         try:
             return main(argv)
+        except WriteError as e:
+            _fail_now(str(e))
         except UserError as e:
             _fail(str(e))
+        except KeyboardInterrupt as e:  # errors.Interrupted says where it stopped
+            _fail(str(e) or INTERRUPTED, 130)
+        except Exception as e:  # a full disk or lost permission that no writer translated
+            reason = atomic.write_failure(e)
+            if reason is None:
+                raise
+            _fail_now(f"{reason} ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
+                  "free space or restore write access, then rerun the same command")
 
     app.run(guarded, flags_parser=_parse_flags)
 

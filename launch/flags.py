@@ -5,15 +5,17 @@ itself never reads FLAGS."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from absl import flags
 
-from prunenet_jax import prune, weights
+from prunenet_jax import prune, rng, weights
 from prunenet_jax.errors import UserError
 from prunenet_jax.evaluation import texts
 from prunenet_jax.evaluation.perplexity import EvalConfig
 from prunenet_jax.method import train
+from prunenet_jax.run import run_dir
 from prunenet_jax.run.prune_run import OutputOptions, Training
 
 FLAGS = flags.FLAGS
@@ -81,9 +83,13 @@ def parse_ratios(spec: str) -> list[float]:
                         "pass e.g. --ratios=0.1,0.2,0.3") from None
     if not ratios:
         raise UserError("--ratios is empty; pass e.g. --ratios=0.1,0.2,0.3")
+    folders = set()
     for r in ratios:
         if not 0.0 <= r < 1.0:
             raise UserError(f"ratio {r} in --ratios is outside [0, 1); pass ratios such as 0.2")
+        if run_dir.ratio_dirname(r) in folders:  # exact names: only equal ratios share one
+            raise UserError(f"ratio {r} appears twice in --ratios={spec}; list each ratio once")
+        folders.add(run_dir.ratio_dirname(r))
     return ratios
 
 
@@ -99,6 +105,14 @@ def check_pruning_flags() -> None:
                         "--export_hf too")
     if FLAGS.export_hf and not FLAGS.out_dir:
         raise UserError("--export_hf needs --out_dir")
+    if not (math.isfinite(FLAGS.lr) and FLAGS.lr > 0):
+        raise UserError(f"--lr={FLAGS.lr} must be a finite number > 0, e.g. 1e-3")
+    if not 0.0 <= FLAGS.gamma <= 1.0:  # also refuses nan
+        raise UserError(f"--gamma={FLAGS.gamma} must be a discount in [0, 1], e.g. 0.99")
+    if FLAGS.train_ratio is not None and not 0.0 <= FLAGS.train_ratio < 1.0:
+        raise UserError(f"--train_ratio={FLAGS.train_ratio} is outside [0, 1); pass a ratio "
+                        "such as 0.3, or omit it (the largest of --ratios)")
+    rng.check_seed(FLAGS.seed)
 
 
 def training(ratios: list[float]) -> Training:

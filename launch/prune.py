@@ -11,7 +11,7 @@ from absl import flags
 
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
-from prunenet_jax.run import atomic, prune_run
+from prunenet_jax.run import atomic, prune_run, run_lock
 
 FLAGS = flags.FLAGS
 launch_flags.define_model_flags()
@@ -36,14 +36,18 @@ def prune_job() -> prune_run.PruneJob:
     if FLAGS.resume and FLAGS.overwrite:
         raise common.UserError("--resume continues the run in --out_dir and --overwrite replaces "
                                "it; pass only one")
-    if FLAGS.out_dir:
-        inputs = [FLAGS.model] + ([FLAGS.policy] if FLAGS.policy else [])
-        atomic.check_out_dir(FLAGS.out_dir, inputs, reuse=FLAGS.resume or FLAGS.overwrite)
+    check_out_dir()
     return prune_run.PruneJob(
         model=FLAGS.model, revision=FLAGS.revision, ratios=tuple(ratios),
         training=launch_flags.training(ratios), outputs=launch_flags.output_options(),
         out_dir=FLAGS.out_dir, policy=FLAGS.policy, resume=FLAGS.resume,
         eval=launch_flags.eval_config(), command=common.command_line())
+
+
+def check_out_dir() -> None:
+    if FLAGS.out_dir:
+        inputs = [FLAGS.model] + ([FLAGS.policy] if FLAGS.policy else [])
+        atomic.check_out_dir(FLAGS.out_dir, inputs, reuse=FLAGS.resume or FLAGS.overwrite)
 
 
 def print_table(result: prune_run.PruneResult) -> None:
@@ -57,7 +61,12 @@ def print_table(result: prune_run.PruneResult) -> None:
 
 
 def main(argv) -> None:
-    result = prune_run.run(prune_job(), common.start_devices)
+    job = prune_job()
+    # One run per --out_dir (process 0 writes; the others only train). Checked again under the
+    # lock: another run may have filled the folder since.
+    with run_lock.hold(job.out_dir if not FLAGS.process_id else None):
+        check_out_dir()
+        result = prune_run.run(job, common.start_devices)
     if result is not None:  # process 0
         print_table(result)
         print(json.dumps(result.to_json()))

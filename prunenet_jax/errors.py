@@ -6,3 +6,13 @@ class UserError(Exception):
 
     Launchers print it as one `error: ...` line on stderr and exit with code 2.
     """
+
+
+class WriteError(UserError):
+    """An output could not be written (disk full, permission lost, read-only file system): the
+    run stops (a batch does not blame the checkpoint it was writing) and a rerun continues."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, honoured at a safe point (after an episode); the message says how to continue.
+    Launchers print it as one `error: ...` line and exit with code 130."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Optional
 
-from prunenet_jax import sources
+from prunenet_jax import rng, sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import llama, sampler
 from prunenet_jax.weights import ModelWeights, dtype_by_name
@@ -32,13 +33,16 @@ class GenerateJob:
     revision: Optional[str] = None
 
     def check(self) -> None:
-        checks = [(self.max_new_tokens < 1, f"--max_new_tokens={self.max_new_tokens} must be at least 1"),
-                  (not self.temperature >= 0, f"--temperature={self.temperature} must be >= 0 (0 is greedy)"),
+        checks = [(not 1 <= self.max_new_tokens <= 2**20,
+                   f"--max_new_tokens={self.max_new_tokens} must be in [1, {2**20}]"),
+                  (not 0 <= self.temperature < math.inf,
+                   f"--temperature={self.temperature} must be a finite number >= 0 (0 is greedy)"),
                   (not 0 < self.top_p <= 1, f"--top_p={self.top_p} must be in (0, 1] (1 keeps every token)")]
         for bad, message in checks:
             if bad:
                 raise UserError(message)
         dtype_by_name(self.dtype)
+        rng.check_seed(self.seed)
 
 
 def eos_ids(weights: ModelWeights) -> list[int]:

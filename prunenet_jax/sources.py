@@ -62,10 +62,15 @@ def resolve_source(source: str, revision: Optional[str] = None) -> tuple[str, st
             return "gguf", source
         raise UserError(f"{source} is a file but not a .gguf file; pass a Hugging Face folder "
                         "(with config.json and safetensors), a .gguf file, a hub id or 'default'")
-    if not _HUB_ID.match(source) or source.endswith(".gguf"):
+    if not is_hub_id(source):
         raise UserError(f"{source}: no such file or folder; pass an existing Hugging Face folder, "
                         "a '.gguf' file, a hub id like 'org/name', or 'default'")
     return "hf", download(source, revision)
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` has the form of a hub id (`org/name`)."""
+    return bool(_HUB_ID.match(source)) and not source.endswith(".gguf")
 
 
 def _gguf():

@@ -13,6 +13,7 @@ import pytest
 
 from prunenet_jax.formats import orbax as orbax_format
 from prunenet_jax import sources
+from prunenet_jax.run import batch
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +175,11 @@ def test_shards_split_the_list_and_merge(inputs, tmp_path):
 
 
 def test_shards_running_at_once(inputs, tmp_path):
-    spec = ",".join(str(inputs[n]) for n in ("base", "scaled", "noisy", "base"))
+    copy = tmp_path / "copy" / "base"  # a second checkpoint named `base`: both get hashed names
+    shutil.copytree(inputs["base"], copy)
+    spec = ",".join([str(inputs[n]) for n in ("base", "scaled", "noisy")] + [str(copy)])
+    names = batch.output_names(spec.split(","))
+    assert names[0].startswith("base-") and names[3].startswith("base-") and names[0] != names[3]
     out = tmp_path / "out"
     procs = [subprocess.Popen([sys.executable, "-m", "launch.batch_prune", f"--checkpoints={spec}",
                                "--ratios=0.25,0.5", f"--out_dir={out}", f"--policy={inputs['policy']}",
@@ -188,7 +193,7 @@ def test_shards_running_at_once(inputs, tmp_path):
     merged = _manifest(out)
     assert merged["shards"] == {"present": [0, 1], "missing": []}
     assert sorted((e["checkpoint"], e["status"]) for e in merged["outputs"]) == sorted(
-        (n, "done") for n in ("base", "base-2", "noisy", "scaled") for _ in range(2))
+        (n, "done") for n in (names[0], names[3], "noisy", "scaled") for _ in range(2))
     assert json.loads(merge.stdout.strip().splitlines()[-1])["outputs"] == merged["outputs"]
 
 

@@ -37,7 +37,7 @@ def test_rope_layouts_and_bad_configs():
     assert v4 == v5 and v4.rope_theta == 5e5 and dict(v4.rope_scaling)["factor"] == 8.0
     with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
         LlamaConfig.from_hf({**BASE, "model_type": "gpt2"})
-    with pytest.raises(UserError, match="missing or malformed field 'hidden_size'"):
+    with pytest.raises(UserError, match="field 'hidden_size' is missing"):
         LlamaConfig.from_hf({k: v for k, v in BASE.items() if k != "hidden_size"} | {"model_type": "llama"})
     with pytest.raises(UserError, match="rope type 'yarn' is not supported"):
         LlamaConfig.from_hf({**BASE, "model_type": "llama", "rope_scaling": {"rope_type": "yarn"}})

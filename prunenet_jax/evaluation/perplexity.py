@@ -15,6 +15,10 @@ from prunenet_jax.errors import UserError
 from prunenet_jax.models import llama
 
 
+# Upper bounds of the eval flags: beyond them an array shape overflows or memory runs out.
+MAX_SEQ_LEN, MAX_BATCH, MAX_TOKENS = 2**20, 2**16, 2**40
+
+
 def windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Cuts ids into non-overlapping windows of seq_len; the last one is padded (mask 0)."""
     if seq_len < 2:
@@ -96,12 +100,21 @@ class EvalConfig:
 
     def check(self) -> None:
         """Refuses bad values before anything heavy runs (the messages name the flags)."""
-        if self.max_tokens < 0:
-            raise UserError(f"--max_tokens={self.max_tokens} must be >= 0 (0 means all)")
-        if self.seq_len < 2:
-            raise UserError(f"--seq_len={self.seq_len} is too short; use at least 2 (512 is typical)")
-        if self.batch_size < 1:
-            raise UserError(f"--batch_size={self.batch_size} must be at least 1")
+        if not 0 <= self.max_tokens <= MAX_TOKENS:
+            raise UserError(f"--max_tokens={self.max_tokens} must be in [0, {MAX_TOKENS}] (0 "
+                            "means all)")
+        if not 2 <= self.seq_len <= MAX_SEQ_LEN:
+            raise UserError(f"--seq_len={self.seq_len} must be in [2, {MAX_SEQ_LEN}] (512 is "
+                            "typical)")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise UserError(f"--batch_size={self.batch_size} must be in [1, {MAX_BATCH}]")
+
+    def check_model(self, config, source: str) -> None:
+        """Refuses windows the model cannot take, from its config alone (before loading)."""
+        window = config.sliding_window
+        if window is not None and self.seq_len > window:
+            raise UserError(f"--seq_len={self.seq_len} exceeds the sliding window of {window} "
+                            f"of {source}; use --seq_len <= {window}")
 
 
 def perplexity_fn(tokenizer, cfg: EvalConfig) -> Callable:

@@ -202,6 +202,10 @@ def gguf_hf_config(reader, path: str, tensors: Optional[dict] = None) -> dict[st
 
     hidden = meta.int(f"{arch_name}.embedding_length")
     heads = meta.int(f"{arch_name}.attention.head_count")
+    if hidden < 1 or heads < 1:  # the config check would come too late: hidden // heads below
+        raise UserError(f"{path}: {arch_name}.embedding_length={hidden} and "
+                        f"{arch_name}.attention.head_count={heads} must be positive; the file's "
+                        "metadata is corrupt: re-convert it with llama.cpp")
     kv_heads = meta.int(f"{arch_name}.attention.head_count_kv", heads)
     head_dim = meta.int(f"{arch_name}.attention.key_length", None)
     if head_dim is None and model_type == "llama":

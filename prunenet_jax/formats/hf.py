@@ -55,11 +55,37 @@ def read_config(folder: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{folder} has no config.json; pass the folder of a Hugging Face checkpoint "
                         "(it holds config.json and the safetensors files)")
+    return _read_json(path, "restore the file from the source")
+
+
+def _read_json(path: str, fix: str):
+    """A JSON file's value; unreadable or invalid JSON is a UserError naming the file and `fix`."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore the file from the source") from None
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not valid JSON ({reason}); {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check the path and permissions") from None
+
+
+def read_weight_map(index: str) -> dict[str, str]:
+    """The `weight_map` of a sharded safetensors index: tensor name -> a plain file name in the
+    index's folder (no path: an absolute path or `..` would open files outside the checkpoint)."""
+    fix = "restore it from the source (it maps tensor names to shard file names)"
+    data = _read_json(index, fix)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index}: no 'weight_map' object; {fix}")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise UserError(f"{index}: weight_map[{name!r}] is {fname!r}, not a file name; {fix}")
+        if (fname in ("", ".", "..") or "/" in fname or os.sep in fname or "\\" in fname
+                or "\0" in fname):
+            raise UserError(f"{index}: weight_map[{name!r}] = {fname!r} is not a plain file name "
+                            "in the checkpoint folder; shards must sit beside the index")
+    return weight_map
 
 
 def open_shards(folder: str) -> dict[str, SafetensorsFile]:
@@ -67,11 +93,7 @@ def open_shards(folder: str) -> dict[str, SafetensorsFile]:
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError, UnicodeDecodeError):
-            raise UserError(f"{index} is not a valid safetensors index; restore it from the source") from None
+        weight_map = read_weight_map(index)
         files = {}
         for fname in sorted(set(weight_map.values())):
             path = os.path.join(folder, fname)
@@ -79,6 +101,10 @@ def open_shards(folder: str) -> dict[str, SafetensorsFile]:
                 raise UserError(f"{index} names {fname}, which is missing from {folder}; "
                                 "download the complete checkpoint")
             files[fname] = SafetensorsFile(path)
+        for name, fname in weight_map.items():
+            if name not in files[fname].keys():
+                raise UserError(f"{index} puts tensor {name!r} in {fname}, which does not hold "
+                                "it; download the complete checkpoint (index and shards together)")
         return {name: files[fname] for name, fname in weight_map.items()}
     if os.path.isfile(single):
         f = SafetensorsFile(single)
@@ -173,6 +199,8 @@ def export_hf(weights: ModelWeights, out_dir: str, *, model_card: Optional[dict]
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out_dir} ({e.strerror}); choose a writable folder") from None
+    atomic.check_free_space(out_dir, (1 + torch_format) * sum(
+        t.size * np.dtype(dtype).itemsize for t in tensors.values()) + 2**16)
     with atomic.staged_dir(out_dir) as tmp:  # renamed to out_dir only once complete
         _write_tokenizer(weights, tmp)  # first: a source without a usable tokenizer fails fast
         _write_sharded(tmp, SAFE_WEIGHTS, tensors, dtype, max_shard_bytes,

@@ -63,9 +63,15 @@ def _save(path: str, items: dict[str, Any], meta: dict, overwrite: bool) -> None
                         "another --out_dir")
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args["meta"] = ocp.args.JsonSave(meta)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic.check_free_space(path, _nbytes(items) + 2**16)  # + metadata
     with atomic.staged_dir(path, create=False) as tmp:  # orbax creates tmp; we swap it into path
         _checkpointer().save(tmp, args=ocp.args.Composite(**args))
+
+
+def _nbytes(tree) -> int:
+    """Bytes of the arrays of `tree` (no device-to-host copy)."""
+    return sum(int(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes)
+               for x in jax.tree.leaves(tree))
 
 
 def read_meta(path: str) -> Optional[dict]:
@@ -157,10 +163,13 @@ class TrainCheckpoints:
         return self._manager.latest_step()
 
     def save(self, episodes_done: int, state, history: dict[str, np.ndarray]) -> None:
-        """Asynchronous: returns once the arrays are copied; `wait` before relying on the files."""
-        self._manager.save(episodes_done, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), history=ocp.args.StandardSave(history),
-            meta=ocp.args.JsonSave(self.run_meta)))
+        """Asynchronous: returns once the arrays are copied; `wait` before relying on the files.
+        A full disk or lost permission (here or from the previous save) is a WriteError."""
+        atomic.check_free_space(self.directory, _nbytes((state, history)) + 2**16)
+        with atomic.write_errors(self.directory):
+            self._manager.save(episodes_done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), history=ocp.args.StandardSave(history),
+                meta=ocp.args.JsonSave(self.run_meta)))
 
     def restore(self, state_template, history_template_fn) -> tuple[Any, dict, int]:
         """(state, history, episodes done) of the latest checkpoint, as host arrays shaped like
@@ -183,7 +192,8 @@ class TrainCheckpoints:
         return _to_numpy(restored["state"]), _to_numpy(restored["history"]), step
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with atomic.write_errors(self.directory):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()

@@ -8,6 +8,7 @@ tensor is read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -26,7 +27,12 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class SafetensorsFile:
-    """The tensors of one .safetensors file, each read on demand as a read-only memmap view."""
+    """The tensors of one .safetensors file, each read on demand as a read-only memmap view.
+
+    The header is checked by schema before any tensor is read: a JSON object whose entries are
+    objects with a known `dtype`, a `shape` of non-negative ints and `data_offsets` of two
+    non-negative ints whose span is the tensor's size, inside the file and not overlapping
+    another's; `__metadata__` is an object of strings. So no read ever leaves the file."""
 
     def __init__(self, path: str):
         self.path = path
@@ -41,28 +47,25 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > min(size - 8, _MAX_HEADER):
                     raise UserError(corrupt)
-                header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
+                header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise UserError(corrupt) from None
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror}; check the path and permissions") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: the header is a JSON {type(header).__name__}, not an object; "
+                            f"{corrupt}")
+        self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(
+                isinstance(v, str) for v in self.metadata.values()):
+            raise UserError(f"{path}: '__metadata__' is not an object of strings; {corrupt}")
         self._data_start = 8 + n
-        self._entries = header
-        end = 0
-        for name, entry in header.items():
-            dtype = entry.get("dtype")
-            if dtype not in DTYPES:
-                raise UserError(f"{path}: tensor {name!r} has dtype {dtype!r}, which is not "
-                                f"supported (supported: {', '.join(DTYPES)})")
-            begin, stop = entry["data_offsets"]
-            nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
-            if stop - begin != nbytes:
-                raise UserError(f"{path}: tensor {name!r} header is inconsistent; {corrupt}")
-            end = max(end, stop)
-        if self._data_start + end > size:
-            raise UserError(f"{path} is truncated ({size} bytes, its header needs "
-                            f"{self._data_start + end}); re-download or re-save the checkpoint")
+        self._entries = {name: _check_entry(path, name, entry, size - self._data_start)
+                         for name, entry in header.items()}
+        spans = sorted(e["data_offsets"] for e in self._entries.values() if e["nbytes"])
+        for (_, stop), (begin, _) in zip(spans, spans[1:]):
+            if begin < stop:
+                raise UserError(f"{path}: two tensors share the bytes at offset {begin}; {corrupt}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -79,6 +82,47 @@ class SafetensorsFile:
         raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + begin,
                         shape=(stop - begin,))
         return raw.view(dtype).reshape(entry["shape"])
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """A JSON object with a key given twice is ambiguous (which tensor is meant?): refused."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(path: str, name: str, entry, data_bytes: int) -> dict:
+    """One header entry checked by schema (see SafetensorsFile); returns it with its size."""
+    def bad(problem: str):
+        raise UserError(f"{path}: tensor {name!r} {problem}; the header is corrupt: re-download "
+                        "or re-save the checkpoint")
+
+    if not isinstance(entry, dict):
+        bad(f"is described by a JSON {type(entry).__name__}, not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise UserError(f"{path}: tensor {name!r} has dtype {dtype!r}, which is not supported "
+                        f"(supported: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        bad(f"has shape {shape!r}, not a list of non-negative integers")
+    if len(shape) > 32 or math.prod(max(d, 1) for d in shape) > 2**60:  # numpy's limits
+        bad(f"has shape {shape!r}, beyond any array")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        bad(f"has data_offsets {offsets!r}, not two non-negative integers")
+    begin, stop = offsets
+    nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+    if stop - begin != nbytes:
+        bad(f"has data_offsets {offsets} ({stop - begin} bytes) but its shape {shape} and dtype "
+            f"{dtype} need {nbytes} bytes")
+    if stop > data_bytes:
+        raise UserError(f"{path} is truncated (tensor {name!r} ends at data byte {stop}, the file "
+                        f"holds {data_bytes}); re-download or re-save the checkpoint")
+    return {"dtype": dtype, "shape": shape, "data_offsets": offsets, "nbytes": nbytes}
 
 
 _NAMES = {np.dtype(t): name for name, t in DTYPES.items()}

@@ -380,7 +380,8 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
 
 def _advance(state: TrainState, params, opt_state, total_reward) -> TrainState:
     """The state after an episode: new params, and the best-episode bookkeeping."""
-    better = total_reward > state.best_reward
+    # A non-finite episode (or one sampled by non-finite params) is never the best.
+    better = (total_reward > state.best_reward) & jnp.isfinite(total_reward) & all_finite(state.params)
     return TrainState(
         params=params,
         opt_state=opt_state,
@@ -389,6 +390,26 @@ def _advance(state: TrainState, params, opt_state, total_reward) -> TrainState:
         best_params=_masked(better, state.params, state.best_params),
         best_episode=jnp.where(better, state.episode, state.best_episode),
     )
+
+
+def all_finite(tree) -> jax.Array:
+    """() bool: every element of every array of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+_all_finite_fn = jax.jit(all_finite)
+
+
+def check_finite_episode(episode: int, metrics: "EpisodeMetrics", params, cfg: TrainConfig) -> None:
+    """Stops training when an episode's losses or rewards, or the params after its update (a
+    non-finite gradient makes them non-finite), are NaN or Inf: what follows would be garbage."""
+    bad = [f"the {f}" for f in ("losses", "rewards") if not np.isfinite(getattr(metrics, f)).all()]
+    if not bool(sharding.to_host(_all_finite_fn(params))):
+        bad.append("the updated policy (a non-finite gradient)")
+    if bad:
+        raise UserError(f"training became non-finite in episode {episode}: {' and '.join(bad)} "
+                        f"hold NaN or Inf, at learning rate {cfg.learning_rate}; lower --lr, or "
+                        "check that the model's gate weights are of a sane size")
 
 
 def reference_singular_values(W, *, mesh: Optional[Mesh] = None,
@@ -608,6 +629,9 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
             W_dev, mesh=mesh, method=cfg.sv_method, grams=grams))
         episode_fn = _cached_episode_fn(cfg, L, mesh)
         run_episode = lambda state, key: episode_fn(state, W_dev, ref_sv, key, grams)
+    if not bool(sharding.to_host(_all_finite_fn(ref_sv))):
+        raise UserError("the gate matrices' singular values are not finite (weights too large for "
+                        "float32); the model cannot be pruned by its spectra")
     setup_seconds = time.perf_counter() - start
     seconds = []
     for e in range(first, num_episodes):
@@ -616,6 +640,7 @@ def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params
         host = EpisodeMetrics(*(sharding.to_host(m) for m in metrics))
         host = host._replace(**{f: host_f[:L] for f, host_f in host._asdict().items()
                                 if f != "total_reward"})
+        check_finite_episode(e, host, state.params, cfg)
         history.append(host)
         seconds.append(time.perf_counter() - t0)  # to_host above waited for the episode
         if callback is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
+import threading
 from typing import Optional
 
 import jax
@@ -18,7 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from prunenet_jax import progress
-from prunenet_jax.errors import UserError
+from prunenet_jax.errors import Interrupted, UserError
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import sampling, sharding, train
@@ -30,6 +32,32 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+class _StopOnCtrlC:
+    """While entered, Ctrl-C (SIGINT) asks training to stop after the running episode (one jitted
+    call cannot be cut short) instead of raising in the middle of it; a second Ctrl-C interrupts
+    at once. Only the main thread can handle signals: elsewhere this does nothing."""
+
+    def __init__(self):
+        self.asked, self._installed, self._previous = False, False, None
+
+    def _restore(self):
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def _ask(self, signum, frame):
+        self.asked = True
+        self._restore()
+        progress.message("Ctrl-C: stopping after this episode (press it again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous, self._installed = signal.signal(signal.SIGINT, self._ask), True
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            self._restore()
 
 
 def _restore(ckpts, config: LlamaConfig, cfg: train.TrainConfig, seed: int, episodes: int):
@@ -74,16 +102,27 @@ def train_policy(W, config: LlamaConfig, cfg: train.TrainConfig, *, seed: int, e
                         total_reward=f"{float(m.total_reward):.2f}")
         bar.update(1)
 
-    def on_state(done, state, history):
-        if ckpts is not None and (done % checkpoint_every == 0 or done == episodes):
-            ckpts.save(done, state, train.history_arrays(history))
+    stop = _StopOnCtrlC()
 
-    result = train.train(W, cfg, seed=seed, num_episodes=episodes, mesh=mesh, callback=on_episode,
-                         resume_from=resume_from, on_state=on_state)
-    bar.close()
-    if ckpts is not None:
-        ckpts.wait()
-        ckpts.close()
+    def on_state(done, state, history):
+        if ckpts is not None and (done % checkpoint_every == 0 or done == episodes or stop.asked):
+            ckpts.save(done, state, train.history_arrays(history))
+        if stop.asked:
+            if ckpts is not None:
+                ckpts.wait()  # the checkpoint of this finished episode is complete
+            raise Interrupted(f"interrupted (Ctrl-C) after episode {done} of {episodes}" + (
+                f"; the training state is saved in {ckpts.directory}: rerun the same command "
+                "with --resume to continue" if ckpts is not None else ""))
+
+    try:
+        with stop:
+            result = train.train(W, cfg, seed=seed, num_episodes=episodes, mesh=mesh,
+                                 callback=on_episode, resume_from=resume_from, on_state=on_state)
+    finally:  # also on an error: no checkpoint is left half written by a running save
+        bar.close()
+        if ckpts is not None:
+            ckpts.wait()
+            ckpts.close()
     # Gathering to the host is a collective on multi-host runs: every process takes part.
     params = jax.tree.map(sharding.to_host, result.state.best_params)
     summary = {"best_episode": int(sharding.to_host(result.state.best_episode)),

@@ -6,6 +6,7 @@ complete new one, never a partial one. The input checkpoint is never written int
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -15,9 +16,10 @@ import uuid
 from typing import Optional
 
 
-from prunenet_jax.errors import UserError
+from prunenet_jax.errors import UserError, WriteError
 
 
+LOCK_FILE = ".prunenet.lock"  # run/run_lock.py's; not counted as content of a run folder
 RUN_DIR_FIX = ("pass --overwrite to replace an earlier run's outputs, --resume to continue it, "
                "or choose an empty folder")
 
@@ -43,9 +45,12 @@ def check_out_dir(out_dir: str, inputs, *, reuse: bool = True, name: Optional[st
         if replaced and _inside(src, out):
             raise UserError(f"{name} holds the input checkpoint {source}, which replacing the "
                             "folder would delete; choose another folder")
+    if replaced and os.path.islink(out_dir):
+        raise UserError(f"{name} is a symbolic link (to {out}); replacing it would write through "
+                        "the link. Pass the folder it points to, or remove the link")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{name} exists and is not a folder; choose another path")
-    if not reuse and os.path.isdir(out) and os.listdir(out):
+    if not reuse and os.path.isdir(out) and set(os.listdir(out)) - {LOCK_FILE}:
         raise UserError(f"{name} is not empty; {fix}")
     if must_not_exist and not reuse and os.path.exists(out_dir):
         raise UserError(f"{name} exists; pass --overwrite to replace it")
@@ -61,14 +66,85 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                 errno.EROFS: "read-only file system"}
+# How orbax/tensorstore word the same failures in the exceptions they raise.
+_WRITE_TEXTS = {"RESOURCE_EXHAUSTED": _WRITE_ERRNOS[errno.ENOSPC],
+                "No space left": _WRITE_ERRNOS[errno.ENOSPC],
+                "PERMISSION_DENIED": _WRITE_ERRNOS[errno.EACCES],
+                "Permission denied": _WRITE_ERRNOS[errno.EACCES],
+                "Read-only file system": _WRITE_ERRNOS[errno.EROFS]}
+
+
+def write_failure(error: BaseException) -> Optional[str]:
+    """Why a write failed, when `error` (or what caused it) is the disk or the permissions
+    rather than a bug: "no space left on the device", ...; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+            return _WRITE_ERRNOS[error.errno]
+        text = str(error)
+        for marker, reason in _WRITE_TEXTS.items():
+            if marker in text:
+                return reason
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def check_free_space(path: str, nbytes: int) -> None:
+    """Refuses to start writing about `nbytes` under `path` when its file system has less free:
+    a write that fails midway is slower to report and (in orbax's writer threads) noisier."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < nbytes:
+        raise WriteError(f"cannot write {path}: it needs about {nbytes / 2**20:.1f} MiB but "
+                         f"{existing} has {free / 2**20:.1f} MiB free; free space, then rerun "
+                         "the same command (finished outputs are kept; launch.prune continues "
+                         "with --resume)")
+
+
+@contextlib.contextmanager
+def write_errors(path: str):
+    """Turns a failed write under `path` (see `write_failure`) into a WriteError: one line that
+    says what to do, instead of a traceback."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise WriteError(f"cannot write {path}: {reason}; free space or restore write access, "
+                         "then rerun the same command (finished outputs are kept; launch.prune "
+                         "continues with --resume)") from None
+
+
 @contextlib.contextmanager
 def staged_dir(final: str, *, create: bool = True):
     """Yields a temporary sibling path of folder `final` to fill; on success it is renamed to
     `final`. An existing `final` is renamed away first and deleted after the swap, so at every
     instant `final` is the old complete folder, the new complete one, or (for the instant between
     two renames) absent, never partial. On an exception the temporary folder is removed.
-    `create=False` yields the path without making it (for writers that insist on creating it)."""
+    `create=False` yields the path without making it (for writers that insist on creating it).
+    A failed write (disk full, permission lost) is a WriteError; a symbolic link at `final` is
+    refused (swapping it would delete the link and write beside it)."""
     final = os.path.abspath(final)
+    if os.path.islink(final):
+        raise UserError(f"{final} is a symbolic link; replacing it would write through the link. "
+                        "Pass the folder it points to, or remove the link")
+    with write_errors(final):
+        with _staged_dir(final, create) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _staged_dir(final: str, create: bool):
+    """staged_dir's staging and swap."""
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
     _recover(parent, name)
@@ -89,9 +165,10 @@ def staged_dir(final: str, *, create: bool = True):
             raise
         _fsync_dir(parent)
         if old is not None:
-            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for path in glob.glob(glob.escape(tmp) + "*"):  # orbax stages in <tmp>.orbax-checkpoint-tmp
+            shutil.rmtree(path, ignore_errors=True)
         raise
 
 
@@ -119,6 +196,11 @@ def _fsync_dir(folder: str) -> None:
 def atomic_write(path: str, write) -> None:
     """Calls write(file) on a temporary file beside `path`, fsyncs it and renames it to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
+    with write_errors(path):
+        _atomic_write(path, folder, write)
+
+
+def _atomic_write(path: str, folder: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
     try:
         with os.fdopen(fd, "wb") as f:

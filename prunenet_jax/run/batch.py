@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import glob
+import hashlib
 import os
 from typing import Optional
 
 from absl import logging
 
 from prunenet_jax import progress, sources
-from prunenet_jax.errors import UserError
+from prunenet_jax.errors import UserError, WriteError
 from prunenet_jax.evaluation import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import trainer
@@ -25,6 +26,8 @@ from prunenet_jax.models import registry
 from prunenet_jax.run import atomic, run_dir
 from prunenet_jax.run.prune_run import OutputOptions, Training, check_ratios_fit, ppl_of, prune_at_ratios
 from prunenet_jax.run.run_dir import Manifest, OutputEntry
+
+_MAX_LIST_BYTES = 16 * 2**20  # a checkpoint list is a text file, not a model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +55,16 @@ class BatchJob:
                             "launch.prune --out_dir=... and pass --policy=<that out_dir>/policy")
         # Rerunning into the same --out_dir resumes, so an existing folder is fine.
         atomic.check_out_dir(self.out_dir, list(self.checkpoints) + ([self.policy] if self.policy else []))
+        for name in output_names(list(self.checkpoints)):
+            run_dir.check_inside(self.out_dir, os.path.join(self.out_dir, name))
 
 
 def parse_checkpoints(spec: str) -> list[str]:
     """The checkpoint list: a text file (one per line, # comments), or a comma list whose items
     may be globs (expanded in sorted order)."""
     if os.path.isfile(spec) and not spec.endswith(".gguf") and not glob.has_magic(spec):
-        with open(spec) as f:
-            items = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        items = [line.strip() for line in _read_list(spec).splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
     else:
         items = []
         for part in (p.strip() for p in spec.split(",")):
@@ -76,6 +81,23 @@ def parse_checkpoints(spec: str) -> list[str]:
     return items
 
 
+def _read_list(path: str) -> str:
+    """The text of a checkpoint list file; a binary or unreadable file is a UserError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_LIST_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"--checkpoints={path}: cannot read it ({e.strerror}); check the path "
+                        "and permissions") from None
+    try:
+        if len(data) > _MAX_LIST_BYTES or b"\0" in data:
+            raise ValueError
+        return data.decode("utf-8")
+    except ValueError:
+        raise UserError(f"--checkpoints={path} is not a text file (one checkpoint per line); pass "
+                        "a list file, a comma list or a glob") from None
+
+
 def split_revision(source: str) -> tuple[str, Optional[str]]:
     """`org/name@revision` -> (org/name, revision) for hub ids; local paths are left whole."""
     if "@" in source and not os.path.exists(source):
@@ -85,16 +107,38 @@ def split_revision(source: str) -> tuple[str, Optional[str]]:
 
 
 def output_names(checkpoints: list[str]) -> list[str]:
-    """A folder name for each checkpoint (its base name, numbered when two share one); computed
-    over the whole list so every shard agrees."""
-    names, seen = [], {}
-    for src in (split_revision(s)[0] for s in checkpoints):
-        base = os.path.basename(src.rstrip("/")) or "checkpoint"
-        base = base[:-5] if base.endswith(".gguf") else base
-        if src.count("/") == 1 and not os.path.exists(src):  # a hub id: org/name
-            base = src.replace("/", "--")
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    """A folder name for each checkpoint, unique and the same for a given list on every shard:
+    the base name of the resolved source (`org--name` for a hub id; a `.gguf` file without the
+    suffix unless another item has that name); when items still share a name, or it is one of
+    the run folder's own names, `<name>-<8 hex digits of a sha256 of the resolved source>`. A
+    source listed twice is refused."""
+    keys, bases = [], []
+    for item in checkpoints:
+        src, _ = split_revision(item)
+        if os.path.exists(src) or not sources.is_hub_id(src):
+            key = os.path.realpath(src)  # `x/..`, links and relative paths name what they reach
+            base = os.path.basename(key)
+        else:
+            key, base = f"hub:{item}", src.replace("/", "--")
+        if key in keys:
+            raise UserError(f"--checkpoints lists {item!r} twice (as "
+                            f"{checkpoints[keys.index(key)]!r}); list each checkpoint once")
+        keys.append(key)
+        bases.append(base)
+    names = []
+    for i, base in enumerate(bases):
+        stem = base[:-5] if base.endswith(".gguf") else base
+        names.append(stem if stem not in bases[:i] + bases[i + 1:] else base)
+    shared = {n for n in names if names.count(n) > 1}
+    for i, (key, name) in enumerate(zip(keys, names)):
+        if name in shared or name in run_dir.RESERVED or name.startswith(".") or not name:
+            stem = bases[i][:-5] if bases[i].endswith(".gguf") else bases[i]
+            names[i] = f"{stem or 'checkpoint'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    for i, name in enumerate(names):  # a hashed name equal to another item's plain one
+        if names.index(name) != i:
+            raise UserError(f"--checkpoints: {checkpoints[names.index(name)]!r} and "
+                            f"{checkpoints[i]!r} would share the output folder {name!r}; rename "
+                            "one of them")
     return names
 
 
@@ -132,6 +176,8 @@ def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta,
         if policy_meta is not None:
             orbax.check_policy_fits(policy_meta, config, source, job.policy)
         check_ratios_fit(config.intermediate_size, job.ratios, source)
+        if job.eval is not None:
+            job.eval.check_model(config, source)
         weights = sources.load_model(path, revision=revision)
         ppl = ppl_of(weights, job.eval)
         dense_ppl = ppl(weights)
@@ -140,6 +186,8 @@ def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta,
                         card={"source": source, "command": job.command}, checkpoint=name,
                         extra={"source": source, "dense_ppl": dense_ppl},
                         on_output=lambda e: bar.update(1))
+    except WriteError:
+        raise  # a full disk or lost permission is not this checkpoint's fault: stop the batch
     except Exception as e:  # one bad checkpoint must not stop the batch
         message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         if not isinstance(e, UserError):

@@ -111,7 +111,7 @@ def prune_at_ratios(weights: ModelWeights, params: dict, ratios, options: Output
         entry = OutputEntry(ratio=r, kept=k, params=pruned.num_params(), checkpoint=checkpoint,
                             recipe=made_by, extra=dict(extra or {}))
         if out_dir is not None:
-            orbax_dir, hf_dir = run_dir.output_dirs(out_dir, r)
+            orbax_dir, hf_dir = run_dir.output_dirs(out_dir, r, manifest and manifest.folder)
             rel = manifest.relative if manifest else (lambda p: p)
             orbax.save_model(orbax_dir, pruned, meta, kept=kept, overwrite=True)
             entry.orbax_dir = rel(orbax_dir)
@@ -150,6 +150,8 @@ def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]])
     # The model's config is cheap to read: shape errors surface before the weights are loaded.
     config = sources.load_config(job.model, revision=job.revision)
     check_ratios_fit(config.intermediate_size, list(job.ratios) + [cfg.ratio], job.model)
+    if job.eval is not None:
+        job.eval.check_model(config, job.model)
     if policy is not None:
         orbax.check_policy_fits(policy[1], config, job.model, job.policy)
     mesh = start_devices()

@@ -32,14 +32,36 @@ RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_forma
 _FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir", "status", "error")
 
 
+# Names a batch item's folder must not take: they are the run folder's own.
+RESERVED = (MANIFEST, POLICY, TRAIN_STATE, "manifests")
+
+
 def ratio_dirname(ratio: float) -> str:
-    return f"ratio_{ratio:g}"
+    """`ratio_<r>`: the short form (`0.1`, `0.25`) when it reads back as the same float, else the
+    shortest exact one (repr), so distinct ratios never share a folder."""
+    short = f"{ratio:g}"
+    return f"ratio_{short if float(short) == ratio else repr(float(ratio))}"
 
 
-def output_dirs(out_dir: str, ratio: float) -> tuple[str, str]:
-    """(orbax folder, HF folder) of the output at `ratio` under `out_dir`."""
+def output_dirs(out_dir: str, ratio: float, root: Optional[str] = None) -> tuple[str, str]:
+    """(orbax folder, HF folder) of the output at `ratio` under `out_dir`, proven to lie inside
+    the run folder `root` (default `out_dir`)."""
     folder = os.path.join(out_dir, ratio_dirname(ratio))
+    check_inside(root or out_dir, folder)
     return os.path.join(folder, ORBAX), os.path.join(folder, HF)
+
+
+def check_inside(root: str, path: str) -> None:
+    """Refuses an output path that, once symlinks and `..` are resolved, is not where it reads
+    (below the resolved run folder `root`): a link planted inside the run folder, or a name that
+    climbs out of it, would otherwise send writes (and --overwrite's deletes) elsewhere."""
+    real_root = os.path.realpath(root)
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    expected = os.path.normpath(os.path.join(real_root, rel))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.realpath(path) != expected:
+        raise UserError(f"output {path} resolves to {os.path.realpath(path)}, outside the run "
+                        f"folder {real_root} (a symbolic link or '..' in the way); remove the "
+                        "link or choose another --out_dir")
 
 
 @dataclasses.dataclass
@@ -181,6 +203,11 @@ def finished_outputs(folder: str) -> list[FinishedOutput]:
 
 def shard_manifest_name(index: int, count: int) -> str:
     return MANIFEST if count == 1 else f"manifests/shard-{index:05d}-of-{count:05d}.json"
+
+
+def lock_name(index: int, count: int) -> str:
+    """The run lock of one batch shard (run/run_lock.py); one shard locks the whole folder."""
+    return atomic.LOCK_FILE if count == 1 else f"{atomic.LOCK_FILE}.shard-{index:05d}-of-{count:05d}"
 
 
 def merge_manifests(out_dir: str, count: int) -> dict:
