@@ -73,6 +73,9 @@ def _lapack_eigvalsh(g: np.ndarray) -> np.ndarray:
     flat = g.reshape((-1,) + g.shape[-2:])
     out = np.empty(flat.shape[:-1], g.dtype)
     for i, a in enumerate(flat):
+        if not np.isfinite(a).all():  # LAPACK fails on Inf/NaN; NaN values let the caller refuse them
+            out[i] = np.nan
+            continue
         out[i] = scipy.linalg.eigh(a, lower=True, eigvals_only=True, driver="evr",
                                    overwrite_a=True, check_finite=False)
     return out.reshape(g.shape[:-1])
