@@ -139,6 +139,15 @@ def test_sentencepiece_file_matches_transformers(tmp_path):
     assert mine.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
 
 
+def test_callers_get_their_own_tokenizer():
+    path = gguf_io.default_model_path()
+    first = ours(path)
+    first.chat_template = None
+    first.add_tokens(["<my-new-token>"])
+    second = ours(path)
+    assert second.chat_template and "<my-new-token>" not in second.get_vocab()
+
+
 def test_unbuildable_tokenizers_name_what_is_missing(tmp_path):
     base = dict(tokens=["a", "b", "ab"], types=[1, 1, 1])
     path = _write(tmp_path / "bert.gguf", model="bert", **base)
