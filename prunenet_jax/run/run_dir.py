@@ -228,3 +228,24 @@ def batch_summary(entries: list[OutputEntry], manifest_path: str) -> tuple[dict,
     failed = sorted({e.checkpoint for e in entries if not e.done})
     return ({"outputs": [e.to_json() for e in entries], "failed": failed,
              "manifest": manifest_path}, failed)
+
+
+# ----------------------------------------------------------------------------- recovery
+
+RECOVER_STATE = "recover_state"  # <out_dir>/recover_state/ratio_<r>/<step>/: recovery training state
+RECOVERY = "recovery"  # an output entry's recovery fine-tune, under this key
+
+
+def recovery_fields(*, steps: int, objective: str, method: str, tokens_seen: int, ppl_before,
+                    ppl_after, config: dict, seconds: dict, losses: list,
+                    resumed_after: Optional[int]) -> dict:
+    """What an output entry records of its recovery fine-tune (OutputEntry.extra[RECOVERY])."""
+    return {RECOVERY: {"steps": steps, "objective": objective, "method": method,
+                       "tokens_seen": tokens_seen, "ppl_before": ppl_before,
+                       "ppl_after": ppl_after, "config": config, "seconds": seconds,
+                       "losses": losses, "resumed_after": resumed_after}}
+
+
+def recover_header(*, inputs: list, dense: str, config: dict, command: str) -> dict:
+    """The run-level fields of a launch.recover run folder."""
+    return {"recovered_from": inputs, "dense": dense, "recovery": config, "command": command}
