@@ -135,7 +135,7 @@ def make_step(graphdef, teacher_graphdef, cfg: RecoverConfig) -> Callable:
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = opt.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state, total * scale,
-                optax.global_norm(grads), targets)
+                optax.tree.norm(grads), targets)
 
     return jax.jit(step, donate_argnums=(0, 1))
 
