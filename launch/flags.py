@@ -109,9 +109,10 @@ def training(ratios: list[float]) -> Training:
     return Training(cfg, episodes=FLAGS.episodes, checkpoint_every=FLAGS.checkpoint_every)
 
 
-def output_options() -> OutputOptions:
+def output_options(resume: bool = False) -> OutputOptions:
+    """resume: a recovery fine-tune (--recover_steps, when defined) continues from its state."""
     return OutputOptions(mode=FLAGS.mode, seed=FLAGS.seed, export_hf=FLAGS.export_hf,
-                         torch_format=FLAGS.torch_format)
+                         torch_format=FLAGS.torch_format, recover=recover_spec(resume))
 
 
 def eval_settings(dtype_name: str = "float32") -> EvalConfig:
@@ -178,3 +179,18 @@ def recover_config() -> "RecoverConfig":
         raise UserError(f"--recover_checkpoint_every={FLAGS.recover_checkpoint_every} must be >= 0")
     cfg.check()
     return cfg
+
+
+def recover_spec(resume: bool):
+    """--recover_steps on launch.prune/batch_prune: the recovery step, or None (0 steps, or a
+    launcher without the recovery flags)."""
+    if "recover_steps" not in FLAGS or not FLAGS.recover_steps:
+        return None
+    from prunenet_jax.recovery.run import RecoverSpec
+
+    cfg = recover_config()
+    if cfg.objective == "lm":
+        if not FLAGS.train_text:
+            raise UserError("--objective=lm trains on text: pass --train_text (a path or glob)")
+        texts.read_texts(FLAGS.train_text, flag="--train_text")
+    return RecoverSpec(cfg, FLAGS.train_text, FLAGS.recover_checkpoint_every, resume)

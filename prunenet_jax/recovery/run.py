@@ -255,3 +255,27 @@ def data_mesh_or_error(devices: int):
         raise UserError(f"--data_devices={devices} asks for more devices than the "
                         f"{jax.device_count()} present; use 1 to {jax.device_count()} (0: all)")
     return data_mesh(devices or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverSpec:
+    """Recovery as a step of launch.prune/batch_prune (--recover_steps): applied to each pruned
+    output before it is written."""
+    config: RecoverConfig
+    train_text: Optional[str] = None
+    checkpoint_every: int = 10
+    resume: bool = False
+
+    def recipe(self) -> dict:
+        """What an output's recovery depends on (a changed one makes the output stale)."""
+        return {**dataclasses.asdict(self.config), "train_text": self.train_text}
+
+    def apply(self, pruned: ModelWeights, dense: ModelWeights, *, ppl: Callable,
+              state_dir: Optional[str]) -> tuple[ModelWeights, dict]:
+        check_parent(pruned, dense, f"the output at {pruned.config.intermediate_size} channels",
+                     dense.source)
+        needs_tokenizer = self.config.objective == "lm"
+        tokenizer = sources.load_tokenizer(dense) if needs_tokenizer else None
+        return recover_weights(pruned, dense, self.config, tokenizer=tokenizer,
+                               train_text=self.train_text, ppl=ppl, state_dir=state_dir,
+                               resume=self.resume, checkpoint_every=self.checkpoint_every)

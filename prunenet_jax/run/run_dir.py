@@ -28,7 +28,7 @@ DONE, FAILED = "done", "failed"
 
 # What an output depends on besides the model and ratio: an entry made with another recipe is
 # stale and gets redone on resume.
-RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_format")
+RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_format", "recover_recipe")
 _FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir", "status", "error")
 
 
@@ -80,8 +80,11 @@ class OutputEntry:
                    extra={k: v for k, v in d.items() if k not in _FIXED and k not in RECIPE_FIELDS})
 
 
-def recipe(fingerprint: str, mode: str, seed: int, export_hf: bool, torch_format: bool) -> dict:
-    return dict(zip(RECIPE_FIELDS, (fingerprint, mode, seed, export_hf, torch_format)))
+def recipe(fingerprint: str, mode: str, seed: int, export_hf: bool, torch_format: bool,
+           recover: Optional[dict] = None) -> dict:
+    """`recover`: the recovery fine-tune's settings (--recover_steps), absent without one."""
+    made = dict(zip(RECIPE_FIELDS, (fingerprint, mode, seed, export_hf, torch_format)))
+    return made if recover is None else {**made, "recover_recipe": recover}
 
 
 class Manifest:
