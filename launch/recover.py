@@ -13,6 +13,7 @@ from absl import flags
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 from prunenet_jax.recovery import run as recovery
+from prunenet_jax.run import run_dir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "A pruned model's orbax folder (<run>/ratio_<r>/orbax) or a "
@@ -46,7 +47,7 @@ def main(argv) -> None:
     fmt = lambda p: "-" if p is None else f"{p:.3f}"
     print(f"{'ratio':>6}  {'steps':>6}  {'tokens':>8}  {'ppl before':>10}  {'ppl after':>10}")
     for e in entries:
-        r = e.extra["recovery"]
+        r = e.extra[run_dir.RECOVERY]
         print(f"{e.ratio:>6}  {r['steps']:>6}  {r['tokens_seen']:>8}  {fmt(r['ppl_before']):>10}  "
               f"{fmt(r['ppl_after']):>10}")
     print(json.dumps({"outputs": [e.to_json() for e in entries]}))
