@@ -147,7 +147,8 @@ def define_recovery_flags(default_steps: int) -> None:
                       "up/down, merged into the weights at the end; full: train every weight")
     flags.DEFINE_enum("objective", d.objective, OBJECTIVES, "distill: KL(dense || pruned) on text "
                       "sampled from the dense model (no data); lm: next-token loss on --train_text")
-    flags.DEFINE_string("train_text", None, "--objective=lm: text files (path, glob, comma-separated)")
+    flags.DEFINE_string("train_text", None, "Training text files (path, glob, comma-separated): "
+                        "required by --objective=lm; with distill, used instead of sampled text")
     flags.DEFINE_float("recover_lr", d.lr, "Peak AdamW learning rate of recovery")
     flags.DEFINE_integer("warmup", d.warmup, "Linear warm-up steps, then cosine decay to 0.1 x peak")
     flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW weight decay of recovery")
@@ -189,8 +190,8 @@ def recover_spec(resume: bool):
     from prunenet_jax.recovery.run import RecoverSpec
 
     cfg = recover_config()
-    if cfg.objective == "lm":
-        if not FLAGS.train_text:
-            raise UserError("--objective=lm trains on text: pass --train_text (a path or glob)")
+    if cfg.objective == "lm" and not FLAGS.train_text:
+        raise UserError("--objective=lm trains on text: pass --train_text (a path or glob)")
+    if FLAGS.train_text:
         texts.read_texts(FLAGS.train_text, flag="--train_text")
     return RecoverSpec(cfg, FLAGS.train_text, FLAGS.recover_checkpoint_every, resume)

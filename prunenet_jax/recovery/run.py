@@ -63,7 +63,7 @@ def to_weights(model: llama.LlamaForCausalLM, like: ModelWeights) -> ModelWeight
 
 
 def _pool(cfg: RecoverConfig, teacher, dense: ModelWeights, tokenizer, train_text: Optional[str]):
-    if cfg.objective == "lm":
+    if train_text:  # lm always; distill on the user's text instead of sampled text
         return data.text_pool(tokenizer, train_text, cfg.seq_len)
     rows = cfg.pool_rows or cfg.steps * cfg.rows_per_step
     bos = dense.hf_config.get("bos_token_id")
@@ -105,7 +105,7 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
     done = 0
     if ckpts is not None and resume and ckpts.latest_episode() is not None:
         rows = cfg.pool_rows or cfg.steps * cfg.rows_per_step
-        if cfg.objective == "lm":  # cheap to rebuild; its shape is the checkpoint's template
+        if train_text:  # cheap to rebuild; its shape is the checkpoint's template
             rows = len(data.text_pool(tokenizer, train_text, cfg.seq_len)[0])
         template = lambda _: {k: np.zeros((rows, cfg.seq_len), np.int32) for k in ("tokens", "mask")}
         state, pool, done = ckpts.restore(rec.state(), template)
@@ -199,7 +199,7 @@ def run(job: RecoverJob, make_mesh: Callable = lambda n: None) -> list:
     if job.config.method == "lora":
         for _, path, config in configs:
             lora.check_rank(job.config.lora_rank, config)
-    if job.config.objective == "lm":  # an empty or missing text fails before any weights load
+    if job.train_text:  # an empty or missing text fails before any weights load
         from prunenet_jax.evaluation import texts
         texts.read_texts(job.train_text, flag="--train_text")
     dense_name = _dense_source(job, inputs[0][1])
@@ -208,7 +208,7 @@ def run(job: RecoverJob, make_mesh: Callable = lambda n: None) -> list:
         check_parent_shapes(config, dense_config, path, dense_name)
     mesh = make_mesh(job.data_devices)
     dense = sources.load_model(dense_name)
-    needs_tokenizer = job.config.objective == "lm" or job.eval is not None
+    needs_tokenizer = bool(job.train_text) or job.eval is not None
     tokenizer = sources.load_tokenizer(dense) if needs_tokenizer else None
     measure = (lambda w: None) if job.eval is None else (
         lambda w, f=perplexity.perplexity_fn(tokenizer, job.eval): f(w)["ppl"])
@@ -274,7 +274,7 @@ class RecoverSpec:
               state_dir: Optional[str]) -> tuple[ModelWeights, dict]:
         check_parent(pruned, dense, f"the output at {pruned.config.intermediate_size} channels",
                      dense.source)
-        needs_tokenizer = self.config.objective == "lm"
+        needs_tokenizer = bool(self.train_text)
         tokenizer = sources.load_tokenizer(dense) if needs_tokenizer else None
         return recover_weights(pruned, dense, self.config, tokenizer=tokenizer,
                                train_text=self.train_text, ppl=ppl, state_dir=state_dir,
