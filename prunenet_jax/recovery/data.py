@@ -18,7 +18,7 @@ def generated_pool(model, bos_id: int, eos_ids, rows: int, seq_len: int, *, seed
                    batch: int = 32, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """`rows` sequences of `seq_len` tokens sampled from `model` after a BOS token (a row that
     ends at an EOS id early is padded, mask 0). Each batch of draws has its own seed."""
-    batch = min(batch, rows)
+    batch = -(-rows // -(-rows // batch))  # equal batches, the fewest of at most `batch` rows
     tokens = np.zeros((rows, seq_len), np.int32)
     mask = np.zeros((rows, seq_len), np.int32)
     for start in progress.over(range(0, rows, batch), "sampling distillation text", "batch"):
