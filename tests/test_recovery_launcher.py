@@ -114,3 +114,13 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, pruned):
         assert "Traceback" not in proc.stderr, name
         assert not out.exists(), name
     assert (_tree_hash(run), _tree_hash(dense)) == before
+
+
+def test_prune_with_recovery_refuses_a_bad_rank_before_training(tmp_path, pruned):
+    dense, _ = pruned
+    out = tmp_path / "out"
+    proc = _run("launch.prune", f"--model={dense}", "--ratios=0.25", "--episodes=1",
+                f"--out_dir={out}", "--recover_steps=2", "--lora_rank=17")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --lora_rank=17 must be between 1 and 16")
+    assert not out.exists()

@@ -270,6 +270,14 @@ class RecoverSpec:
         """What an output's recovery depends on (a changed one makes the output stale)."""
         return {**dataclasses.asdict(self.config), "train_text": self.train_text}
 
+    def check(self, config, ratios) -> None:
+        """Refuses a LoRA rank above the smallest dimension of any output, before any training."""
+        if self.config.method == "lora":
+            from prunenet_jax.method.sampling import num_kept
+
+            narrowest = min(num_kept(config.intermediate_size, r) for r in ratios)
+            lora.check_rank(self.config.lora_rank, dataclasses.replace(config, intermediate_size=narrowest))
+
     def apply(self, pruned: ModelWeights, dense: ModelWeights, *, ppl: Callable,
               state_dir: Optional[str]) -> tuple[ModelWeights, dict]:
         check_parent(pruned, dense, f"the output at {pruned.config.intermediate_size} channels",

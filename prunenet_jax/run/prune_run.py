@@ -157,6 +157,8 @@ def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]])
     # The model's config is cheap to read: shape errors surface before the weights are loaded.
     config = sources.load_config(job.model, revision=job.revision)
     check_ratios_fit(config.intermediate_size, list(job.ratios) + [cfg.ratio], job.model)
+    if job.outputs.recover is not None:
+        job.outputs.recover.check(config, job.ratios)
     if policy is not None:
         orbax.check_policy_fits(policy[1], config, job.model, job.policy)
     mesh = start_devices()
