@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["prunenet_jax", "prunenet_jax.formats", "prunenet_jax.method", "prunenet_jax.run",
-              "prunenet_jax.evaluation", "prunenet_jax.models", "prunenet_jax.launch"],
+              "prunenet_jax.evaluation", "prunenet_jax.recovery", "prunenet_jax.models", "prunenet_jax.launch"],
     package_dir={"prunenet_jax": "prunenet_jax", "prunenet_jax.models": "models",
                  "prunenet_jax.launch": "launch"},
     install_requires=_requirements("requirements.txt"),
@@ -32,5 +32,6 @@ setup(
         "prunenet-evaluate=prunenet_jax.launch.evaluate:run",
         "prunenet-generate=prunenet_jax.launch.generate:run",
         "prunenet-prune=prunenet_jax.launch.prune:run",
+        "prunenet-recover=prunenet_jax.launch.recover:run",
     ]},
 )

@@ -39,6 +39,7 @@ flags.DEFINE_bool("merge", False, "Only merge the shard manifests in --out_dir i
 launch_flags.define_pruning_flags()
 launch_flags.define_eval_flags()
 launch_flags.define_mesh_flag()
+launch_flags.define_recovery_flags(default_steps=0)
 
 
 def batch_job() -> batch.BatchJob:
@@ -56,7 +57,7 @@ def batch_job() -> batch.BatchJob:
         raise common.UserError("--out_dir is required (where the pruned checkpoints and manifest go)")
     job = batch.BatchJob(
         checkpoints=tuple(checkpoints), ratios=tuple(ratios),
-        training=launch_flags.training(ratios), outputs=launch_flags.output_options(),
+        training=launch_flags.training(ratios), outputs=launch_flags.output_options(resume=not FLAGS.overwrite),
         out_dir=FLAGS.out_dir, policy=FLAGS.policy, overwrite=FLAGS.overwrite,
         num_shards=num_shards, shard_index=shard_index, command=common.command_line())
     job.check()

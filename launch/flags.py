@@ -123,9 +123,10 @@ def training(ratios: list[float]) -> Training:
     return Training(cfg, episodes=FLAGS.episodes, checkpoint_every=FLAGS.checkpoint_every)
 
 
-def output_options() -> OutputOptions:
+def output_options(resume: bool = False) -> OutputOptions:
+    """resume: a recovery fine-tune (--recover_steps, when defined) continues from its state."""
     return OutputOptions(mode=FLAGS.mode, seed=FLAGS.seed, export_hf=FLAGS.export_hf,
-                         torch_format=FLAGS.torch_format)
+                         torch_format=FLAGS.torch_format, recover=recover_spec(resume))
 
 
 def eval_settings(dtype_name: str = "float32") -> EvalConfig:
@@ -146,3 +147,65 @@ def eval_config() -> Optional[EvalConfig]:
     """The perplexity settings with --eval_text read; None without --eval_text."""
     cfg = eval_settings()
     return with_texts(cfg) if cfg.name else None
+
+
+def define_recovery_flags(default_steps: int) -> None:
+    """Recovery fine-tuning (launch.recover; launch.prune/batch_prune with --recover_steps)."""
+    from prunenet_jax.recovery.trainer import RecoverConfig, METHODS
+    from prunenet_jax.recovery.objectives import OBJECTIVES
+
+    d = RecoverConfig()
+    flags.DEFINE_integer("recover_steps", default_steps, "Recovery fine-tuning steps"
+                         + (" (0: none)" if default_steps == 0 else ""))
+    flags.DEFINE_enum("method", d.method, METHODS, "lora: train low-rank factors on q/k/v/o/gate/"
+                      "up/down, merged into the weights at the end; full: train every weight")
+    flags.DEFINE_enum("objective", d.objective, OBJECTIVES, "distill: KL(dense || pruned) on text "
+                      "sampled from the dense model (no data); lm: next-token loss on --train_text")
+    flags.DEFINE_string("train_text", None, "Training text files (path, glob, comma-separated): "
+                        "required by --objective=lm; with distill, used instead of sampled text")
+    flags.DEFINE_float("recover_lr", d.lr, "Peak AdamW learning rate of recovery")
+    flags.DEFINE_integer("warmup", d.warmup, "Linear warm-up steps, then cosine decay to 0.1 x peak")
+    flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW weight decay of recovery")
+    flags.DEFINE_float("clip_norm", d.clip_norm, "Gradient clipping (global norm)")
+    flags.DEFINE_integer("lora_rank", d.lora_rank, "LoRA rank")
+    flags.DEFINE_float("lora_alpha", d.lora_alpha, "LoRA alpha (the update is scaled by alpha/rank)")
+    flags.DEFINE_integer("train_batch", d.batch_size, "Sequences per micro-batch (split over devices)")
+    flags.DEFINE_integer("grad_accum", d.grad_accum, "Micro-batches accumulated per step")
+    flags.DEFINE_integer("train_seq_len", d.seq_len, "Tokens per training sequence")
+    flags.DEFINE_integer("pool_rows", d.pool_rows, "distill: sequences sampled from the dense model "
+                         "(0: one fresh sequence per row trained, steps x batch x accum)")
+    flags.DEFINE_integer("recover_seed", d.seed, "Seed of LoRA init, sampling and data order")
+    flags.DEFINE_enum("compute_dtype", d.compute_dtype, ["auto", "float32", "bfloat16"],
+                      "auto: bfloat16 on accelerators (fp32 master weights), float32 on CPU")
+    flags.DEFINE_integer("recover_checkpoint_every", 10, "Save the recovery state every this many "
+                         "steps (with an output folder; 0: never)")
+
+
+def recover_config() -> "RecoverConfig":
+    from prunenet_jax.recovery.trainer import RecoverConfig
+
+    cfg = RecoverConfig(
+        steps=FLAGS.recover_steps, method=FLAGS.method, objective=FLAGS.objective,
+        lr=FLAGS.recover_lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay,
+        clip_norm=FLAGS.clip_norm, batch_size=FLAGS.train_batch, grad_accum=FLAGS.grad_accum,
+        seq_len=FLAGS.train_seq_len, lora_rank=FLAGS.lora_rank, lora_alpha=FLAGS.lora_alpha,
+        pool_rows=FLAGS.pool_rows, seed=FLAGS.recover_seed, compute_dtype=FLAGS.compute_dtype)
+    if FLAGS.recover_checkpoint_every < 0:
+        raise UserError(f"--recover_checkpoint_every={FLAGS.recover_checkpoint_every} must be >= 0")
+    cfg.check()
+    return cfg
+
+
+def recover_spec(resume: bool):
+    """--recover_steps on launch.prune/batch_prune: the recovery step, or None (0 steps, or a
+    launcher without the recovery flags)."""
+    if "recover_steps" not in FLAGS or not FLAGS.recover_steps:
+        return None
+    from prunenet_jax.recovery.run import RecoverSpec
+
+    cfg = recover_config()
+    if cfg.objective == "lm" and not FLAGS.train_text:
+        raise UserError("--objective=lm trains on text: pass --train_text (a path or glob)")
+    if FLAGS.train_text:
+        texts.read_texts(FLAGS.train_text, flag="--train_text")
+    return RecoverSpec(cfg, FLAGS.train_text, FLAGS.recover_checkpoint_every, resume)

@@ -24,6 +24,7 @@ flags.DEFINE_bool("resume", False, "Continue the run in --out_dir: training from
 launch_flags.define_pruning_flags()
 launch_flags.define_eval_flags()
 launch_flags.define_parallel_flags()
+launch_flags.define_recovery_flags(default_steps=0)
 
 
 def prune_job() -> prune_run.PruneJob:
@@ -39,7 +40,7 @@ def prune_job() -> prune_run.PruneJob:
     check_out_dir()
     return prune_run.PruneJob(
         model=FLAGS.model, revision=FLAGS.revision, ratios=tuple(ratios),
-        training=launch_flags.training(ratios), outputs=launch_flags.output_options(),
+        training=launch_flags.training(ratios), outputs=launch_flags.output_options(resume=FLAGS.resume),
         out_dir=FLAGS.out_dir, policy=FLAGS.policy, resume=FLAGS.resume,
         eval=launch_flags.eval_config(), command=common.command_line())
 

@@ -192,6 +192,7 @@ class LlamaModel(nnx.Module):
                   for i in range(cfg.num_hidden_layers)]
         self.layers = _stack_layers(layers) if scan else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.remat = False  # recompute each layer in the backward pass (training: less memory)
 
     def run_layers(self, x, cos, sin, mask, cache=None, stats_mask=None):
         """All decoder layers: (x, cache, stats). stats: (sum h^2, peak |h|), each (L, I) when
@@ -199,6 +200,9 @@ class LlamaModel(nnx.Module):
         if isinstance(self.layers, nnx.List):
             stats = []
             for i, layer in enumerate(self.layers):
+                if self.remat:  # training: no cache, no statistics
+                    x, s = nnx.remat(lambda layer, x: layer(x, cos, sin, mask)[0])(layer, x), None
+                    continue
                 x, cache, s = layer(x, cos, sin, mask, cache, i, stats_mask)
                 stats.append(s)
             return x, cache, None if stats_mask is None else tuple(zip(*stats))
@@ -210,6 +214,8 @@ class LlamaModel(nnx.Module):
             x, cache, s = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, cache, i, stats_mask)
             return (x, cache), s
 
+        if self.remat:
+            body = jax.checkpoint(body)
         depth = jax.tree.leaves(state)[0].shape[0]
         (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(depth)))
         return x, cache, stats
@@ -299,6 +305,19 @@ def channel_stats(model: LlamaForCausalLM, tokens, mask=None) -> ChannelStats:
     mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask)
     graphdef, state = nnx.split(model)
     return _channel_stats(graphdef, state, jnp.asarray(tokens), mask)
+
+
+def named_arrays(model: LlamaForCausalLM) -> dict[str, jax.Array]:
+    """Every parameter under its HF name (a scanned parameter as its (L, ...) stack under the
+    layer suffix, e.g. `mlp.gate_proj.weight`; an unrolled one per layer, full name): the inverse
+    of `from_named_arrays` for models without adapters."""
+    out = {}
+    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(map(str, key))
+        if key[:2] == ("model", "layers") and not isinstance(key[2], int):
+            name = ".".join(map(str, key[2:]))
+        out[name] = var.get_value()
+    return out
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

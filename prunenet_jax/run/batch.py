@@ -178,6 +178,8 @@ def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta,
         check_ratios_fit(config.intermediate_size, job.ratios, source)
         if job.eval is not None:
             job.eval.check_model(config, source)
+        if job.outputs.recover is not None:
+            job.outputs.recover.check(config, job.ratios)
         weights = sources.load_model(path, revision=revision)
         ppl = ppl_of(weights, job.eval)
         dense_ppl = ppl(weights)

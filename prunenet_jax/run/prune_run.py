@@ -35,11 +35,13 @@ class OutputOptions:
     seed: int = 42
     export_hf: bool = False
     torch_format: bool = False
+    recover: Optional["RecoverSpec"] = None  # --recover_steps: fine-tune each output before writing
 
     def recipe(self, params: dict) -> dict:
         """What an output depends on besides the model and ratio (see run_dir.RECIPE_FIELDS)."""
         return run_dir.recipe(policy_lib.fingerprint(params), self.mode, self.seed,
-                              self.export_hf, self.torch_format)
+                              self.export_hf, self.torch_format,
+                              None if self.recover is None else self.recover.recipe())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,11 @@ def prune_at_ratios(weights: ModelWeights, params: dict, ratios, options: Output
                 "params_before": dense_params, "params_after": pruned.num_params()}
         entry = OutputEntry(ratio=r, kept=k, params=pruned.num_params(), checkpoint=checkpoint,
                             recipe=made_by, extra=dict(extra or {}))
+        recovered = None
+        if options.recover is not None:
+            state_dir = out_dir and os.path.join(out_dir, run_dir.RECOVER_STATE, run_dir.ratio_dirname(r))
+            pruned, recovered = options.recover.apply(pruned, weights, ppl=ppl, state_dir=state_dir)
+            entry.extra.update(recovered)
         if out_dir is not None:
             orbax_dir, hf_dir = run_dir.output_dirs(out_dir, r, manifest and manifest.folder)
             rel = manifest.relative if manifest else (lambda p: p)
@@ -121,7 +128,7 @@ def prune_at_ratios(weights: ModelWeights, params: dict, ratios, options: Output
                 hf.export_hf(pruned, hf_dir, model_card=orbax.model_card_fields(meta),
                              torch_format=options.torch_format, overwrite=True)
                 entry.hf_dir = rel(hf_dir)
-        entry.ppl = ppl(pruned)
+        entry.ppl = ppl(pruned) if recovered is None else recovered[run_dir.RECOVERY]["ppl_after"]
         if manifest is not None:
             manifest.record(entry)
         entries.append(entry)
@@ -152,6 +159,8 @@ def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]])
     check_ratios_fit(config.intermediate_size, list(job.ratios) + [cfg.ratio], job.model)
     if job.eval is not None:
         job.eval.check_model(config, job.model)
+    if job.outputs.recover is not None:
+        job.outputs.recover.check(config, job.ratios)
     if policy is not None:
         orbax.check_policy_fits(policy[1], config, job.model, job.policy)
     mesh = start_devices()

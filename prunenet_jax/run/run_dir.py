@@ -28,7 +28,7 @@ DONE, FAILED = "done", "failed"
 
 # What an output depends on besides the model and ratio: an entry made with another recipe is
 # stale and gets redone on resume.
-RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_format")
+RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_format", "recover_recipe")
 _FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir", "status", "error")
 
 
@@ -102,8 +102,11 @@ class OutputEntry:
                    extra={k: v for k, v in d.items() if k not in _FIXED and k not in RECIPE_FIELDS})
 
 
-def recipe(fingerprint: str, mode: str, seed: int, export_hf: bool, torch_format: bool) -> dict:
-    return dict(zip(RECIPE_FIELDS, (fingerprint, mode, seed, export_hf, torch_format)))
+def recipe(fingerprint: str, mode: str, seed: int, export_hf: bool, torch_format: bool,
+           recover: Optional[dict] = None) -> dict:
+    """`recover`: the recovery fine-tune's settings (--recover_steps), absent without one."""
+    made = dict(zip(RECIPE_FIELDS, (fingerprint, mode, seed, export_hf, torch_format)))
+    return made if recover is None else {**made, "recover_recipe": recover}
 
 
 class Manifest:
@@ -255,3 +258,24 @@ def batch_summary(entries: list[OutputEntry], manifest_path: str) -> tuple[dict,
     failed = sorted({e.checkpoint for e in entries if not e.done})
     return ({"outputs": [e.to_json() for e in entries], "failed": failed,
              "manifest": manifest_path}, failed)
+
+
+# ----------------------------------------------------------------------------- recovery
+
+RECOVER_STATE = "recover_state"  # <out_dir>/recover_state/ratio_<r>/<step>/: recovery training state
+RECOVERY = "recovery"  # an output entry's recovery fine-tune, under this key
+
+
+def recovery_fields(*, steps: int, objective: str, method: str, tokens_seen: int, ppl_before,
+                    ppl_after, config: dict, seconds: dict, losses: list,
+                    resumed_after: Optional[int]) -> dict:
+    """What an output entry records of its recovery fine-tune (OutputEntry.extra[RECOVERY])."""
+    return {RECOVERY: {"steps": steps, "objective": objective, "method": method,
+                       "tokens_seen": tokens_seen, "ppl_before": ppl_before,
+                       "ppl_after": ppl_after, "config": config, "seconds": seconds,
+                       "losses": losses, "resumed_after": resumed_after}}
+
+
+def recover_header(*, inputs: list, dense: str, config: dict, command: str) -> dict:
+    """The run-level fields of a launch.recover run folder."""
+    return {"recovered_from": inputs, "dense": dense, "recovery": config, "command": command}

@@ -1,0 +1,61 @@
+"""Recovery fine-tuning of pruned models: LoRA (default) or full, distilling the dense source on
+text it samples itself (default) or on --train_text.
+
+  python -m launch.recover --input=runs/default --out_dir=runs/default-recovered \
+      --eval_text='/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt' --max_tokens=16384
+"""
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from prunenet_jax.launch import common
+from prunenet_jax.launch import flags as launch_flags
+from prunenet_jax.recovery import run as recovery
+from prunenet_jax.run import run_dir
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("input", None, "A pruned model's orbax folder (<run>/ratio_<r>/orbax) or a "
+                    "prune run folder (each finished output)", required=True)
+flags.DEFINE_string("dense", None, "The dense source model (default: the one recorded with the "
+                    "pruned model)")
+flags.DEFINE_string("out_dir", None, "Where the recovered models go: ratio_<r>/orbax, ratio_<r>/hf "
+                    "(--export_hf), recover_state/, manifest.json", required=True)
+flags.DEFINE_bool("export_hf", False, "Also write each recovered model as a Hugging Face folder")
+flags.DEFINE_bool("overwrite", False, "Replace an earlier run's outputs in --out_dir")
+flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last recovery checkpoint")
+flags.DEFINE_integer("data_devices", 0, "Devices of the data-parallel mesh (0: all)")
+launch_flags.define_recovery_flags(default_steps=60)
+launch_flags.define_eval_flags()
+
+
+def recover_job() -> recovery.RecoverJob:
+    if FLAGS.resume and FLAGS.overwrite:
+        raise common.UserError("--resume continues the run in --out_dir and --overwrite replaces "
+                               "it; pass only one")
+    return recovery.RecoverJob(
+        input=FLAGS.input, out_dir=FLAGS.out_dir, config=launch_flags.recover_config(),
+        dense=FLAGS.dense, train_text=FLAGS.train_text, export_hf=FLAGS.export_hf,
+        overwrite=FLAGS.overwrite, resume=FLAGS.resume,
+        checkpoint_every=FLAGS.recover_checkpoint_every, eval=launch_flags.eval_config(),
+        data_devices=FLAGS.data_devices, command=common.command_line())
+
+
+def main(argv) -> None:
+    entries = recovery.run(recover_job(), recovery.data_mesh_or_error)
+    fmt = lambda p: "-" if p is None else f"{p:.3f}"
+    print(f"{'ratio':>6}  {'steps':>6}  {'tokens':>8}  {'ppl before':>10}  {'ppl after':>10}")
+    for e in entries:
+        r = e.extra[run_dir.RECOVERY]
+        print(f"{e.ratio:>6}  {r['steps']:>6}  {r['tokens_seen']:>8}  {fmt(r['ppl_before']):>10}  "
+              f"{fmt(r['ppl_after']):>10}")
+    print(json.dumps({"outputs": [e.to_json() for e in entries]}))
+
+
+def run():
+    common.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,219 @@
+"""Recovery fine-tuning (prunenet_jax/recovery) on tiny random models: LoRA merging, one step
+against a PyTorch reference step, bf16 compute, data parallel on 8 simulated devices."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from prunenet_jax import sources
+from prunenet_jax.models import llama
+from prunenet_jax.recovery import data, lora, objectives, trainer
+from tests import tiny_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET_NAMES = [f"{block}.{name}" for block, name in lora.TARGETS]
+
+
+def _load(folder, scan=None):
+    w = sources.load_model(str(folder))
+    return w, llama.from_named_arrays(w.config, w.named_arrays(), scan=scan)
+
+
+def _tokens(vocab, rows=4, T=12, seed=1):
+    tokens = np.random.default_rng(seed).integers(0, vocab, (rows, T)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, 9:] = 0  # a row that ends early
+    return tokens, mask
+
+
+def _randomise_lora_b(rec, seed=3):
+    """B starts at zero (training starts at the model); make it non-zero so A's gradient and the
+    merge are exercised."""
+    leaves, tree = jax.tree.flatten_with_path(rec.params)
+    key = jax.random.key(seed)
+    new = [0.05 * jax.random.normal(jax.random.fold_in(key, i), v.shape)
+           if "lora_b" in jax.tree_util.keystr(p) else v for i, (p, v) in enumerate(leaves)]
+    rec.params = jax.tree.unflatten(tree, new)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_merged_lora_equals_unmerged_logits(tmp_path, scan):
+    folder = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied"), tmp_path / "m")
+    _, model = _load(folder, scan=scan)
+    rec = trainer.Recovery(model, None, trainer.RecoverConfig(objective="lm", lora_rank=4, remat=False))
+    _randomise_lora_b(rec)
+    tokens, mask = _tokens(97)
+    unmerged = nnx.merge(rec.graphdef, rec.params, rec.frozen)
+    assert any(isinstance(getattr(l.mlp, "gate_proj"), lora.LoraLinear)
+               for l in lora._layers(unmerged))
+    want = np.asarray(unmerged(jnp.asarray(tokens), jnp.asarray(mask)))
+    merged = rec.merged_model()
+    assert not any(isinstance(getattr(getattr(l, b), n), lora.LoraLinear)
+                   for l in lora._layers(merged) for b, n in lora.TARGETS)
+    got = np.asarray(merged(jnp.asarray(tokens), jnp.asarray(mask)))
+    base = np.asarray(_load(folder, scan=scan)[1](jnp.asarray(tokens), jnp.asarray(mask)))
+    assert np.abs(got - want)[mask.astype(bool)].max() <= 1e-4
+    assert np.abs(base - want).max() > 1e-2  # the adapters do change the model
+
+
+def _torch_reference_step(student_hf, teacher_hf, tokens, mask, objective, lr, clip, wd,
+                          lora_factors=None, scale=None):
+    """One step in PyTorch: the mean per-target loss, clip_grad_norm_, torch.optim.AdamW. With
+    lora_factors {hf weight name: (A, B)} only A, B train and W + scale B A is used."""
+    t_tokens, t_mask = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask)
+    base = dict(student_hf.named_parameters())
+    if lora_factors is None:
+        params = {n: p.detach().clone().requires_grad_(True) for n, p in base.items()}
+        weights = lambda: params
+        trainable = list(params.values())
+    else:
+        params = {n: (torch.tensor(np.asarray(a), requires_grad=True),
+                      torch.tensor(np.asarray(b), requires_grad=True)) for n, (a, b) in lora_factors.items()}
+        weights = lambda: {**{n: p.detach() for n, p in base.items()},
+                           **{n: base[n].detach() + scale * b @ a for n, (a, b) in params.items()}}
+        trainable = [t for ab in params.values() for t in ab]
+    logits = torch.func.functional_call(student_hf, weights(), (t_tokens,),
+                                        {"attention_mask": t_mask}).logits[:, :-1]
+    valid = (t_mask[:, 1:] * t_mask[:, :-1]).float()
+    log_q = torch.log_softmax(logits, -1)
+    if objective == "distill":
+        with torch.no_grad():
+            t_logits = teacher_hf(t_tokens, attention_mask=t_mask).logits[:, :-1]
+        log_p = torch.log_softmax(t_logits, -1)
+        per = (log_p.exp() * (log_p - log_q)).sum(-1)
+    else:
+        per = -log_q.gather(-1, t_tokens[:, 1:, None])[..., 0]
+    loss = (per * valid).sum() / valid.sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, clip)
+    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    opt.step()
+    return float(loss.detach()), params
+
+
+@pytest.mark.parametrize("method,objective", [("full", "lm"), ("lora", "distill")])
+def test_one_step_equals_torch_reference(tmp_path, method, objective):
+    student_hf = tiny_models.make_hf_model("llama_gqa_untied", seed=0)
+    teacher_hf = tiny_models.make_hf_model("llama_gqa_untied", seed=1)
+    s_dir = tiny_models.save_hf_model(student_hf, tmp_path / "s")
+    t_dir = tiny_models.save_hf_model(teacher_hf, tmp_path / "t")
+    _, student = _load(s_dir)
+    _, teacher = _load(t_dir)
+    cfg = trainer.RecoverConfig(steps=10, method=method, objective=objective, lr=1e-2, warmup=0,
+                                clip_norm=0.5, weight_decay=0.1, batch_size=2, grad_accum=2,
+                                lora_rank=4, lora_alpha=8.0)
+    rec = trainer.Recovery(student, teacher, cfg)
+    if method == "lora":
+        _randomise_lora_b(rec)
+    before = jax.tree.map(np.asarray, rec.params)
+    tokens, mask = _tokens(97)
+    out = rec.step(tokens, mask)
+    after = jax.tree.map(np.asarray, rec.params)
+    L = student_hf.config.num_hidden_layers
+    if method == "lora":
+        factors = {}
+        for block, name in lora.TARGETS:
+            node = before["model"]["layers"][block][name]
+            for i in range(L):
+                factors[f"model.layers.{i}.{block}.{name}.weight"] = (node["lora_a"][i], node["lora_b"][i])
+        loss, ref = _torch_reference_step(student_hf, teacher_hf, tokens, mask, objective, cfg.lr,
+                                          cfg.clip_norm, cfg.weight_decay, factors, 8.0 / 4)
+        for block, name in lora.TARGETS:
+            node = after["model"]["layers"][block][name]
+            for i in range(L):
+                a, b = ref[f"model.layers.{i}.{block}.{name}.weight"]
+                np.testing.assert_allclose(node["lora_a"][i], a.detach().numpy(), atol=1e-5)  # 0.1% of the step (lr 1e-2)
+                np.testing.assert_allclose(node["lora_b"][i], b.detach().numpy(), atol=1e-5)  # 0.1% of the step (lr 1e-2)
+    else:
+        loss, ref = _torch_reference_step(student_hf, teacher_hf, tokens, mask, objective, cfg.lr,
+                                          cfg.clip_norm, cfg.weight_decay)
+        got = llama.named_arrays(nnx.merge(rec.graphdef, rec.params, rec.frozen))
+        for name, want in ref.items():
+            m = name.split(".")
+            key = ".".join(m[3:]) if m[1] == "layers" else name
+            value = got[key][int(m[2])] if m[1] == "layers" else got[key]
+            np.testing.assert_allclose(value, want.detach().numpy(), atol=1e-5, err_msg=name)  # 0.1% of the step
+        moved = max(np.abs(got[".".join(n.split(".")[3:])][0] - before["model"]["layers"][
+            n.split(".")[3]][n.split(".")[4]]["weight"][0]).max() for n in
+            ["model.layers.0.mlp.gate_proj.weight"])
+        assert moved > 1e-4  # the step did update the weights
+    assert abs(float(out["loss"]) - loss) < 1e-5 * max(1.0, abs(loss))
+
+
+def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
+    folder = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_tied"), tmp_path / "m")
+    tokens, mask = _tokens(97)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        _, model = _load(folder)
+        rec = trainer.Recovery(model, None, trainer.RecoverConfig(
+            objective="lm", lora_rank=4, compute_dtype=dtype, batch_size=4))
+        losses[dtype] = float(rec.step(tokens, mask)["loss"])
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(rec.params))
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * losses["float32"]
+    assert losses["bfloat16"] != losses["float32"]  # the cast did happen
+
+
+def test_step_rows_cover_each_epoch_once():
+    seen = np.concatenate([data.step_rows(s, 3, 10, seed=7) for s in range(10)])  # 3 epochs
+    for epoch in range(3):
+        assert sorted(seen[epoch * 10:(epoch + 1) * 10]) == list(range(10))
+    assert not np.array_equal(seen[:10], seen[10:20])
+
+
+def test_lora_rank_above_smallest_dimension_is_refused(tmp_path):
+    from prunenet_jax.errors import UserError
+
+    folder = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied"), tmp_path / "m")
+    _, model = _load(folder)
+    with pytest.raises(UserError, match="--lora_rank=17 must be between 1 and 16"):
+        lora.add_lora(model, 17, 8.0, 0)  # k/v: 2 heads x 8 = 16 rows
+
+
+_DP_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, ".")
+from prunenet_jax import sources
+from prunenet_jax.models import llama
+from prunenet_jax.recovery import trainer
+w = sources.load_model(sys.argv[1]); t = sources.load_model(sys.argv[2])
+model = llama.from_named_arrays(w.config, w.named_arrays())
+teacher = llama.from_named_arrays(t.config, t.named_arrays())
+cfg = trainer.RecoverConfig(steps=3, objective="distill", batch_size=8, grad_accum=2, lora_rank=4, warmup=0)
+rec = trainer.Recovery(model, teacher, cfg, trainer.data_mesh(int(sys.argv[3])))
+rng = np.random.default_rng(0)
+losses = []
+for s in range(3):
+    tokens = rng.integers(0, 97, (16, 12)).astype(np.int32)
+    losses.append(float(rec.step(tokens, np.ones_like(tokens))["loss"]))
+leaves = [np.asarray(x).tolist() for x in jax.tree.leaves(rec.params)]
+print(json.dumps({"devices": jax.device_count(), "losses": losses, "params": leaves}))
+"""
+
+
+def test_data_parallel_loss_equals_one_device(tmp_path):
+    s = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied", seed=0), tmp_path / "s")
+    t = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied", seed=1), tmp_path / "t")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = {}
+    for n in (1, 8):
+        proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT, s, t, str(n)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out[8]["devices"] == 8
+    np.testing.assert_allclose(out[8]["losses"], out[1]["losses"], rtol=1e-5)
+    # Adam divides by sqrt(v): a gradient element near zero, summed in another order over the
+    # devices, can move by up to one step (lr 1e-3) per step, and did (1 of 384 by 5.6e-4 once).
+    # So: nearly all elements within 10% of one step, none beyond the 3 steps taken.
+    diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                           for a, b in zip(out[8]["params"], out[1]["params"])])
+    assert np.mean(diff <= 1e-4) >= 0.99 and diff.max() <= 3e-3, (np.mean(diff <= 1e-4), diff.max())

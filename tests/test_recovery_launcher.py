@@ -1,0 +1,126 @@
+"""launch.recover end to end on a tiny pruned model: SIGKILL then --resume equals an uninterrupted
+run bit for bit; bad inputs exit 2 with one line and write nothing."""
+import glob
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from prunenet_jax import sources
+from tests import tiny_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+FAST = ["--train_seq_len=32", "--lora_rank=4", "--pool_rows=8", "--train_batch=2"]
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A tiny dense model and its pruned run folder (ratio 0.25)."""
+    base = tmp_path_factory.mktemp("recover")
+    dense = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied"), base / "dense")
+    proc = _run("launch.prune", f"--model={dense}", "--ratios=0.25", "--episodes=1",
+                f"--out_dir={base / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dense, str(base / "run")
+
+
+def _recover(inp, out, *extra):
+    return ["launch.recover", f"--input={inp}", f"--out_dir={out}", *FAST, *extra]
+
+
+def _arrays(folder):
+    w = sources.load_model(folder)
+    return {n: a for n, a in w.named_arrays()}
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, pruned):
+    _, run = pruned
+    steps = ["--recover_steps=300", "--recover_checkpoint_every=25"]
+    full = _run(*_recover(run, tmp_path / "full", *steps))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", *_recover(run, out, *steps)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "recover_state" / "ratio_0.25"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if any(d.isdigit() and int(d) >= 50 for d in (os.listdir(state) if state.is_dir() else [])):
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "ratio_0.25").exists()  # nothing written but the training state
+
+    resumed = _run(*_recover(run, out, *steps, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    entry = json.loads(resumed.stdout.strip().splitlines()[-1])["outputs"][0]
+    assert entry["recovery"]["resumed_after"] >= 50
+    a, b = _arrays(str(tmp_path / "full" / "ratio_0.25" / "orbax")), _arrays(str(out / "ratio_0.25" / "orbax"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    before = _arrays(os.path.join(run, "ratio_0.25", "orbax"))
+    assert not np.array_equal(a["model.layers.0.mlp.up_proj.weight"],
+                              before["model.layers.0.mlp.up_proj.weight"])  # it did train
+    full_entry = json.loads(full.stdout.strip().splitlines()[-1])["outputs"][0]
+    assert full_entry["recovery"]["tokens_seen"] == entry["recovery"]["tokens_seen"] > 0
+
+
+def _tree_hash(folder):
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)):
+        if os.path.isfile(path):
+            h.update(path.encode())
+            h.update(open(path, "rb").read())
+    return h.hexdigest()
+
+
+def test_bad_inputs_exit_2_and_write_nothing(tmp_path, pruned):
+    dense, run = pruned
+    other = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied", seed=5), tmp_path / "other")
+    wider = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied", hidden_size=48),
+                                      tmp_path / "wider")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    cases = {
+        "rank": (["--lora_rank=17"], "--lora_rank=17 must be between 1 and 16"),
+        "empty_text": (["--objective=lm", f"--train_text={empty}"], "train text"),
+        "not_parent": ([f"--dense={other}"], "was not pruned from"),
+        "other_shape": ([f"--dense={wider}"], "cannot be a pruned version"),
+        "steps": (["--recover_steps=0"], "--recover_steps=0 must be at least 1"),
+        "no_text": (["--objective=lm"], "--objective=lm trains on text"),
+    }
+    before = _tree_hash(run), _tree_hash(dense)
+    for name, (extra, message) in cases.items():
+        out = tmp_path / f"out_{name}"
+        proc = _run(*_recover(run, out, "--recover_steps=2", *extra))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert lines[-1].startswith("error: ") and message in lines[-1], (name, lines[-1])
+        assert "Traceback" not in proc.stderr, name
+        assert not out.exists(), name
+    assert (_tree_hash(run), _tree_hash(dense)) == before
+
+
+def test_prune_with_recovery_refuses_a_bad_rank_before_training(tmp_path, pruned):
+    dense, _ = pruned
+    out = tmp_path / "out"
+    proc = _run("launch.prune", f"--model={dense}", "--ratios=0.25", "--episodes=1",
+                f"--out_dir={out}", "--recover_steps=2", "--lora_rank=17")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --lora_rank=17 must be between 1 and 16")
+    assert not out.exists()
