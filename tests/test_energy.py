@@ -277,7 +277,7 @@ def test_modes_side_by_side_then_reuse(tiny, text, tmp_path):
     for e in manifest["outputs"]:
         assert e["orbax_dir"] == f"{e['mode']}/ratio_0.5/orbax" and os.path.isdir(out / e["orbax_dir"])
         assert e["guard"] is True and e["kept"] == 24 and e["ppl"] > 1
-        assert 0 < e["accuracy_retention"]
+        assert e["accuracy_retention"] == pytest.approx(e["accuracy"] / manifest["dense_accuracy"])
     energy = manifest["outputs"][1]
     assert energy["calibration"] == {"source": "self", "sequences": 2, "seq_len": 16, "seed": 42}
     assert energy["policy_fingerprint"] is None
