@@ -336,3 +336,34 @@ def test_bad_inputs_exit_2_and_write_nothing(tiny, tmp_path, other_shape, case):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and fragment in last, last
     assert not out.exists()
+
+
+def test_batch_prune_measures_scores_per_checkpoint(tiny, tmp_path):
+    """energy in batch_prune: each checkpoint gets its own calibration and scores; no policy."""
+    folder, _ = tiny
+    second = tmp_path / "second"
+    tiny_models.save_hf_model(tiny_models.make_hf_model("llama_tied", seed=1), second)
+    out = tmp_path / "batch"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "launch.batch_prune", f"--checkpoints={folder},{second}",
+            "--mode=energy,random", "--ratios=0.5", "--calibration_sequences=2",
+            "--calibration_seq_len=8", f"--out_dir={out}"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [(e["checkpoint"], e["mode"]) for e in summary["outputs"]] == [
+        ("tiny-llama", "energy"), ("tiny-llama", "random"), ("second", "energy"), ("second", "random")]
+    assert not os.path.exists(out / "policy")
+    energy = {}
+    for name in ("tiny-llama", "second"):
+        assert os.path.isfile(out / name / "calibration.npz")
+        energy[name] = scores.load(str(out / name / "scores")).energy
+        assert os.path.isdir(out / name / "energy" / "ratio_0.5" / "orbax")
+    assert not np.allclose(energy["tiny-llama"], energy["second"])  # measured per checkpoint
+    # The same command again: the saved scores are reused (not measured and written again).
+    stamp = lambda: [(os.stat(out / n / "scores").st_ino, os.stat(out / n / "scores").st_mtime_ns)
+                     for n in energy]
+    before = stamp()
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stamp() == before
