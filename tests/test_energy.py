@@ -265,8 +265,11 @@ def test_modes_side_by_side_then_reuse(tiny, text, tmp_path):
     out = tmp_path / "run"
     common = [f"--model={folder}", "--episodes=1", f"--eval_text={text}", "--calibration_sequences=2",
               "--calibration_seq_len=16", f"--out_dir={out}"]
-    proc = _run(*common, "--mode=sample,energy,random", "--guard", "--ratios=0.5")
+    proc = _run(*common, "--mode=sample,energy,random", "--guard", "--ratios=0.5", "--export_hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    card = lambda mode: open(out / mode / "ratio_0.5" / "hf" / "README.md").read()
+    assert "forward passes of the dense model over 32 tokens the dense model generated itself" in card("energy")
+    assert "no external data" in card("energy") and "no forward pass, no data" in card("sample")
     manifest = json.loads(proc.stdout.strip().splitlines()[-1])
     assert manifest["mode"] == "sample,energy,random" and manifest["guard"] is True
     assert manifest["scores"]["computed"] is True and manifest["scores"]["tokens"] == 32
@@ -286,7 +289,8 @@ def test_modes_side_by_side_then_reuse(tiny, text, tmp_path):
     assert os.path.isfile(out / "calibration.npz") and os.path.isdir(out / "scores")
 
     # A new ratio in the same run: the saved scores serve it, no forward pass.
-    proc = _run(*common, "--mode=sample,energy,random", "--guard", "--ratios=0.5,0.25", "--resume")
+    proc = _run(*common, "--mode=sample,energy,random", "--guard", "--ratios=0.5,0.25", "--resume",
+                "--export_hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads(proc.stdout.strip().splitlines()[-1])
     assert manifest["scores"]["computed"] is False
@@ -367,3 +371,48 @@ def test_batch_prune_measures_scores_per_checkpoint(tiny, tmp_path):
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert stamp() == before
+
+
+def test_report_lines_per_mode_and_continuations(tiny, tmp_path):
+    """The report's ppl plot draws one line per mode plus the dense level; report.md shows every
+    model's greedy continuation of the fixed prompt (from the sampler: the dense one is checked)."""
+    from prunenet_jax.evaluation import report
+    from prunenet_jax.models import sampler
+
+    folder, weights = tiny
+    tokenizer = sources.load_tokenizer(weights)
+    text = report.continuation(weights, tokenizer)
+    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    ids = list(tokenizer(report.PROMPT)["input_ids"])
+    want = sampler.generate(model, [ids], report.CONTINUATION_TOKENS,
+                            eos_ids=[weights.hf_config["eos_token_id"]])[0]
+    assert text == tokenizer.decode(want, skip_special_tokens=True)
+    row = lambda name, ratio, ppl, mode=None: {
+        "name": name, "source": name, "ratio": ratio, "kept": 10, "params": 1, "ppl": ppl,
+        "mean_ks": 0.0, "ks": [0.0], "mode": mode, "continuation": f"{name} says | hi\nthere"}
+    models = [row("dense", 0.0, 10.0), row("s1", 0.1, 30.0, "sample"), row("s2", 0.2, 90.0, "sample"),
+              row("e1", 0.1, 20.0, "energy"), row("e2", 0.2, 40.0, "energy")]
+    md = report.markdown({"models": models})
+    assert f'## Greedy continuation of "{report.PROMPT}"' in md
+    assert "| e2 | e2 says \\| hi ⏎ there |" in md
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, path, **kw):
+        ax = fig.axes[0]
+        drawn["lines"] = {l.get_label(): list(zip(l.get_xdata(), l.get_ydata())) for l in ax.get_lines()}
+        drawn["log"] = ax.get_yscale()
+        return real_savefig(fig, path, **kw)
+
+    import unittest.mock
+    with unittest.mock.patch.object(plt.Figure, "savefig", capture):
+        report.plot_ppl(str(tmp_path / "p.png"), models, "t")
+    assert drawn["log"] == "log" and os.path.isfile(tmp_path / "p.png")
+    assert drawn["lines"]["sample"] == [(0.1, 30.0), (0.2, 90.0)]
+    assert drawn["lines"]["energy"] == [(0.1, 20.0), (0.2, 40.0)]
+    dense = [v for k, v in drawn["lines"].items() if k.startswith("dense")]
+    assert len(dense) == 1 and {y for _, y in dense[0]} == {10.0}  # the horizontal dense level
