@@ -108,8 +108,13 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
     layers = report.plotted_layers(dense_cfg.num_hidden_layers)
     dense_sv = report.gate_spectra(dense)
     dense_ppl = ppl(dense)
-    tokenizer = sources.load_tokenizer(dense) if continue_prompt else None
-    continuation = lambda w: report.continuation(w, tokenizer) if continue_prompt else None
+    tokenizer = None
+    if continue_prompt:
+        try:
+            tokenizer = sources.load_tokenizer(dense)
+        except UserError as e:  # a model without tokenizer files can still be compared
+            logging.warning("no greedy continuations in the report: %s", e)
+    continuation = lambda w: report.continuation(w, tokenizer) if tokenizer is not None else None
     models = [report.model_record("dense", model, dense, 0.0, report.gate_ks(dense_sv, dense_sv),
                                   dense_ppl, continuation=continuation(dense))]
     spectra = [dense_sv[layers]]
