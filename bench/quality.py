@@ -105,7 +105,11 @@ def main() -> None:
     ap.add_argument("--study_seeds", default="0")
     ap.add_argument("--study_eval_tokens", type=int, default=4096)
     ap.add_argument("--out", default=None, help="write the JSON here (rewritten after every model)")
+    ap.add_argument("--summarize", default=None, help="only summarize this JSON (e.g. of a run cut short)")
     args = ap.parse_args()
+    if args.summarize:
+        with open(args.summarize) as f:
+            return finish(json.load(f), args.summarize)
     args.ratios_list = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
@@ -176,10 +180,15 @@ def main() -> None:
                     record(method, r, seed, prune.select_channels(best, W, k, "sample", key(seed),
                                                                   guard=g))
 
+    finish(data, args.out)
+
+
+def finish(data: dict, out: str) -> None:
+    """Adds the summary (median, range, max/median per method and ratio) and prints the table."""
     data["summary"] = {m: {r: {"ppl": summarize([x["ppl"] for x in runs]),
                                "accuracy_retention": summarize([x["accuracy_retention"] for x in runs])}
                            for r, runs in by_ratio.items()} for m, by_ratio in data["runs"].items()}
-    write(args.out, data)
+    write(out, data)
     print(f"\ndense ppl {data['dense']['ppl']:.2f}, accuracy {data['dense']['accuracy']:.4f}\n")
     print(f"{'method':>13}  {'ratio':>5}  {'n':>2}  {'median':>9}  {'range':>22}  {'max/med':>7}  {'acc kept':>8}")
     for method, by_ratio in data["summary"].items():
