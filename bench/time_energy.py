@@ -1,7 +1,11 @@
 """Time of energy's default calibration (self-generation of 16 x 128 tokens + statistics) on the
 default model against 20 PruneNet episodes, in one process: `python bench/time_energy.py`."""
-import time, json, sys
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prunenet_jax import sources
 from prunenet_jax.method import calibration, scores, train
 from prunenet_jax.models import registry
