@@ -55,22 +55,28 @@ def batch_job() -> batch.BatchJob:
     launch_flags.check_pruning_flags()
     if not FLAGS.out_dir:
         raise common.UserError("--out_dir is required (where the pruned checkpoints and manifest go)")
+    options = launch_flags.output_options(resume=not FLAGS.overwrite)
     job = batch.BatchJob(
         checkpoints=tuple(checkpoints), ratios=tuple(ratios),
-        training=launch_flags.training(ratios), outputs=launch_flags.output_options(resume=not FLAGS.overwrite),
+        training=launch_flags.training(ratios), outputs=options,
         out_dir=FLAGS.out_dir, policy=FLAGS.policy, overwrite=FLAGS.overwrite,
         num_shards=num_shards, shard_index=shard_index, command=common.command_line())
     job.check()
-    return dataclasses.replace(job, eval=launch_flags.eval_config())
+    return dataclasses.replace(job, calibration=launch_flags.calibration_config(options),
+                               eval=launch_flags.eval_config())
 
 
 def print_summary(entries: list) -> None:
     width = max([len("checkpoint")] + [len(e.checkpoint) for e in entries])
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    print(f"{'checkpoint':<{width}}  {'ratio':>6}  {'kept':>6}  {'params':>13}  {'ppl':>10}  status")
+    print(f"{'checkpoint':<{width}}  {'ratio':>6}  {'mode':<14}  {'kept':>6}  {'params':>13}  "
+          f"{'ppl':>10}  {'retained':>8}  status")
     for e in entries:
-        print(f"{e.checkpoint:<{width}}  {e.ratio:>6}  {fmt(e.kept, ''):>6}  "
-              f"{fmt(e.params, ','):>13}  {fmt(e.ppl, '.3f'):>10}  {e.status}")
+        mode = (e.recipe.get("mode") or "") + (" +guard" if e.recipe.get("guard") else "")
+        kept = e.extra.get("accuracy_retention")
+        print(f"{e.checkpoint:<{width}}  {e.ratio:>6}  {mode:<14}  {fmt(e.kept, ''):>6}  "
+              f"{fmt(e.params, ','):>13}  {fmt(e.ppl, '.3f'):>10}  "
+              f"{fmt(kept and 100 * kept, '.1f'):>7}%  {e.status}")
 
 
 def main(argv) -> int:

@@ -14,7 +14,7 @@ from prunenet_jax import prune, rng, weights
 from prunenet_jax.errors import UserError
 from prunenet_jax.evaluation import texts
 from prunenet_jax.evaluation.perplexity import EvalConfig
-from prunenet_jax.method import train
+from prunenet_jax.method import calibration, train
 from prunenet_jax.run import run_dir
 from prunenet_jax.run.prune_run import OutputOptions, Training
 
@@ -47,8 +47,18 @@ def define_pruning_flags() -> None:
     flags.DEFINE_float("lr", 1e-3, "AdamW learning rate")
     flags.DEFINE_float("gamma", 0.99, "Discount across layer depth")
     flags.DEFINE_integer("seed", 42, "Seed of every random draw (policy init, episodes, slicing)")
-    flags.DEFINE_enum("mode", "sample", prune.MODES, "How channels are chosen when pruning: sample "
-                      "(the reference), topk (largest logits, no noise), random (baseline, no policy)")
+    flags.DEFINE_string("mode", "sample", "How channels are chosen, one mode or a comma list (each "
+                        "mode's outputs side by side): sample (PruneNet, the reference's sampling), "
+                        "topk (largest policy logits), random (uniform baseline, no policy), energy "
+                        "(largest E[h^2]*||down_j||^2 on calibration tokens; forward passes, no policy)")
+    flags.DEFINE_bool("guard", False, "Never drop super channels: log(||gate_j||*||up_j||) more than 6 "
+                      "robust z-scores above its layer's median (energy: also peak |h_j| outliers)")
+    flags.DEFINE_string("calibration", "self", "energy's calibration tokens: self (sampled from the "
+                        "dense model, no data) or text files (comma list, globs)")
+    flags.DEFINE_integer("calibration_sequences", calibration.Calibration.sequences,
+                         "energy: calibration sequences N")
+    flags.DEFINE_integer("calibration_seq_len", calibration.Calibration.seq_len,
+                         "energy: tokens per calibration sequence T")
     flags.DEFINE_enum("update_schedule", "layer", train.SCHEDULES, "layer: one AdamW step per layer "
                       "(the paper's code); episode: one step per episode, grad-norm clip 1.0")
     flags.DEFINE_bool("use_kl", False, "Add the KL term to the loss")
@@ -125,8 +135,18 @@ def training(ratios: list[float]) -> Training:
 
 def output_options(resume: bool = False) -> OutputOptions:
     """resume: a recovery fine-tune (--recover_steps, when defined) continues from its state."""
-    return OutputOptions(mode=FLAGS.mode, seed=FLAGS.seed, export_hf=FLAGS.export_hf,
-                         torch_format=FLAGS.torch_format, recover=recover_spec(resume))
+    return OutputOptions(modes=prune.parse_modes(FLAGS.mode), seed=FLAGS.seed,
+                         export_hf=FLAGS.export_hf, torch_format=FLAGS.torch_format,
+                         guard=FLAGS.guard, recover=recover_spec(resume))
+
+
+def calibration_config(options: OutputOptions) -> calibration.Calibration:
+    """energy's calibration, checked (texts read) when a mode uses it."""
+    cal = calibration.Calibration(FLAGS.calibration, FLAGS.calibration_sequences,
+                                  FLAGS.calibration_seq_len, FLAGS.seed)
+    if options.needs_scores:
+        cal.check()
+    return cal
 
 
 def eval_settings(dtype_name: str = "float32") -> EvalConfig:

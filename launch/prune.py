@@ -16,7 +16,10 @@ from prunenet_jax.run import atomic, prune_run, run_lock
 FLAGS = flags.FLAGS
 launch_flags.define_model_flags()
 flags.DEFINE_string("out_dir", None, "Where outputs go: policy/ (orbax), train_state/ (orbax, per "
-                    "episode), ratio_<r>/orbax/, ratio_<r>/hf/ (--export_hf), manifest.json")
+                    "episode), [<mode>/]ratio_<r>/{orbax,hf}/ (<mode>/ with several modes), "
+                    "calibration.npz and scores/ (energy), manifest.json")
+flags.DEFINE_string("scores", None, "energy: reuse the channel scores of an earlier run of this model "
+                    "(<out_dir>/scores): no calibration, no forward pass")
 flags.DEFINE_string("policy", None, "Reuse a saved policy (an earlier run's <out_dir>/policy): no "
                     "training")
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir: training from its last episode "
@@ -37,28 +40,42 @@ def prune_job() -> prune_run.PruneJob:
     if FLAGS.resume and FLAGS.overwrite:
         raise common.UserError("--resume continues the run in --out_dir and --overwrite replaces "
                                "it; pass only one")
+    options = launch_flags.output_options(resume=FLAGS.resume)
     check_out_dir()
+    calibration = launch_flags.calibration_config(options)
     return prune_run.PruneJob(
         model=FLAGS.model, revision=FLAGS.revision, ratios=tuple(ratios),
-        training=launch_flags.training(ratios), outputs=launch_flags.output_options(resume=FLAGS.resume),
+        training=launch_flags.training(ratios), outputs=options,
         out_dir=FLAGS.out_dir, policy=FLAGS.policy, resume=FLAGS.resume,
-        eval=launch_flags.eval_config(), command=common.command_line())
+        eval=launch_flags.eval_config(), calibration=calibration, scores=FLAGS.scores,
+        command=common.command_line())
 
 
 def check_out_dir() -> None:
     if FLAGS.out_dir:
-        inputs = [FLAGS.model] + ([FLAGS.policy] if FLAGS.policy else [])
+        inputs = [FLAGS.model] + [p for p in (FLAGS.policy, FLAGS.scores) if p]
         atomic.check_out_dir(FLAGS.out_dir, inputs, reuse=FLAGS.resume or FLAGS.overwrite)
 
 
 def print_table(result: prune_run.PruneResult) -> None:
-    fmt = lambda p: "-" if p is None else f"{p:.3f}"
+    """One row per (ratio, mode), then the uniform-random baseline at each ratio."""
+    fmt = lambda v, f=".3f": "-" if v is None else format(v, f)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     dense = result.dense_params
-    print(f"{'ratio':>6}  {'kept':>6}  {'params':>13}  {'of dense':>8}  {'ppl':>10}")
-    print(f"{'dense':>6}  {'':>6}  {dense:>13,}  {'100.0%':>8}  {fmt(result.dense_ppl):>10}")
+    print(f"{'ratio':>6}  {'mode':<24}  {'kept':>6}  {'params':>13}  {'of dense':>8}  {'ppl':>10}  "
+          f"{'top-1 acc':>9}  {'retained':>8}")
+    print(f"{'dense':>6}  {'':<24}  {'':>6}  {dense:>13,}  {'100.0%':>8}  {fmt(result.dense_ppl):>10}  "
+          f"{fmt(result.dense_accuracy, '.4f'):>9}  {'':>8}")
+    guard = " +guard" if result.header.get("guard") else ""
     for r in result.outputs:
-        print(f"{r.ratio:>6}  {r.kept:>6}  {r.params:>13,}  "
-              f"{100 * r.params / dense:>7.1f}%  {fmt(r.ppl):>10}")
+        mode = (r.recipe.get("mode") or "") + (guard if r.recipe.get("guard") else "")
+        print(f"{r.ratio:>6}  {mode:<24}  {r.kept:>6}  {r.params:>13,}  "
+              f"{100 * r.params / dense:>7.1f}%  {fmt(r.ppl):>10}  "
+              f"{fmt(r.extra.get('accuracy'), '.4f'):>9}  {pct(r.extra.get('accuracy_retention')):>8}")
+    for ratio, b in (result.baseline or {}).items():
+        print(f"{ratio:>6}  {'random baseline (1 draw)':<24}  {'':>6}  {'':>13}  {'':>8}  "
+              f"{fmt(b.get('ppl')):>10}  {fmt(b.get('accuracy'), '.4f'):>9}  "
+              f"{pct(b.get('accuracy_retention')):>8}")
 
 
 def main(argv) -> None:

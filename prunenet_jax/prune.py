@@ -1,10 +1,16 @@
-"""Pruning a model: select the kept channels of every layer (`select_kept`, from the policy and
-the seed's SELECTION stream), then slice them (`slice_weights`: rows S of gate/up, columns S of
-down)."""
+"""Pruning a model: select the kept channels of every layer (`select_kept`: from the policy and
+the seed's SELECTION stream, or from channel scores), then slice them (`slice_weights`: rows S of
+gate/up, columns S of down).
+
+Modes: `sample`, `topk` (PruneNet's policy), `random` (uniform, a baseline) and `energy` (the k
+largest scores E[h_j^2] * ||down[:, j]||^2, method/scores.py). A guard (L, I) bool mask, when
+given, is always kept; the other channels are chosen as the mode says among the unguarded ones
+(the guarded get an infinite selection key, so they come first in every top-k)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,39 +24,72 @@ from prunenet_jax.models import registry
 from prunenet_jax.weights import ModelWeights
 
 
-MODES = ("sample", "topk", "random")
+MODES = ("sample", "topk", "random", "energy")
+POLICY_MODES = ("sample", "topk")  # the modes that need a trained policy
+SCORE_MODES = ("energy",)  # the modes that need channel scores (forward passes)
 
 
-def select_kept(params: dict, gate, ratio: float, mode: str, seed: int) -> np.ndarray:
+def parse_modes(spec: str) -> tuple[str, ...]:
+    """--mode: one mode or a comma list, each once, in the order given."""
+    modes = tuple(dict.fromkeys(m.strip() for m in spec.split(",") if m.strip()))
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise UserError(f"--mode={spec}: {'unknown mode ' + ', '.join(unknown) if unknown else 'empty'}"
+                        f"; use one or more of {', '.join(MODES)} (comma-separated)")
+    return modes
+
+
+def select_kept(params: Optional[dict], gate, ratio: float, mode: str, seed: int, *,
+                guard: Optional[np.ndarray] = None, scores: Optional[np.ndarray] = None) -> np.ndarray:
     """Kept channels (L, k) at `ratio` for gate matrices (L, I, H) (host or device). The key
     depends on the seed and k only (stream rng.SELECTION), so one seed gives the same channels
-    whatever else the run does."""
+    whatever else the run does. `guard`: (L, I) channels always kept; `scores`: (L, I) of `energy`."""
     k = sampling.num_kept(gate.shape[1], ratio)
-    return select_channels(params, gate, k, mode, jax.random.fold_in(rng.key(seed, rng.SELECTION), k))
+    return select_channels(params, gate, k, mode, jax.random.fold_in(rng.key(seed, rng.SELECTION), k),
+                           guard=guard, scores=scores)
 
 
-def select_channels(params: policy_lib.Params, W, k: int, mode: str, key: jax.Array) -> np.ndarray:
+def select_channels(params: Optional[policy_lib.Params], W, k: int, mode: str, key: jax.Array, *,
+                    guard: Optional[np.ndarray] = None,
+                    scores: Optional[np.ndarray] = None) -> np.ndarray:
     """Kept channels (L, k), sorted, for gate matrices W (L, I, H) and a trained policy.
 
     sample: k rows drawn without replacement in proportion to keep = sigmoid(logit(u) + z) with
             fresh noise u (the reference's way); topk: the k largest logits z (no noise);
-    random: k rows uniformly at random, ignoring the policy (a baseline).
+    random: k rows uniformly at random, ignoring the policy (a baseline);
+    energy: the k largest `scores` (no policy, no noise).
+    With `guard`, the guarded rows are kept first and the rest chosen as above among the others.
     """
     if mode not in MODES:
         raise UserError(f"--mode={mode} is unknown; use one of {', '.join(MODES)}")
-    return np.asarray(_select(params, W, k, mode, key))
+    if mode == "energy":
+        if scores is None:
+            raise ValueError("mode energy needs channel scores")
+        return np.asarray(_top(jnp.asarray(scores, jnp.float32), guard, k))
+    guard = None if guard is None else jnp.asarray(guard, bool)
+    return np.asarray(_select(params, W, k, mode, key, guard))
+
+
+def _guarded(log_w, guard):
+    return log_w if guard is None else jnp.where(guard, jnp.inf, log_w)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top(scores, guard, k):
+    return sampling.topk_indices(_guarded(scores, guard), k)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "mode"))
-def _select(params, W, k, mode, key):
+def _select(params, W, k, mode, key, guard):
     L, I, _ = W.shape
     if mode == "random":
-        return sampling.gumbel_top_k(key, jnp.zeros((L, I), jnp.float32), k)
+        return sampling.gumbel_top_k(key, _guarded(jnp.zeros((L, I), jnp.float32), guard), k)
     z = policy_lib.policy_logits(params, W)
     if mode == "topk":
-        return sampling.topk_indices(z, k)
+        return sampling.topk_indices(_guarded(z, guard), k)
     u = sampling.uniform_noise(jax.random.fold_in(key, 0), L, I)
-    return sampling.sample_indices_from_logits(jax.random.fold_in(key, 1), sampling.keep_logits(z, u), k)
+    log_keep = jax.nn.log_sigmoid(sampling.keep_logits(z, u))  # as sample_indices_from_logits
+    return sampling.gumbel_top_k(jax.random.fold_in(key, 1), _guarded(log_keep, guard), k)
 
 
 def slice_weights(weights: ModelWeights, indices: np.ndarray) -> ModelWeights:

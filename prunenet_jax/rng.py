@@ -15,6 +15,7 @@ SEED_RANGE = (-2**63, 2**63 - 1)  # what jax.random.key takes (a C long)
 POLICY_INIT = 0  # the policy's initial parameters (train.initial_params)
 EPISODES = 1  # episode e's draws: fold_in(key(seed, EPISODES), e) (train.train)
 SELECTION = 2  # the channels kept at a ratio: fold_in(key(seed, SELECTION), k) (prune.select_kept)
+CALIBRATION = 3  # self-generated calibration tokens (method/calibration.py)
 
 
 def key(seed: int, stream: int) -> jax.Array:

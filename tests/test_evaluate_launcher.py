@@ -108,7 +108,7 @@ def test_report_folder_and_numbers(setup, full_run):
 def test_report_ppl_equals_plain_runs(setup, full_run):
     _, summary, _ = full_run
     plain = _ok(_launch(f"--model={setup['dense']}", f"--eval_text={setup['text']}", "--seq_len=32"))
-    assert set(plain) == {"ppl", "tokens", "files"}  # a plain run prints what it always did
+    assert set(plain) == {"ppl", "tokens", "accuracy", "files"}  # a plain run: ppl, top-1 accuracy
     assert summary["ppl"] == plain["ppl"] and summary["models"][0]["ppl"] == plain["ppl"]
     sliced = _ok(_launch(f"--model={setup['sliced']}", f"--eval_text={setup['text']}", "--seq_len=32"))
     assert summary["models"][2]["ppl"] == sliced["ppl"] != plain["ppl"]

@@ -339,5 +339,5 @@ def test_a_failed_write_stops_a_batch_instead_of_failing_the_checkpoint(tmp_path
                          out_dir=str(tmp_path))
     manifest = run_dir.Manifest(str(tmp_path), {}, resume=False)
     with pytest.raises(WriteError):
-        batch._prune_one(job, "a", "a", {}, None, manifest, {}, progress.bar(total=1, desc="outputs"))
+        batch._prune_one(job, "a", "a", {}, None, manifest, progress.bar(total=1, desc="outputs"))
     assert manifest.outputs == []  # not recorded as the checkpoint's failure

@@ -52,10 +52,11 @@ def test_select_channels_modes(weights):
     L, I, H = W.shape
     params = policy.init_params(jax.random.key(0), I, H)
     key = jax.random.key(3)
+    scores = np.random.default_rng(0).random((L, I))
     for mode in prune.MODES:
-        idx = prune.select_channels(params, W, 20, mode, key)
+        idx = prune.select_channels(params, W, 20, mode, key, scores=scores)
         assert idx.shape == (L, 20) and (np.diff(idx, axis=1) > 0).all()
-        np.testing.assert_array_equal(idx, prune.select_channels(params, W, 20, mode, key))
+        np.testing.assert_array_equal(idx, prune.select_channels(params, W, 20, mode, key, scores=scores))
     z = np.asarray(policy.policy_logits(params, W))
     want = np.sort(np.argsort(-z, axis=1)[:, :20], axis=1)
     np.testing.assert_array_equal(prune.select_channels(params, W, 20, "topk", key), want)

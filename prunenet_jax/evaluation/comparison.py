@@ -23,6 +23,7 @@ class Pruned:
     path: str  # local file or folder (a hub id is downloaded by the check before heavy work)
     ratio: Optional[float]  # the manifest's; None: from the config
     hf_dir: Optional[str]  # an HF folder lm-eval can run, when there is one
+    mode: Optional[str] = None  # how its channels were selected (the manifest's), for the plot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _from_run_dir(folder: str) -> list[Pruned]:
         rel = os.path.relpath(o.model_dir, folder)
         name = f"{os.path.basename(os.path.normpath(folder))}/{os.path.dirname(os.path.normpath(rel)) or rel}"
         found.append(Pruned(name, o.model_dir, o.model_dir, o.ratio,
-                            o.hf_dir if lm_eval.is_hf_folder(o.hf_dir) else None))
+                            o.hf_dir if lm_eval.is_hf_folder(o.hf_dir) else None, o.mode))
     return found
 
 
@@ -92,10 +93,12 @@ def _check_compatible(weights, dense_cfg, name: str) -> None:
 
 
 def measure(model: str, dense_path: str, pruned: list[Pruned],
-            eval_cfg: Optional[perplexity.EvalConfig]) -> tuple[list[dict], list, Optional[dict]]:
+            eval_cfg: Optional[perplexity.EvalConfig],
+            continue_prompt: bool = False) -> tuple[list[dict], list, Optional[dict]]:
     """Report rows (dense first), gate spectra at the plotted layers, and the dense model's full
     perplexity result (per text, for the plain run's table). The dense model's tokenizer scores
-    every model (pruning keeps the vocabulary)."""
+    every model (pruning keeps the vocabulary). With `continue_prompt`, each row gets the model's
+    greedy continuation of report.PROMPT."""
     dense = sources.load_model(dense_path)
     dense_cfg = dense.config
     logging.info("loaded %s: %d layers, %.1fM parameters", model, dense_cfg.num_hidden_layers,
@@ -105,8 +108,15 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
     layers = report.plotted_layers(dense_cfg.num_hidden_layers)
     dense_sv = report.gate_spectra(dense)
     dense_ppl = ppl(dense)
+    tokenizer = None
+    if continue_prompt:
+        try:
+            tokenizer = sources.load_tokenizer(dense)
+        except UserError as e:  # a model without tokenizer files can still be compared
+            logging.warning("no greedy continuations in the report: %s", e)
+    continuation = lambda w: report.continuation(w, tokenizer) if tokenizer is not None else None
     models = [report.model_record("dense", model, dense, 0.0, report.gate_ks(dense_sv, dense_sv),
-                                  dense_ppl)]
+                                  dense_ppl, continuation=continuation(dense))]
     spectra = [dense_sv[layers]]
     del dense
     for p in pruned:
@@ -115,7 +125,8 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
         sv = report.gate_spectra(weights)
         ratio = p.ratio if p.ratio is not None else report.ratio_of(weights, dense_cfg.intermediate_size)
         models.append(report.model_record(p.name, p.source, weights, ratio,
-                                          report.gate_ks(dense_sv, sv), ppl(weights)))
+                                          report.gate_ks(dense_sv, sv), ppl(weights),
+                                          mode=p.mode, continuation=continuation(weights)))
         spectra.append(sv[layers])
         logging.info("%s: ratio %.3f, mean KS %.4f, ppl %s", p.name, ratio, models[-1]["mean_ks"],
                      models[-1]["ppl"])
@@ -145,7 +156,8 @@ def run(job: CompareJob) -> tuple[dict, Optional[dict]]:
         print(f"warning: {tasks.message()}", file=sys.stderr, flush=True)
 
     models, spectra, dense_ppl = measure(job.model, dense_path, pruned,
-                                          job.eval if job.eval.texts else None)
+                                          job.eval if job.eval.texts else None,
+                                          continue_prompt=bool(job.report_dir))
 
     if tasks is not None:
         for m, hf_dir in zip(models, [dense_hf] + [p.hf_dir for p in pruned]):

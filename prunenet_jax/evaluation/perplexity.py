@@ -1,4 +1,5 @@
-"""Perplexity in JAX: non-overlapping windows, jitted, batched with a padding mask."""
+"""Perplexity and top-1 next-token accuracy in JAX: non-overlapping windows, jitted, batched with
+a padding mask."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,12 +37,14 @@ def windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _window_nll(graphdef, state, tokens, mask):
-    """Summed next-token negative log-likelihood and the number of scored targets."""
+    """Summed next-token negative log-likelihood, the number of scored targets, and how many of
+    them are the model's top-1 prediction."""
     logits = nnx.merge(graphdef, state)(tokens, mask)[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     valid = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    return jnp.sum(nll * valid), jnp.sum(valid)
+    hits = (jnp.argmax(logits, axis=-1) == tokens[:, 1:]).astype(jnp.float32)
+    return jnp.sum(nll * valid), jnp.sum(valid), jnp.sum(hits * valid)
 
 
 class Scorer:
@@ -52,17 +55,24 @@ class Scorer:
         self.graphdef, self.state = nnx.split(model)
 
     def nll(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> tuple[float, int]:
-        total, count = 0.0, 0
+        """(summed NLL, scored targets)."""
+        total, count, _ = self.score(tokens, mask, batch_size)
+        return total, count
+
+    def score(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> tuple[float, int, int]:
+        """(summed NLL, scored targets, top-1 hits)."""
+        total, count, hits = 0.0, 0, 0
         for start in range(0, len(tokens), batch_size):
             t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
             pad = batch_size - len(t)  # keep one shape, so one compilation
             if pad:
                 t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
                 m = np.concatenate([m, np.zeros((pad, m.shape[1]), m.dtype)])
-            s, c = _window_nll(self.graphdef, self.state, jnp.asarray(t), jnp.asarray(m))
+            s, c, h = _window_nll(self.graphdef, self.state, jnp.asarray(t), jnp.asarray(m))
             total += float(s)
             count += int(c)
-        return total, count
+            hits += int(h)
+        return total, count, hits
 
 
 def tokenize(tokenizer, text: str, max_tokens: Optional[int] = None) -> np.ndarray:
@@ -72,20 +82,23 @@ def tokenize(tokenizer, text: str, max_tokens: Optional[int] = None) -> np.ndarr
 
 def perplexity(model: nnx.Module, tokenizer, texts: dict[str, str], seq_len: int = 512,
                batch_size: int = 4, max_tokens: Optional[int] = None) -> dict:
-    """{"ppl": over all texts, "tokens": scored targets, "files": {name: {"ppl", "tokens"}}}."""
+    """{"ppl": over all texts, "tokens": scored targets, "accuracy": top-1 next-token accuracy,
+    "files": {name: {"ppl", "tokens", "accuracy"}}}."""
     if batch_size < 1:
         raise UserError(f"--batch_size={batch_size} must be at least 1")
     scorer = Scorer(model)
-    files, total_nll, total_count = {}, 0.0, 0
+    files, total_nll, total_count, total_hits = {}, 0.0, 0, 0
     for name, text in texts.items():
         tokens, mask = windows(tokenize(tokenizer, text, max_tokens), seq_len)
         if len(tokens) == 0:
             raise UserError(f"eval text {name} has fewer than 2 tokens; pass a longer text")
-        nll, count = scorer.nll(tokens, mask, batch_size)
-        files[name] = {"ppl": math.exp(nll / count), "tokens": count}
+        nll, count, hits = scorer.score(tokens, mask, batch_size)
+        files[name] = {"ppl": math.exp(nll / count), "tokens": count, "accuracy": hits / count}
         total_nll += nll
         total_count += count
-    return {"ppl": math.exp(total_nll / total_count), "tokens": total_count, "files": files}
+        total_hits += hits
+    return {"ppl": math.exp(total_nll / total_count), "tokens": total_count,
+            "accuracy": total_hits / total_count, "files": files}
 
 
 @dataclasses.dataclass(frozen=True)

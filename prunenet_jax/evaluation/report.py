@@ -67,13 +67,38 @@ def ratio_of(weights: ModelWeights, dense_intermediate: int) -> float:
 
 
 def model_record(name: str, source: str, weights: ModelWeights, ratio: float, ks: np.ndarray,
-                 perplexity: Optional[dict] = None) -> dict:
-    """One model's row of report.json. `perplexity`: perplexity.perplexity's result, or None."""
-    return {"name": name, "source": source, "ratio": float(ratio),
-            "kept": int(weights.config.intermediate_size), "params": int(weights.num_params()),
-            "ppl": perplexity["ppl"] if perplexity else None,
-            "ppl_files": perplexity["files"] if perplexity else None,
-            "ks": [float(x) for x in ks], "mean_ks": float(np.mean(ks)), "lm_eval": None}
+                 perplexity: Optional[dict] = None, mode: Optional[str] = None,
+                 continuation: Optional[str] = None) -> dict:
+    """One model's row of report.json. `perplexity`: perplexity.perplexity's result, or None;
+    `mode`: how a pruned model's channels were chosen; `continuation`: its greedy continuation
+    of PROMPT."""
+    record = {"name": name, "source": source, "ratio": float(ratio),
+              "kept": int(weights.config.intermediate_size), "params": int(weights.num_params()),
+              "ppl": perplexity["ppl"] if perplexity else None,
+              "accuracy": perplexity.get("accuracy") if perplexity else None,
+              "ppl_files": perplexity["files"] if perplexity else None,
+              "ks": [float(x) for x in ks], "mean_ks": float(np.mean(ks)), "lm_eval": None}
+    if mode is not None:
+        record["mode"] = mode
+    if continuation is not None:
+        record["continuation"] = continuation
+    return record
+
+
+PROMPT = "The Python programming language is"
+CONTINUATION_TOKENS = 24
+
+
+def continuation(weights: ModelWeights, tokenizer) -> str:
+    """The model's greedy continuation of PROMPT (CONTINUATION_TOKENS tokens at most)."""
+    from prunenet_jax.models import llama, sampler
+
+    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    ids = list(tokenizer(PROMPT)["input_ids"])
+    eos = weights.hf_config.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    out = sampler.generate(model, [ids], CONTINUATION_TOKENS, eos_ids=eos)[0]
+    return tokenizer.decode(out, skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -127,6 +152,11 @@ def markdown(summary: dict) -> str:
             "values and the dense model's (0: same spectrum), averaged over layers.", ""]
     out += ["## Models", "", *_md_table(*table(models)), ""]
     out += ["| model | source |", "|---|---|", *(f"| {m['name']} | `{m['source']}` |" for m in models), ""]
+    if any(m.get("continuation") is not None for m in models):
+        quote = lambda t: (t or "").replace("|", "\\|").replace("\n", " ⏎ ")
+        out += [f"## Greedy continuation of \"{PROMPT}\"", "",
+                "| model | continuation |", "|---|---|",
+                *(f"| {m['name']} | {quote(m.get('continuation'))} |" for m in models), ""]
     lm = summary.get("lm_eval")
     if lm:
         tasks = lm["tasks"]
@@ -244,21 +274,23 @@ def plot_ks(path: str, models: list[dict]) -> None:
 
 
 def plot_ppl(path: str, models: list[dict], title: str) -> None:
-    """Perplexity against compression ratio (dense at 0), log y."""
+    """Perplexity against compression ratio, log y: one line per selection mode (models without a
+    recorded mode form one "pruned" line), the dense model's level as a horizontal line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = _colors(len(models))
-    shown = [(i, m) for i, m in enumerate(models) if math.isfinite(m["ppl"])]  # inf: overflow
-    points = [(m["ratio"], m["ppl"]) for _, m in shown]
-    if len({r for r, _ in points}) == len(points) > 1:  # one model per ratio: a curve reads well
-        ax.plot(*zip(*sorted(points)), color="0.7", lw=1, zorder=1)
-    for (i, m), (r, p) in zip(shown, points):
-        dense = i == 0  # a hollow diamond on top: a pruned point equal to it still shows
-        ax.scatter([r], [p], s=90 if dense else 40, zorder=3 if dense else 2, label=_label(m, dense),
-                   marker="D" if dense else "o", facecolors="none" if dense else colors[i],
-                   edgecolors=colors[i])
-        if dense or (r, p) != points[0]:
-            ax.annotate(f"{p:.1f}", (r, p), textcoords="offset points", xytext=(6, 6), fontsize="small")
+    dense = models[0]
+    if math.isfinite(dense["ppl"]):
+        ax.axhline(dense["ppl"], color="black", ls="--", lw=1.2, label=f"dense: {dense['ppl']:.1f}")
+    lines: dict = {}
+    for m in models[1:]:
+        if math.isfinite(m["ppl"]):  # inf: overflow
+            lines.setdefault(m.get("mode") or "pruned", []).append((m["ratio"], m["ppl"]))
+    for (mode, points), color in zip(lines.items(), _colors(len(lines) + 1)[1:]):
+        points = sorted(points)
+        ax.plot(*zip(*points), marker="o", ms=5, color=color, label=mode)
+        for r, p in points:
+            ax.annotate(f"{p:.1f}", (r, p), textcoords="offset points", xytext=(6, 6),
+                        fontsize="small", color=color)
     ax.set_yscale("log")
     _plain_log_axis(ax.yaxis)
     ax.set_xlabel("compression ratio (share of FFN channels removed)")

@@ -4,27 +4,29 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+from typing import Optional
 
 from prunenet_jax.errors import UserError
 
 
-def _read(path: str, flag: str) -> str:
-    label = flag.strip("-").replace("_", " ")  # "--eval_text" -> "eval text"
+def _read(path: str, what: str, flag: str) -> str:
     try:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        raise UserError(f"{label} {path} does not exist; pass existing text files to {flag}") from None
+        raise UserError(f"{what} {path} does not exist; pass existing text files to {flag}") from None
     except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise UserError(f"{label} {path} cannot be read as UTF-8 text ({e}); "
+        raise UserError(f"{what} {path} cannot be read as UTF-8 text ({e}); "
                         "pass a plain or gzipped UTF-8 text file") from None
 
 
-def read_texts(spec: str, flag: str = "--eval_text") -> dict[str, str]:
+def read_texts(spec: str, flag: str = "--eval_text", what: Optional[str] = None) -> dict[str, str]:
     """Comma-separated entries -> {entry: text}. A glob entry is its matches concatenated in
-    sorted name order (e.g. the Python tutorial's `*.rst.txt` files as one text)."""
-    label = flag.strip("-").replace("_", " ")
+    sorted name order (e.g. the Python tutorial's `*.rst.txt` files as one text). `flag` and
+    `what` name the input in error messages (e.g. "--calibration", "calibration text"); `what`
+    defaults to the flag's words ("--train_text" -> "train text")."""
+    what = what or flag.strip("-").replace("_", " ")
     entries = [e.strip() for e in spec.split(",") if e.strip()]
     if not entries:
         raise UserError(f"{flag} is empty; pass one or more text files (comma-separated)")
@@ -33,12 +35,12 @@ def read_texts(spec: str, flag: str = "--eval_text") -> dict[str, str]:
         if glob.has_magic(entry):
             paths = sorted(p for p in glob.glob(entry) if os.path.isfile(p))
             if not paths:
-                raise UserError(f"{label} pattern {entry} matches no file; check the path "
+                raise UserError(f"{what} pattern {entry} matches no file; check the path "
                                 "(the Python tutorial needs `apt-get install -y python3.11-doc`)")
         else:
             paths = [entry]
-        text = "".join(_read(p, flag) for p in paths)
+        text = "".join(_read(p, what, flag) for p in paths)
         if not text.strip():
-            raise UserError(f"{label} {entry} is empty; pass a file with text in it")
+            raise UserError(f"{what} {entry} is empty; pass a file with text in it")
         texts[entry] = text
     return texts

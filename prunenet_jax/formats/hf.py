@@ -221,9 +221,13 @@ def render_model_card(config: dict, num_params: int, card: dict) -> str:
     """README.md: what the model is, the given `card` entries in a stable order, how to load it."""
     arch = (config.get("architectures") or [config.get("model_type", "model")])[0]
     pruned = "ratio" in card  # a plain conversion (no ratio) is not called pruned
+    # PruneNet chose the channels only in its own modes; energy/random ones say their mode.
+    method = ("PruneNet" if card.get("mode", "sample") in ("sample", "topk")
+              else f"prunenet-jax's {card['mode']} mode")
     blocks = ["---\nlibrary_name: transformers\ntags:\n- prunenet\n" + "- pruned\n" * pruned + "---",
-              f"# {arch} {'pruned with PruneNet' if pruned else 'exported by prunenet-jax'}",
-              ("FFN channels sliced with PruneNet (prunenet-jax). " if pruned else "")
+              f"# {arch} {f'pruned with {method}' if pruned else 'exported by prunenet-jax'}",
+              (f"FFN channels sliced with {method}{' (prunenet-jax)' * (method == 'PruneNet')}. "
+               if pruned else "")
               + f"A plain `{config.get('model_type')}` model with {num_params:,} parameters "
               f"({config.get('dtype', config.get('torch_dtype'))}), "
               f"`intermediate_size = {config['intermediate_size']}`."]

@@ -34,6 +34,7 @@ from prunenet_jax.weights import ModelWeights
 POLICY_KIND = "prunenet_jax.policy"
 MODEL_KIND = "prunenet_jax.sliced_model"
 TRAIN_KIND = "prunenet_jax.train_state"
+SCORES_KIND = "prunenet_jax.channel_scores"
 FORMAT_VERSION = 1
 
 
@@ -199,6 +200,31 @@ class TrainCheckpoints:
         self._manager.close()
 
 
+# ----------------------------------------------------------------------------- channel scores
+
+def save_scores(path: str, arrays: dict[str, np.ndarray], metadata: dict, *,
+                overwrite: bool = False) -> None:
+    """Saves per-channel scores {name: (L, I) float32} (method/scores.py) with `metadata` (its
+    "shape" [L, I, H], the calibration, ...)."""
+    meta = {"kind": SCORES_KIND, "format_version": FORMAT_VERSION, "arrays": sorted(arrays),
+            **metadata}
+    _save(path, {"scores": {n: np.asarray(a, np.float32) for n, a in arrays.items()}}, meta, overwrite)
+
+
+def scores_meta(path: str) -> dict:
+    """The metadata of scores saved by `save_scores`, without reading the arrays."""
+    return _expect_kind(path, SCORES_KIND, "the scores/ folder of an earlier energy run",
+                        "e.g. --scores=<previous --out_dir>/scores")
+
+
+def load_scores(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, metadata) of scores saved by `save_scores`."""
+    meta = scores_meta(path)
+    L, I = meta["shape"][:2]
+    target = {n: np.zeros((L, I), np.float32) for n in meta["arrays"]}
+    return _to_numpy(_restore(path, {"scores": target})["scores"]), meta
+
+
 # ----------------------------------------------------------------------------- sliced model
 
 def save_model(path: str, weights: ModelWeights, metadata: dict, *, kept: Optional[np.ndarray] = None,
@@ -296,6 +322,6 @@ def load_model(path: str, dtype=np.float32, source: Optional[str] = None) -> Mod
 def model_card_fields(meta: dict) -> dict:
     """The fields of a sliced-model checkpoint that an HF model card reports."""
     keys = ("source", "ratio", "kept", "params_before", "params_after", "seed",
-            "policy_fingerprint", "mode", "command")
+            "policy_fingerprint", "mode", "guard", "selection", "calibration", "command")
     return {k: meta[k] for k in keys if meta.get(k) is not None}
 

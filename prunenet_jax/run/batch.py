@@ -1,6 +1,8 @@
 """Many checkpoints x many ratios with one policy (launch.batch_prune).
 
-Each checkpoint is loaded once, pruned at every ratio, written to `<out_dir>/<name>/ratio_<r>/`,
+Each checkpoint is loaded once, its channel scores measured when a mode needs them (energy: its own
+calibration tokens and scores in `<out_dir>/<name>/`), pruned at every ratio and mode, written to
+`<out_dir>/<name>/[<mode>/]ratio_<r>/`,
 and released before the next; the (shard's) manifest records every output after each one, so
 rerunning the same job skips what is done. A checkpoint that fails (missing, corrupt, other
 shapes than the policy's) is recorded as failed and the batch goes on. Shards split the list
@@ -21,10 +23,14 @@ from prunenet_jax import progress, sources
 from prunenet_jax.errors import UserError, WriteError
 from prunenet_jax.evaluation import perplexity
 from prunenet_jax.formats import orbax
+from prunenet_jax.method import calibration as calibration_lib
+from prunenet_jax.method import scores as scores_lib
+from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import trainer
 from prunenet_jax.models import registry
 from prunenet_jax.run import atomic, run_dir
-from prunenet_jax.run.prune_run import OutputOptions, Training, check_ratios_fit, ppl_of, prune_at_ratios
+from prunenet_jax.run.prune_run import (Measure, OutputOptions, Selection, Training, check_ratios_fit,
+                                        prune_at_ratios)
 from prunenet_jax.run.run_dir import Manifest, OutputEntry
 
 _MAX_LIST_BYTES = 16 * 2**20  # a checkpoint list is a text file, not a model
@@ -43,6 +49,7 @@ class BatchJob:
     num_shards: int = 1
     shard_index: int = 0
     eval: Optional[perplexity.EvalConfig] = None
+    calibration: calibration_lib.Calibration = calibration_lib.Calibration()
     command: str = ""
 
     def check(self) -> None:
@@ -50,7 +57,7 @@ class BatchJob:
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise UserError(f"--shard_index={self.shard_index} must be in [0, --num_shards="
                             f"{self.num_shards})")
-        if self.num_shards > 1 and not self.policy:
+        if self.num_shards > 1 and not self.policy and self.outputs.needs_policy:
             raise UserError("several shards need one shared --policy: train it once with "
                             "launch.prune --out_dir=... and pass --policy=<that out_dir>/policy")
         # Rerunning into the same --out_dir resumes, so an existing folder is fine.
@@ -142,9 +149,11 @@ def output_names(checkpoints: list[str]) -> list[str]:
     return names
 
 
-def get_policy(job: BatchJob, mesh) -> tuple[dict, dict, str]:
+def get_policy(job: BatchJob, mesh) -> tuple[Optional[dict], Optional[dict], Optional[str]]:
     """(params, training summary, policy dir): the job's policy, or one trained on the first
-    checkpoint (resumable, in <out_dir>/policy)."""
+    checkpoint (resumable, in <out_dir>/policy); Nones when no mode needs a policy."""
+    if not job.outputs.needs_policy:
+        return None, None, None
     if job.policy:
         params, _ = orbax.load_policy(job.policy)
         return params, {"policy": os.path.abspath(job.policy)}, os.path.abspath(job.policy)
@@ -162,12 +171,17 @@ def get_policy(job: BatchJob, mesh) -> tuple[dict, dict, str]:
     return params, summary, run_dir.POLICY
 
 
-def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta, manifest: Manifest,
-               recipe: dict, bar) -> None:
-    """Load, prune at every ratio, write, release; a failure marks this checkpoint's remaining
-    outputs failed and returns."""
-    if not job.overwrite and all(manifest.is_done(r, recipe, name) for r in job.ratios):
-        bar.update(len(job.ratios))  # finished by an earlier run
+def _prune_one(job: BatchJob, name: str, source: str, params: Optional[dict], policy_meta,
+               manifest: Manifest, bar) -> None:
+    """Load, measure scores (energy), prune at every ratio and mode, write, release; a failure
+    marks this checkpoint's remaining outputs failed and returns."""
+    outputs = job.outputs
+    # Without scores yet, an energy output's recipe is unknown: such a checkpoint is loaded, and
+    # its saved scores make the check below skip the outputs already done.
+    if (not job.overwrite and not outputs.needs_scores
+            and all(manifest.is_done(r, outputs.recipe(m, params), name)
+                    for r in job.ratios for m in outputs.modes)):
+        bar.update(len(job.ratios) * len(outputs.modes))  # finished by an earlier run
         return
     weights = None
     path, revision = split_revision(source)
@@ -181,12 +195,18 @@ def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta,
         if job.outputs.recover is not None:
             job.outputs.recover.check(config, job.ratios)
         weights = sources.load_model(path, revision=revision)
-        ppl = ppl_of(weights, job.eval)
-        dense_ppl = ppl(weights)
-        prune_at_ratios(weights, params, job.ratios, job.outputs,
-                        out_dir=os.path.join(job.out_dir, name), manifest=manifest, ppl=ppl,
+        scores = None
+        if outputs.needs_scores:
+            scores, _ = scores_lib.obtain(weights, job.calibration,
+                                          lambda: sources.load_tokenizer(weights),
+                                          folder=os.path.join(job.out_dir, name))
+        measure = Measure(weights, job.eval)
+        dense = measure.dense or {}
+        prune_at_ratios(weights, Selection(weights, params, outputs, scores), job.ratios, outputs,
+                        out_dir=os.path.join(job.out_dir, name), manifest=manifest, measure=measure,
                         card={"source": source, "command": job.command}, checkpoint=name,
-                        extra={"source": source, "dense_ppl": dense_ppl},
+                        extra={"source": source, "dense_ppl": dense.get("ppl"),
+                               **({"dense_accuracy": dense["accuracy"]} if dense else {})},
                         on_output=lambda e: bar.update(1))
     except WriteError:
         raise  # a full disk or lost permission is not this checkpoint's fault: stop the batch
@@ -195,10 +215,11 @@ def _prune_one(job: BatchJob, name: str, source: str, params: dict, policy_meta,
         if not isinstance(e, UserError):
             logging.exception("unexpected error on %s", source)
         progress.message(f"error: {name}: {message}")  # above the progress bar
-        for r in job.ratios:
-            if not manifest.is_done(r, recipe, name):
+        for r, mode in ((r, m) for r in job.ratios for m in outputs.modes):
+            done = manifest.find(r, name, mode)
+            if done is None or not done.done:
                 manifest.record(OutputEntry(ratio=r, status=run_dir.FAILED, checkpoint=name,
-                                            error=message, recipe=recipe,
+                                            error=message, recipe=outputs.recipe(mode, params),
                                             extra={"source": source}))
                 bar.update(1)
     finally:
@@ -219,25 +240,28 @@ class BatchResult:
 def run(job: BatchJob, mesh) -> BatchResult:
     """The whole batch (this shard's share). `mesh()` gives the training mesh (called only when a
     policy is trained). `job` is checked (BatchJob.check)."""
-    policy_meta = orbax.load_policy(job.policy)[1] if job.policy else None
+    uses_policy = job.policy and job.outputs.needs_policy
+    policy_meta = orbax.load_policy(job.policy)[1] if uses_policy else None
     params, training, policy_dir = get_policy(job, mesh)
     names = output_names(list(job.checkpoints))
     mine = list(zip(names, job.checkpoints))[job.shard_index::job.num_shards]
-    recipe = job.outputs.recipe(params)
+    modes = job.outputs.modes
     header = run_dir.batch_header(
         checkpoints=dict(zip(names, job.checkpoints)), ratios=list(job.ratios),
-        policy_dir=policy_dir, fingerprint=recipe["policy_fingerprint"], seed=job.outputs.seed,
-        mode=job.outputs.mode, training=training, num_shards=job.num_shards,
-        shard_index=job.shard_index, command=job.command)
+        policy_dir=policy_dir, fingerprint=params and policy_lib.fingerprint(params),
+        seed=job.outputs.seed, mode=",".join(modes), training=training,
+        num_shards=job.num_shards, shard_index=job.shard_index, command=job.command,
+        guard=job.outputs.guard)
     manifest = Manifest(job.out_dir, header, resume=not job.overwrite,
-                        name=run_dir.shard_manifest_name(job.shard_index, job.num_shards))
+                        name=run_dir.shard_manifest_name(job.shard_index, job.num_shards),
+                        by_mode=len(modes) > 1)
     manifest.save()
-    bar = progress.bar(total=len(mine) * len(job.ratios), desc="outputs")
+    bar = progress.bar(total=len(mine) * len(job.ratios) * len(modes), desc="outputs")
     for name, source in mine:
         bar.set_postfix(checkpoint=name)
-        _prune_one(job, name, source, params, policy_meta, manifest, recipe, bar)
+        _prune_one(job, name, source, params, policy_meta, manifest, bar)
     bar.close()
     if job.num_shards > 1:
         run_dir.merge_manifests(job.out_dir, job.num_shards)
-    entries = [manifest.find(r, n) for n, _ in mine for r in job.ratios]
+    entries = [manifest.find(r, n, m) for n, _ in mine for r in job.ratios for m in modes]
     return BatchResult(entries, manifest.path, len(mine))

@@ -1,6 +1,8 @@
-"""One pruning run (launch.prune): load a model, train (or reuse) a policy, prune at several ratios,
-write each sliced model as an orbax checkpoint (and optionally an HF folder) into the run folder,
-and record it in the manifest (run/run_dir.py).
+"""One pruning run (launch.prune): load a model, train (or reuse) a policy and/or measure channel
+scores (energy), prune at several ratios with every mode asked for, write each sliced model as an
+orbax checkpoint (and optionally an HF folder) into the run folder, and record it in the manifest
+(run/run_dir.py). With an eval text, every output gets perplexity and top-1 accuracy (and its
+retention against the dense model), and each ratio a uniform-random baseline (one seeded draw).
 
 `prune_at_ratios` is shared with run/batch.py (many models, one policy). Every output folder is
 written under a temporary name and renamed when complete, and the manifest is rewritten
@@ -19,8 +21,10 @@ from prunenet_jax import prune, sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.evaluation import perplexity
 from prunenet_jax.formats import orbax
+from prunenet_jax.method import calibration as calibration_lib
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import sampling, trainer
+from prunenet_jax.method import scores as scores_lib
 from prunenet_jax.method.train import TrainConfig
 from prunenet_jax.models import registry
 from prunenet_jax.run import run_dir
@@ -30,18 +34,72 @@ from prunenet_jax.weights import ModelWeights
 
 @dataclasses.dataclass(frozen=True)
 class OutputOptions:
-    """How outputs are made from a policy: the selection and what is written."""
-    mode: str = "sample"
+    """How outputs are made: the selection modes (each prunes at every ratio), the guard, and what
+    is written."""
+    modes: tuple = ("sample",)
     seed: int = 42
     export_hf: bool = False
     torch_format: bool = False
+    guard: bool = False
     recover: Optional["RecoverSpec"] = None  # --recover_steps: fine-tune each output before writing
 
-    def recipe(self, params: dict) -> dict:
+    @property
+    def needs_policy(self) -> bool:
+        return any(m in prune.POLICY_MODES for m in self.modes)
+
+    @property
+    def needs_scores(self) -> bool:
+        return any(m in prune.SCORE_MODES for m in self.modes)
+
+    def folder_mode(self, mode: str) -> Optional[str]:
+        """The mode's folder level (run_dir.output_dirs): only when the run has several modes, so
+        a one-mode run keeps the layout ratio_<r>/."""
+        return mode if len(self.modes) > 1 else None
+
+    def recipe(self, mode: str, params: Optional[dict], scores=None) -> dict:
         """What an output depends on besides the model and ratio (see run_dir.RECIPE_FIELDS)."""
-        return run_dir.recipe(policy_lib.fingerprint(params), self.mode, self.seed,
-                              self.export_hf, self.torch_format,
-                              None if self.recover is None else self.recover.recipe())
+        return run_dir.recipe(
+            policy_lib.fingerprint(params) if mode in prune.POLICY_MODES else None, mode,
+            self.seed, self.export_hf, self.torch_format,
+            None if self.recover is None else self.recover.recipe(), self.guard,
+            scores.meta["calibration"] if mode in prune.SCORE_MODES and scores else None)
+
+
+def selection_note(mode: str, scores=None) -> str:
+    """How a mode chose the channels, for the model card: what it ran and on what data."""
+    if mode in prune.POLICY_MODES:
+        return ("PruneNet policy (spectral reward on the gate weights): no forward pass, no data")
+    if mode == "random":
+        return "uniform random channels (a baseline)"
+    cal = scores.meta["calibration"]
+    text = ("tokens the dense model generated itself from its start token (no external data)"
+            if cal["source"] == calibration_lib.SELF else f"tokens of the text {cal['source']}")
+    return (f"top-k of E[h_j^2] * ||down[:, j]||^2, measured by forward passes of the dense model "
+            f"over {scores.meta['tokens']} {text}")
+
+
+class Selection:
+    """Kept channels of one model for every mode and ratio: the policy's, random, or by scores,
+    with the guard when asked for."""
+
+    def __init__(self, weights: ModelWeights, params: Optional[dict], options: OutputOptions,
+                 scores: Optional[scores_lib.Scores] = None):
+        self.weights, self.params, self.options, self.scores = weights, params, options, scores
+        self._gate = self._guard = None
+
+    def guard(self, mode: str):
+        if not self.options.guard:
+            return None
+        if self._guard is None:
+            self._guard = scores_lib.weight_guard(self.weights)
+        return self.scores.guard(self.weights) if mode in prune.SCORE_MODES else self._guard
+
+    def kept(self, mode: str, ratio: float):
+        if self._gate is None:  # on the device once for all ratios (GBs on a 7B model)
+            self._gate = jax.device_put(self.weights.layers[registry.GATE])
+        energy = self.scores.energy if mode in prune.SCORE_MODES else None
+        return prune.select_kept(self.params, self._gate, ratio, mode, self.options.seed,
+                                 guard=self.guard(mode), scores=energy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +122,8 @@ class PruneJob:
     policy: Optional[str] = None  # a saved policy folder: no training
     resume: bool = False
     eval: Optional[perplexity.EvalConfig] = None
+    calibration: calibration_lib.Calibration = calibration_lib.Calibration()
+    scores: Optional[str] = None  # saved scores (<run>/scores): no calibration forward pass
     command: str = ""
 
 
@@ -76,49 +136,68 @@ def check_ratios_fit(intermediate_size: int, ratios, source: str) -> None:
             raise UserError(f"{source}: {e}") from None
 
 
-def ppl_of(weights: ModelWeights, cfg: Optional[perplexity.EvalConfig]) -> Callable:
-    """`weights -> ppl` scored with `weights`' tokenizer (None without an eval config)."""
-    if cfg is None:
-        return lambda w: None
-    measure = perplexity.perplexity_fn(sources.load_tokenizer(weights), cfg)
-    return lambda w: measure(w)["ppl"]
+class Measure:
+    """Perplexity and top-1 next-token accuracy of models, scored with the dense model's tokenizer;
+    `dense` is the dense model's (None without an eval config)."""
+
+    def __init__(self, weights: ModelWeights, cfg: Optional[perplexity.EvalConfig]):
+        self.fn = cfg and perplexity.perplexity_fn(sources.load_tokenizer(weights), cfg)
+        self.dense = self.fn(weights) if self.fn else None
+
+    def __call__(self, weights: ModelWeights) -> dict:
+        """{"ppl", "accuracy", "accuracy_retention"} (pruned / dense accuracy), or {}."""
+        if not self.fn:
+            return {}
+        result = self.fn(weights)
+        return {"ppl": result["ppl"], "accuracy": result["accuracy"],
+                "accuracy_retention": result["accuracy"] / self.dense["accuracy"]}
 
 
-def prune_at_ratios(weights: ModelWeights, params: dict, ratios, options: OutputOptions, *,
+def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options: OutputOptions, *,
                     out_dir: Optional[str], manifest: Optional[Manifest],
-                    ppl: Callable[[ModelWeights], Optional[float]] = lambda w: None,
+                    measure: Callable[[ModelWeights], dict] = lambda w: {},
                     card: Optional[dict] = None, checkpoint: Optional[str] = None,
                     extra: Optional[dict] = None,
                     on_output: Callable[[OutputEntry], None] = lambda e: None) -> list[OutputEntry]:
-    """Prunes `weights` at every ratio; with `out_dir`, writes `<out_dir>/ratio_<r>/orbax` (and
-    `/hf`) and records each output in `manifest` (as batch item `checkpoint`, with the `extra`
-    fields); outputs the manifest already has done by the same recipe are skipped. Returns the
-    entries in ratio order."""
+    """Prunes `weights` at every ratio with every mode; with `out_dir`, writes
+    `<out_dir>/[<mode>/]ratio_<r>/orbax` (and `/hf`) and records each output in `manifest` (as
+    batch item `checkpoint`, with the `extra` fields); outputs the manifest already has done by the
+    same recipe are skipped. Returns the entries in (ratio, mode) order."""
     dense_params = weights.num_params()
-    made_by = options.recipe(params)
-    entries, gate = [], None
-    for r in ratios:
+    entries = []
+    for r, mode in ((r, m) for r in ratios for m in options.modes):
+        made_by = options.recipe(mode, selection.params, selection.scores)
         if manifest is not None and manifest.is_done(r, made_by, checkpoint):
-            entries.append(manifest.find(r, checkpoint))
+            entries.append(manifest.find(r, checkpoint, mode))
             on_output(entries[-1])
             continue
-        if gate is None:  # on the device once for all ratios (GBs on a 7B model)
-            gate = jax.device_put(weights.layers[registry.GATE])
-        kept = prune.select_kept(params, gate, r, options.mode, options.seed)
+        kept = selection.kept(mode, r)
         pruned = prune.slice_weights(weights, kept)
         k = int(kept.shape[1])
         meta = {**(card or {}), "policy_fingerprint": made_by["policy_fingerprint"],
-                "mode": options.mode, "seed": options.seed, "ratio": r, "kept": k,
-                "params_before": dense_params, "params_after": pruned.num_params()}
+                "mode": mode, "guard": options.guard, "selection": selection_note(mode, selection.scores),
+                "calibration": made_by.get("calibration"), "seed": options.seed, "ratio": r,
+                "kept": k, "params_before": dense_params, "params_after": pruned.num_params()}
         entry = OutputEntry(ratio=r, kept=k, params=pruned.num_params(), checkpoint=checkpoint,
                             recipe=made_by, extra=dict(extra or {}))
-        recovered = None
+        scored = None
         if options.recover is not None:
-            state_dir = out_dir and os.path.join(out_dir, run_dir.RECOVER_STATE, run_dir.ratio_dirname(r))
+            measured = {}
+
+            def ppl(w):  # keeps the last model's measures: the recovered model's, scored once
+                measured.clear()
+                measured.update(measure(w))
+                return measured.get("ppl")
+
+            state_dir = out_dir and os.path.join(out_dir, run_dir.RECOVER_STATE,
+                                                 *filter(None, [options.folder_mode(mode)]),
+                                                 run_dir.ratio_dirname(r))
             pruned, recovered = options.recover.apply(pruned, weights, ppl=ppl, state_dir=state_dir)
             entry.extra.update(recovered)
+            scored = measured
         if out_dir is not None:
-            orbax_dir, hf_dir = run_dir.output_dirs(out_dir, r, manifest and manifest.folder)
+            orbax_dir, hf_dir = run_dir.output_dirs(out_dir, r, options.folder_mode(mode),
+                                                    manifest and manifest.folder)
             rel = manifest.relative if manifest else (lambda p: p)
             orbax.save_model(orbax_dir, pruned, meta, kept=kept, overwrite=True)
             entry.orbax_dir = rel(orbax_dir)
@@ -128,7 +207,9 @@ def prune_at_ratios(weights: ModelWeights, params: dict, ratios, options: Output
                 hf.export_hf(pruned, hf_dir, model_card=orbax.model_card_fields(meta),
                              torch_format=options.torch_format, overwrite=True)
                 entry.hf_dir = rel(hf_dir)
-        entry.ppl = ppl(pruned) if recovered is None else recovered[run_dir.RECOVERY]["ppl_after"]
+        scored = measure(pruned) if scored is None else dict(scored)
+        entry.ppl = scored.pop("ppl", None)
+        entry.extra.update(scored)
         if manifest is not None:
             manifest.record(entry)
         entries.append(entry)
@@ -137,12 +218,34 @@ def prune_at_ratios(weights: ModelWeights, params: dict, ratios, options: Output
     return entries
 
 
+def random_baseline(weights: ModelWeights, selection: Selection, ratios, measure: Measure,
+                    entries: list[OutputEntry]) -> dict:
+    """{ratio: {"ppl", "accuracy", "accuracy_retention"}} of one seeded uniform-random slicing
+    (the seed's random-mode channels, unguarded): whether a selection beat chance. Reuses the
+    run's own unguarded `random` outputs."""
+    if measure.fn is None:
+        return {}
+    found = {}
+    for r in ratios:
+        own = next((e for e in entries if e.ratio == r and e.recipe.get("mode") == "random"
+                    and not e.recipe.get("guard") and e.ppl is not None), None)
+        if own is not None:
+            found[str(r)] = {"ppl": own.ppl, **{k: own.extra.get(k) for k in
+                                                ("accuracy", "accuracy_retention")}}
+            continue
+        kept = prune.select_kept(None, weights.layers[registry.GATE], r, "random", selection.options.seed)
+        found[str(r)] = measure(prune.slice_weights(weights, kept))
+    return found
+
+
 @dataclasses.dataclass
 class PruneResult:
     header: dict  # the manifest's run-level fields
-    outputs: list  # OutputEntry per ratio
+    outputs: list  # OutputEntry per (ratio, mode)
     dense_params: int
     dense_ppl: Optional[float]
+    dense_accuracy: Optional[float] = None
+    baseline: Optional[dict] = None  # random_baseline's
 
     def to_json(self) -> dict:
         return run_dir.manifest_json(self.header, self.outputs)
@@ -151,22 +254,26 @@ class PruneResult:
 def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]]) -> Optional[PruneResult]:
     """The whole run. Everything cheap is checked before `start_devices()` (jax.distributed and
     the mesh) and before any weights are read. Returns None on processes other than 0 (they only
-    train; process 0 prunes, evaluates and writes)."""
-    cfg = job.training.config
-    policy = orbax.load_policy(job.policy) if job.policy else None
+    train; process 0 measures scores, prunes, evaluates and writes)."""
+    cfg, options = job.training.config, job.outputs
+    train = options.needs_policy and not job.policy
+    policy = orbax.load_policy(job.policy) if job.policy and options.needs_policy else None
     # The model's config is cheap to read: shape errors surface before the weights are loaded.
     config = sources.load_config(job.model, revision=job.revision)
-    check_ratios_fit(config.intermediate_size, list(job.ratios) + [cfg.ratio], job.model)
+    check_ratios_fit(config.intermediate_size, list(job.ratios) + [cfg.ratio] * train, job.model)
     if job.eval is not None:
         job.eval.check_model(config, job.model)
     if job.outputs.recover is not None:
         job.outputs.recover.check(config, job.ratios)
     if policy is not None:
         orbax.check_policy_fits(policy[1], config, job.model, job.policy)
+    if job.scores and options.needs_scores:
+        scores_lib.check_fits(orbax.scores_meta(job.scores), [config.num_hidden_layers,
+                              config.intermediate_size, config.hidden_size], job.model, job.scores)
     mesh = start_devices()
     logging.info("mesh: %d devices over %d processes", 1 if mesh is None else mesh.size,
                  jax.process_count())
-    if policy is not None and jax.process_index() != 0:
+    if not train and jax.process_index() != 0:
         return None  # nothing to train: process 0 prunes, evaluates and writes
     if jax.process_index() == 0:
         weights = sources.load_model(job.model, revision=job.revision)
@@ -181,26 +288,48 @@ def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]])
     logging.info("loaded %s: %d layers, I=%d, H=%d", job.model, config.num_hidden_layers,
                  config.intermediate_size, config.hidden_size)
 
+    scores, scores_info = None, None
+    if options.needs_scores and weights is not None:  # before training: its errors come first
+        scores, computed = scores_lib.obtain(
+            weights, job.calibration, lambda: sources.load_tokenizer(weights),
+            scores_path=job.scores, folder=job.out_dir,
+            mesh=mesh if jax.process_count() == 1 else None)
+        scores_info = {"path": os.path.abspath(job.scores) if job.scores else
+                       (scores_lib.SCORES if job.out_dir else None),
+                       "computed": computed, **scores.meta}
+    params, training = None, None
     if policy is not None:
         params, training = policy[0], {"policy": os.path.abspath(job.policy)}
-    else:
+    elif train:
         params, training = trainer.train_policy(
-            W, config, cfg, seed=job.outputs.seed, episodes=job.training.episodes, mesh=mesh,
+            W, config, cfg, seed=options.seed, episodes=job.training.episodes, mesh=mesh,
             state_dir=job.out_dir and os.path.join(job.out_dir, run_dir.TRAIN_STATE),
             policy_dir=job.out_dir and os.path.join(job.out_dir, run_dir.POLICY),
             resume=job.resume, source=job.model, checkpoint_every=job.training.checkpoint_every)
         if weights is None:
             return None  # process 0 prunes, evaluates and writes
-    ppl = ppl_of(weights, job.eval)
-    dense_ppl = ppl(weights)
+    measure = Measure(weights, job.eval)
+    dense = measure.dense or {}
     header = run_dir.prune_header(
-        model=job.model, policy_dir=run_dir.POLICY if policy is None else os.path.abspath(job.policy),
-        fingerprint=policy_lib.fingerprint(params), seed=job.outputs.seed, mode=job.outputs.mode,
-        train_ratio=cfg.ratio if policy is None else policy[1]["train_config"]["ratio"],
-        dense_params=weights.num_params(), dense_ppl=dense_ppl, training=training,
-        command=job.command)
-    manifest = Manifest(job.out_dir, header, resume=job.resume) if job.out_dir else None
-    rows = prune_at_ratios(weights, params, job.ratios, job.outputs, out_dir=job.out_dir,
-                           manifest=manifest, ppl=ppl,
+        model=job.model,
+        policy_dir=None if params is None else run_dir.POLICY if train else os.path.abspath(job.policy),
+        fingerprint=None if params is None else policy_lib.fingerprint(params), seed=options.seed,
+        mode=",".join(options.modes),
+        train_ratio=None if params is None else cfg.ratio if train else policy[1]["train_config"]["ratio"],
+        dense_params=weights.num_params(), dense_ppl=dense.get("ppl"), training=training,
+        command=job.command, guard=options.guard, scores=scores_info,
+        dense_accuracy=dense.get("accuracy"))
+    manifest = (Manifest(job.out_dir, header, resume=job.resume, by_mode=len(options.modes) > 1)
+                if job.out_dir else None)
+    selection = Selection(weights, params, options, scores)
+    rows = prune_at_ratios(weights, selection, job.ratios, options, out_dir=job.out_dir,
+                           manifest=manifest, measure=measure,
                            card={"source": job.model, "command": job.command})
-    return PruneResult(header, rows, weights.num_params(), dense_ppl)
+    baseline = random_baseline(weights, selection, job.ratios, measure, rows)
+    if baseline:
+        header["random_baseline"] = baseline
+        if manifest is not None:
+            manifest.header = header
+            manifest.save()
+    return PruneResult(header, rows, weights.num_params(), dense.get("ppl"), dense.get("accuracy"),
+                       baseline)

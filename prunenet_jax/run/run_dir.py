@@ -3,7 +3,8 @@
     <out_dir>/manifest.json            run fields + "outputs": one OutputEntry per (checkpoint,) ratio
     <out_dir>/policy/                  the trained policy (orbax)
     <out_dir>/train_state/<episode>/   per-episode training state (orbax)
-    <out_dir>/[<name>/]ratio_<r>/{orbax,hf}/
+    <out_dir>/[<name>/][<mode>/]ratio_<r>/{orbax,hf}/   (<mode>/ only when a run has several modes)
+    <out_dir>/[<name>/]calibration.npz, scores/       energy mode: calibration tokens, scores (orbax)
     <out_dir>/manifests/shard-<i>-of-<n>.json   batch shards (merged into manifest.json)
 
 This module is the only writer and reader of the manifest: its keys and the status strings appear
@@ -28,7 +29,8 @@ DONE, FAILED = "done", "failed"
 
 # What an output depends on besides the model and ratio: an entry made with another recipe is
 # stale and gets redone on resume.
-RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_format", "recover_recipe")
+RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_format", "recover_recipe",
+                 "guard", "calibration")
 _FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir", "status", "error")
 
 
@@ -43,10 +45,12 @@ def ratio_dirname(ratio: float) -> str:
     return f"ratio_{short if float(short) == ratio else repr(float(ratio))}"
 
 
-def output_dirs(out_dir: str, ratio: float, root: Optional[str] = None) -> tuple[str, str]:
-    """(orbax folder, HF folder) of the output at `ratio` under `out_dir`, proven to lie inside
-    the run folder `root` (default `out_dir`)."""
-    folder = os.path.join(out_dir, ratio_dirname(ratio))
+def output_dirs(out_dir: str, ratio: float, mode: Optional[str] = None,
+                root: Optional[str] = None) -> tuple[str, str]:
+    """(orbax folder, HF folder) of the output at `ratio` under `out_dir` (and `mode`'s folder,
+    given when a run has several modes), proven to lie inside the run folder `root` (default
+    `out_dir`)."""
+    folder = os.path.join(out_dir, *([mode] if mode else []), ratio_dirname(ratio))
     check_inside(root or out_dir, folder)
     return os.path.join(folder, ORBAX), os.path.join(folder, HF)
 
@@ -102,36 +106,48 @@ class OutputEntry:
                    extra={k: v for k, v in d.items() if k not in _FIXED and k not in RECIPE_FIELDS})
 
 
-def recipe(fingerprint: str, mode: str, seed: int, export_hf: bool, torch_format: bool,
-           recover: Optional[dict] = None) -> dict:
-    """`recover`: the recovery fine-tune's settings (--recover_steps), absent without one."""
+def recipe(fingerprint: Optional[str], mode: str, seed: int, export_hf: bool, torch_format: bool,
+           recover: Optional[dict] = None, guard: bool = False,
+           calibration: Optional[dict] = None) -> dict:
+    """The recipe fields. `recover` (the recovery fine-tune's settings), `guard` and `calibration`
+    only when used, so entries made before they existed still match."""
     made = dict(zip(RECIPE_FIELDS, (fingerprint, mode, seed, export_hf, torch_format)))
-    return made if recover is None else {**made, "recover_recipe": recover}
+    if recover is not None:
+        made["recover_recipe"] = recover
+    if guard:
+        made["guard"] = True
+    if calibration is not None:
+        made["calibration"] = calibration
+    return made
 
 
 class Manifest:
     """`manifest.json` (or a shard's manifest) of a run folder: run-level fields (`header`) plus
     the outputs; with `resume` the outputs of an existing manifest are kept."""
 
-    def __init__(self, folder: str, header: dict, *, resume: bool, name: str = MANIFEST):
-        self.folder, self.path = folder, os.path.join(folder, name)
+    def __init__(self, folder: str, header: dict, *, resume: bool, name: str = MANIFEST,
+                 by_mode: bool = False):
+        """by_mode: the run has several modes, so an output is told apart by its mode too (in a
+        one-mode run, outputs of every mode share the ratio's folder)."""
+        self.folder, self.path, self.by_mode = folder, os.path.join(folder, name), by_mode
         old = read_manifest(self.path) if resume else None
         self.header = dict(header)
         self.outputs = [OutputEntry.from_json(e) for e in old["outputs"]] if old else []
 
-    def find(self, ratio: float, checkpoint: Optional[str] = None) -> Optional[OutputEntry]:
-        return next((e for e in self.outputs if e.ratio == ratio and e.checkpoint == checkpoint),
-                    None)
+    def find(self, ratio: float, checkpoint: Optional[str] = None,
+             mode: Optional[str] = None) -> Optional[OutputEntry]:
+        return next((e for e in self.outputs if e.ratio == ratio and e.checkpoint == checkpoint
+                     and (not self.by_mode or e.recipe.get("mode") == mode)), None)
 
     def is_done(self, ratio: float, made_by: dict, checkpoint: Optional[str] = None) -> bool:
         """Done by the same recipe (`made_by`), and its folders are still there."""
-        e = self.find(ratio, checkpoint)
-        if not e or not e.done or any(e.recipe.get(k) != v for k, v in made_by.items()):
+        e = self.find(ratio, checkpoint, made_by.get("mode"))
+        if not e or not e.done or any(e.recipe.get(k) != made_by.get(k) for k in RECIPE_FIELDS):
             return False
         return all(os.path.isdir(os.path.join(self.folder, d)) for d in (e.orbax_dir, e.hf_dir) if d)
 
     def record(self, entry: OutputEntry) -> None:
-        old = self.find(entry.ratio, entry.checkpoint)
+        old = self.find(entry.ratio, entry.checkpoint, entry.recipe.get("mode"))
         if old is None:
             self.outputs.append(entry)
         else:
@@ -175,6 +191,7 @@ class FinishedOutput:
     ratio: Optional[float]
     model_dir: str  # the HF export when there is one (lm-eval and transformers need it), else orbax
     hf_dir: Optional[str]
+    mode: Optional[str] = None  # how its channels were selected (with " +guard" when guarded)
 
 
 def finished_outputs(folder: str) -> list[FinishedOutput]:
@@ -197,8 +214,10 @@ def finished_outputs(folder: str) -> list[FinishedOutput]:
         if model is None or not os.path.isdir(model):
             raise UserError(f"{path}: the output at ratio {o.ratio} names folder {rel!r}, which "
                             "is missing; rerun the prune launcher with --resume")
+        mode = o.recipe.get("mode")
         found.append(FinishedOutput(None if o.ratio is None else float(o.ratio), model,
-                                    os.path.join(folder, o.hf_dir) if o.hf_dir else None))
+                                    os.path.join(folder, o.hf_dir) if o.hf_dir else None,
+                                    f"{mode} +guard" if mode and o.recipe.get("guard") else mode))
     return found
 
 
@@ -235,22 +254,23 @@ def merge_manifests(out_dir: str, count: int) -> dict:
 
 # ----------------------------------------------------------------------------- run-level fields
 
-def prune_header(*, model: str, policy_dir: str, fingerprint: str, seed: int, mode: str,
-                 train_ratio: float, dense_params: int, dense_ppl, training: dict,
-                 command: str) -> dict:
-    """The run-level fields of a one-model run (launch.prune)."""
+def prune_header(*, model: str, policy_dir: Optional[str], fingerprint: Optional[str], seed: int,
+                 mode: str, train_ratio: Optional[float], dense_params: int, dense_ppl,
+                 training: Optional[dict], command: str, **more) -> dict:
+    """The run-level fields of a one-model run (launch.prune); `more`: e.g. guard, scores,
+    dense_accuracy, random_baseline."""
     return {"model": model, "policy_dir": policy_dir, "policy_fingerprint": fingerprint,
             "seed": seed, "mode": mode, "train_ratio": train_ratio, "dense_params": dense_params,
-            "dense_ppl": dense_ppl, "training": training, "command": command}
+            "dense_ppl": dense_ppl, "training": training, **more, "command": command}
 
 
-def batch_header(*, checkpoints: dict, ratios: list, policy_dir: str, fingerprint: str, seed: int,
-                 mode: str, training: dict, num_shards: int, shard_index: int,
-                 command: str) -> dict:
-    """The run-level fields of a batch shard (launch.batch_prune)."""
+def batch_header(*, checkpoints: dict, ratios: list, policy_dir: Optional[str],
+                 fingerprint: Optional[str], seed: int, mode: str, training: Optional[dict],
+                 num_shards: int, shard_index: int, command: str, **more) -> dict:
+    """The run-level fields of a batch shard (launch.batch_prune); `more`: e.g. guard."""
     return {"checkpoints": checkpoints, "ratios": ratios, "policy_dir": policy_dir,
             "policy_fingerprint": fingerprint, "seed": seed, "mode": mode, "training": training,
-            "num_shards": num_shards, "shard_index": shard_index, "command": command}
+            "num_shards": num_shards, "shard_index": shard_index, **more, "command": command}
 
 
 def batch_summary(entries: list[OutputEntry], manifest_path: str) -> tuple[dict, list[str]]:

@@ -1,0 +1,148 @@
+"""Channel scores of the `energy` mode and the super-channel guard (SPEC.md, "Beyond the paper").
+
+energy_j = E[h_j^2] * ||down[:, j]||^2: the mean energy channel j adds to the layer's output (h:
+the input of down_proj, measured on calibration tokens). `energy` keeps the k largest per layer.
+
+Guard: a few channels carry enormous output energy; dropping one ruins the model. They are outliers
+of log(||gate_j|| * ||up_j||) within their layer (weights only): never drop channel j when that
+exceeds the layer's median by more than 6 robust z-scores (MAD x 1.4826). For `energy` the guard
+also covers channels whose log peak |h_j| is such an outlier.
+
+`obtain` gives a model's scores: from `--scores`, from the run folder of an earlier run with the
+same calibration (no forward pass), or by calibrating (method/calibration.py) and measuring
+(method/statistics.py); new scores are saved (orbax) in the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Optional
+
+import numpy as np
+
+from prunenet_jax.errors import UserError
+from prunenet_jax.formats import orbax
+from prunenet_jax.method import calibration as calibration_lib
+from prunenet_jax.method import statistics
+from prunenet_jax.models import llama, registry
+from prunenet_jax.weights import ModelWeights
+
+log = logging.getLogger(__name__)
+
+GUARD_Z = 6.0
+MAD_TO_SIGMA = 1.4826
+SCORES = "scores"  # the folder in a run folder
+
+
+def robust_outliers(x: np.ndarray, z: float = GUARD_Z) -> np.ndarray:
+    """(L, I) bool: x[l, j] above its layer's median by more than z robust z-scores (MAD x 1.4826).
+    A layer whose MAD is 0 has no outliers."""
+    x = np.asarray(x, np.float64)
+    median = np.median(x, axis=1, keepdims=True)
+    sigma = MAD_TO_SIGMA * np.median(np.abs(x - median), axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.where(sigma > 0, (x - median) / np.where(sigma > 0, sigma, 1.0), 0.0)
+    return score > z
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(x, np.float64), np.finfo(np.float64).tiny))
+
+
+def weight_guard(weights: ModelWeights) -> np.ndarray:
+    """(L, I) bool: the weight-only super channels (log(||gate_j|| * ||up_j||) outliers)."""
+    gate, up = weights.layers[registry.GATE], weights.layers[registry.UP]
+    norms = np.linalg.norm(gate, axis=2) * np.linalg.norm(up, axis=2)
+    return robust_outliers(_log(norms))
+
+
+def energy(mean_sq: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """(L, I) E[h_j^2] * ||down[:, j]||^2 for down (L, H, I) (HF layout: column j is channel j's)."""
+    col_sq = np.einsum("lhi,lhi->li", down, down, dtype=np.float64)
+    return (np.asarray(mean_sq, np.float64) * col_sq).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Scores:
+    energy: np.ndarray  # (L, I)
+    mean_sq: np.ndarray  # (L, I) E[h_j^2]
+    peak: np.ndarray  # (L, I) max |h_j|
+    meta: dict  # tokens, calibration, model, shape
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.meta["shape"])
+
+    def guard(self, weights: ModelWeights) -> np.ndarray:
+        """The guard of `energy`: weight-only super channels and peak-activation outliers."""
+        return weight_guard(weights) | robust_outliers(_log(self.peak))
+
+
+def _shape(weights: ModelWeights) -> list:
+    c = weights.config
+    return [c.num_hidden_layers, c.intermediate_size, c.hidden_size]
+
+
+def check_fits(meta: dict, weights_shape, model: str, path: str) -> None:
+    """Scores rank the channels of a model of one (L, I, H)."""
+    if list(meta["shape"]) != list(weights_shape):
+        L, I, H = meta["shape"]
+        raise UserError(f"--scores={path} was measured on a model of {L} layers, I={I}, H={H}, but "
+                        f"{model} has {weights_shape[0]} layers, I={weights_shape[1]}, "
+                        f"H={weights_shape[2]}; pass the scores of this model, or drop --scores")
+
+
+def measure(weights: ModelWeights, cal: calibration_lib.Calibration, tokenizer_fn,
+            folder: Optional[str] = None, batch_size: int = 8, mesh=None) -> Scores:
+    """Calibrate (tokens reused from `folder` when saved there) and measure the statistics."""
+    t0 = time.time()
+    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    tokens, reused = calibration_lib.tokens_for(weights, cal, tokenizer_fn, folder, model)
+    t1 = time.time()
+    stats = statistics.collect(model, tokens, batch_size=batch_size, mesh=mesh)
+    t2 = time.time()
+    log.info("calibration: %d x %d tokens (%s, %.1f s); statistics %.1f s", *tokens.shape,
+             "reused" if reused else cal.source, t1 - t0, t2 - t1)
+    meta = {"calibration": cal.describe(), "model": weights.source, "shape": _shape(weights),
+            "tokens": stats.tokens, "tokens_reused": reused,
+            "seconds": {"calibration": round(t1 - t0, 3), "statistics": round(t2 - t1, 3)}}
+    return Scores(energy(stats.mean_sq, weights.layers[registry.DOWN]), stats.mean_sq,
+                  stats.peak, meta)
+
+
+def obtain(weights: ModelWeights, cal: calibration_lib.Calibration, tokenizer_fn, *,
+           scores_path: Optional[str] = None, folder: Optional[str] = None,
+           mesh=None) -> tuple[Scores, bool]:
+    """(scores, computed): from `scores_path`, else from `<folder>/scores` when an earlier run
+    measured them with the same calibration on the same model, else measured now (and saved to
+    `<folder>/scores`). `computed` is False when no forward pass ran."""
+    if scores_path:
+        scores = load(scores_path)
+        check_fits(scores.meta, _shape(weights), weights.source, scores_path)
+        return scores, False
+    saved = os.path.join(folder, SCORES) if folder else None
+    if saved and os.path.isdir(saved):
+        try:
+            scores = load(saved)
+        except UserError:
+            scores = None  # not ours or damaged: measure again
+        if (scores is not None and scores.meta.get("calibration") == cal.describe()
+                and scores.meta.get("model") == weights.source
+                and list(scores.meta["shape"]) == _shape(weights)):
+            return scores, False
+    scores = measure(weights, cal, tokenizer_fn, folder, mesh=mesh)
+    if saved:
+        save(saved, scores)
+    return scores, True
+
+
+def save(path: str, scores: Scores) -> None:
+    arrays = {"energy": scores.energy, "mean_sq": scores.mean_sq, "peak": scores.peak}
+    orbax.save_scores(path, arrays, scores.meta, overwrite=True)
+
+
+def load(path: str) -> Scores:
+    arrays, meta = orbax.load_scores(path)
+    return Scores(arrays["energy"], arrays["mean_sq"], arrays["peak"], meta)
