@@ -74,7 +74,7 @@ def main(argv) -> None:
     if dense_ppl:
         print_table(dense_ppl)
         print()
-    print(report.format_table(summary["models"]))
+    print(report.format_table(summary["models"], summary))
     print(json.dumps(report.json_safe(summary)))
 
 

@@ -4,6 +4,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,3 +125,50 @@ def test_prune_with_recovery_refuses_a_bad_rank_before_training(tmp_path, pruned
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --lora_rank=17 must be between 1 and 16")
     assert not out.exists()
+
+
+def test_recovering_a_run_of_several_modes_keeps_them_apart_and_reports_before_after(tmp_path):
+    """A prune run with two modes at one ratio: launch.recover writes <mode>/ratio_<r>/ for each
+    (not one over the other), records each entry's mode and what its ppl was measured on, and the
+    report shows the recorded before-recovery ppl beside its own and plots it."""
+    from tests.test_report import save_tokenizer
+
+    dense = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied"), tmp_path / "dense")
+    save_tokenizer(dense)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    run, out, rep = tmp_path / "run", tmp_path / "recovered", tmp_path / "report"
+    ev = [f"--eval_text={text}", "--seq_len=64"]
+    proc = _run("launch.prune", f"--model={dense}", "--ratios=0.25", "--episodes=1",
+                "--mode=sample,random", f"--out_dir={run}", *ev)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pruned_ppl = {e["mode"]: e["ppl"] for e in json.loads(proc.stdout.strip().splitlines()[-1])["outputs"]}
+    proc = _run(*_recover(run, out, "--recover_steps=3", *ev))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = json.load(open(out / "manifest.json"))["outputs"]
+    assert sorted(e["mode"] for e in entries) == ["random", "sample"]
+    for e in entries:
+        assert e["orbax_dir"] == f"{e['mode']}/ratio_0.25/orbax" and os.path.isdir(out / e["orbax_dir"])
+        rec = e["recovery"]
+        assert rec["ppl_before"] == pytest.approx(pruned_ppl[e["mode"]], rel=1e-5)
+        assert rec["eval"] == {"text": str(text), "max_tokens": 0, "seq_len": 64}
+    assert len({_tree_hash(out / e["orbax_dir"]) for e in entries}) == 2
+
+    proc = _run("launch.evaluate", f"--model={dense}", f"--pruned={out}", f"--report_dir={rep}", *ev)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(rep / "report.json"))
+    recovered = summary["models"][1:]
+    assert sorted(m["mode"] for m in recovered) == ["random", "sample"]
+    for m in recovered:
+        assert m["recovery"]["ppl_before"] == pytest.approx(pruned_ppl[m["mode"]], rel=1e-5)
+        assert m["ppl"] == pytest.approx(m["recovery"]["ppl_after"], rel=1e-4)
+    md = open(rep / "report.md").read()
+    not_comparable = re.compile(r"\d \(other text\) \|")
+    assert "ppl before recovery" in md and not not_comparable.search(md)
+    assert os.path.getsize(rep / "ppl_vs_ratio.png") > 0
+
+    # Measured on other windows, the recorded values are shown as not comparable (and not plotted).
+    proc = _run("launch.evaluate", f"--model={dense}", f"--pruned={out}", f"--report_dir={rep}",
+                "--overwrite", f"--eval_text={text}", "--seq_len=32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(not_comparable.findall(open(rep / "report.md").read())) == 2

@@ -24,6 +24,7 @@ class Pruned:
     ratio: Optional[float]  # the manifest's; None: from the config
     hf_dir: Optional[str]  # an HF folder lm-eval can run, when there is one
     mode: Optional[str] = None  # how its channels were selected (the manifest's), for the plot
+    recovery: Optional[dict] = None  # the manifest's record of its recovery fine-tune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,8 @@ def _from_run_dir(folder: str) -> list[Pruned]:
         rel = os.path.relpath(o.model_dir, folder)
         name = f"{os.path.basename(os.path.normpath(folder))}/{os.path.dirname(os.path.normpath(rel)) or rel}"
         found.append(Pruned(name, o.model_dir, o.model_dir, o.ratio,
-                            o.hf_dir if lm_eval.is_hf_folder(o.hf_dir) else None, o.mode))
+                            o.hf_dir if lm_eval.is_hf_folder(o.hf_dir) else None, o.mode,
+                            o.recovery))
     return found
 
 
@@ -126,7 +128,8 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
         ratio = p.ratio if p.ratio is not None else report.ratio_of(weights, dense_cfg.intermediate_size)
         models.append(report.model_record(p.name, p.source, weights, ratio,
                                           report.gate_ks(dense_sv, sv), ppl(weights),
-                                          mode=p.mode, continuation=continuation(weights)))
+                                          mode=p.mode, continuation=continuation(weights),
+                                          recovery=p.recovery))
         spectra.append(sv[layers])
         logging.info("%s: ratio %.3f, mean KS %.4f, ppl %s", p.name, ratio, models[-1]["mean_ks"],
                      models[-1]["ppl"])
@@ -168,6 +171,7 @@ def run(job: CompareJob) -> tuple[dict, Optional[dict]]:
     summary.update({
         "model": job.model, "eval_text": job.eval.name or None,
         "max_tokens": job.eval.max_tokens, "seq_len": job.eval.seq_len,
+        "eval": job.eval.setting() if job.eval.texts else None,
         "spectra_layers": report.plotted_layers(len(models[0]["ks"])),
         "lm_eval": None if tasks is None else {
             "tasks": tasks.names,

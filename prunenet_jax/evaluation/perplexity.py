@@ -111,6 +111,11 @@ class EvalConfig:
     max_tokens: int = 0  # tokens per text; 0: all
     dtype: object = jnp.float32  # compute dtype
 
+    def setting(self) -> dict:
+        """What a ppl measured with this config is comparable by: the texts and the windows."""
+        return {"text": self.name or ",".join(self.texts), "max_tokens": self.max_tokens,
+                "seq_len": self.seq_len}
+
     def check(self) -> None:
         """Refuses bad values before anything heavy runs (the messages name the flags)."""
         if not 0 <= self.max_tokens <= MAX_TOKENS:

@@ -68,10 +68,10 @@ def ratio_of(weights: ModelWeights, dense_intermediate: int) -> float:
 
 def model_record(name: str, source: str, weights: ModelWeights, ratio: float, ks: np.ndarray,
                  perplexity: Optional[dict] = None, mode: Optional[str] = None,
-                 continuation: Optional[str] = None) -> dict:
+                 continuation: Optional[str] = None, recovery: Optional[dict] = None) -> dict:
     """One model's row of report.json. `perplexity`: perplexity.perplexity's result, or None;
     `mode`: how a pruned model's channels were chosen; `continuation`: its greedy continuation
-    of PROMPT."""
+    of PROMPT; `recovery`: the manifest's record of its recovery fine-tune."""
     record = {"name": name, "source": source, "ratio": float(ratio),
               "kept": int(weights.config.intermediate_size), "params": int(weights.num_params()),
               "ppl": perplexity["ppl"] if perplexity else None,
@@ -82,7 +82,19 @@ def model_record(name: str, source: str, weights: ModelWeights, ratio: float, ks
         record["mode"] = mode
     if continuation is not None:
         record["continuation"] = continuation
+    if recovery:
+        record["recovery"] = {k: recovery.get(k) for k in
+                              ("steps", "method", "objective", "ppl_before", "ppl_after", "eval")}
     return record
+
+
+def ppl_before_recovery(model: dict, summary: dict) -> Optional[float]:
+    """A recovered model's recorded ppl before its fine-tune, when it was measured as this report
+    measures (same texts, tokens and windows), so it can stand beside the report's own values."""
+    rec = model.get("recovery")
+    if not rec or rec.get("ppl_before") is None or not summary.get("eval"):
+        return None
+    return rec["ppl_before"] if rec.get("eval") == summary["eval"] else None
 
 
 PROMPT = "The Python programming language is"
@@ -111,22 +123,32 @@ def _pct(fraction) -> str:
     return _fmt(None if fraction is None else 100 * fraction, ".2f")
 
 
-def table(models: list[dict]) -> tuple[list[str], list[list[str]]]:
+def _before(m: dict, summary: Optional[dict]) -> str:
+    rec = m.get("recovery")
+    if not rec or rec.get("ppl_before") is None:
+        return "-"
+    same = summary is not None and ppl_before_recovery(m, summary) is not None
+    return _fmt(rec["ppl_before"], ".3f") + ("" if same else " (other text)")
+
+
+def table(models: list[dict], summary: Optional[dict] = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the models table (console and markdown); the lm-eval column only when
-    lm-eval was asked for."""
+    lm-eval was asked for, the before-recovery one only when a model was recovered."""
     with_lm = any(m.get("lm_eval") is not None for m in models)
-    header = ["model", "ratio", "kept", "params", "ppl", "mean KS"] + ["lm-eval avg %"] * with_lm
+    with_rec = any(m.get("recovery") for m in models)
+    header = (["model", "ratio", "kept", "params", "ppl"] + ["ppl before recovery"] * with_rec
+              + ["mean KS"] + ["lm-eval avg %"] * with_lm)
     rows = []
     for m in models:
         avg = (m.get("lm_eval") or {}).get("average")
         rows.append([m["name"], f"{m['ratio']:.3f}", str(m["kept"]), f"{m['params']:,}",
-                     _fmt(m["ppl"], ".3f"), f"{m['mean_ks']:.4f}"]
-                    + [_pct(avg)] * with_lm)
+                     _fmt(m["ppl"], ".3f")] + [_before(m, summary)] * with_rec
+                    + [f"{m['mean_ks']:.4f}"] + [_pct(avg)] * with_lm)
     return header, rows
 
 
-def format_table(models: list[dict]) -> str:
-    header, rows = table(models)
+def format_table(models: list[dict], summary: Optional[dict] = None) -> str:
+    header, rows = table(models, summary)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(r, widths)))
@@ -150,7 +172,11 @@ def markdown(summary: dict) -> str:
         out += ["Perplexity: not measured (no --eval_text).", ""]
     out += ["KS: two-sample Kolmogorov-Smirnov statistic between a layer's gate-matrix singular "
             "values and the dense model's (0: same spectrum), averaged over layers.", ""]
-    out += ["## Models", "", *_md_table(*table(models)), ""]
+    out += ["## Models", "", *_md_table(*table(models, summary)), ""]
+    if any(m.get("recovery") for m in models):
+        out += ["\"ppl before recovery\": as recorded by the recovery run (launch.recover or "
+                "--recover_steps) before its fine-tune; \"(other text)\": measured on other "
+                "text, tokens or windows than this report, so not comparable and not plotted.", ""]
     out += ["| model | source |", "|---|---|", *(f"| {m['name']} | `{m['source']}` |" for m in models), ""]
     if any(m.get("continuation") is not None for m in models):
         quote = lambda t: (t or "").replace("|", "\\|").replace("\n", " ⏎ ")
@@ -273,19 +299,29 @@ def plot_ks(path: str, models: list[dict]) -> None:
     plt.close(fig)
 
 
-def plot_ppl(path: str, models: list[dict], title: str) -> None:
+def plot_ppl(path: str, models: list[dict], title: str, summary: Optional[dict] = None) -> None:
     """Perplexity against compression ratio, log y: one line per selection mode (models without a
-    recorded mode form one "pruned" line), the dense model's level as a horizontal line."""
+    recorded mode form one "pruned" line), the dense model's level as a horizontal line; for
+    recovered models also their recorded ppl before recovery, dashed, when comparable."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = models[0]
     if math.isfinite(dense["ppl"]):
         ax.axhline(dense["ppl"], color="black", ls="--", lw=1.2, label=f"dense: {dense['ppl']:.1f}")
     lines: dict = {}
+    before: dict = {}
     for m in models[1:]:
+        mode = m.get("mode") or "pruned"
         if math.isfinite(m["ppl"]):  # inf: overflow
-            lines.setdefault(m.get("mode") or "pruned", []).append((m["ratio"], m["ppl"]))
+            lines.setdefault(mode, []).append((m["ratio"], m["ppl"]))
+        b = ppl_before_recovery(m, summary or {})
+        if b is not None and math.isfinite(b):
+            before.setdefault(mode, []).append((m["ratio"], b))
     for (mode, points), color in zip(lines.items(), _colors(len(lines) + 1)[1:]):
+        if mode in before:
+            ax.plot(*zip(*sorted(before[mode])), marker="x", ms=5, ls=":", color=color,
+                    label=f"{mode}, before recovery")
+            mode = f"{mode}, recovered"
         points = sorted(points)
         ax.plot(*zip(*points), marker="o", ms=5, color=color, label=mode)
         for r, p in points:
@@ -331,7 +367,7 @@ def write_report(report_dir: str, summary: dict, spectra: list[np.ndarray],
             plots["ppl"] = PPL_PNG
             text = "/".join(os.path.normpath(summary.get("eval_text") or "").split(os.sep)[-2:])
             plot_ppl(os.path.join(tmp, PPL_PNG), models,
-                     f"Perplexity on {text} ({summary.get('tokens', '?')} tokens)")
+                     f"Perplexity on {text} ({summary.get('tokens', '?')} tokens)", summary)
         summary = {**summary, "plots": plots}
         atomic.write_json(os.path.join(tmp, JSON), json_safe(summary))
         with open(os.path.join(tmp, MARKDOWN), "w") as f:

@@ -84,10 +84,13 @@ def tokens_seen(cfg: RecoverConfig, mask: np.ndarray) -> int:
 def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfig, *, tokenizer,
                     train_text: Optional[str] = None, ppl: Callable = lambda w: None,
                     state_dir: Optional[str] = None, resume: bool = False,
-                    checkpoint_every: int = 0, mesh=None) -> tuple[ModelWeights, dict]:
+                    checkpoint_every: int = 0, mesh=None,
+                    eval_setting: Optional[dict] = None) -> tuple[ModelWeights, dict]:
     """Fine-tunes `pruned` (distilling `dense`, or on `train_text`); returns the recovered
     weights and what the manifest records. With `state_dir`, the training state is saved every
-    `checkpoint_every` steps (0: never) and, with `resume`, continued from the latest one."""
+    `checkpoint_every` steps (0: never) and, with `resume`, continued from the latest one.
+    `eval_setting` (EvalConfig.setting) says what `ppl` measures, so a report can tell whether
+    the recorded before/after values are comparable with its own."""
     cfg.check()
     lora.check_rank(cfg.lora_rank, pruned.config) if cfg.method == "lora" else None
     ppl_before = ppl(pruned)
@@ -139,7 +142,7 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
         tokens_seen=tokens_seen(cfg, mask),
         ppl_before=ppl_before, ppl_after=ppl(recovered), config=dataclasses.asdict(cfg),
         seconds={"sampling": round(gen_seconds, 2), "training": round(train_seconds, 2)},
-        losses=[round(l, 6) for l in losses], resumed_after=done or None)
+        losses=[round(l, 6) for l in losses], resumed_after=done or None, eval_setting=eval_setting)
     return recovered, info
 
 
@@ -160,12 +163,22 @@ class RecoverJob:
     command: str = ""
 
 
-def pruned_inputs(path: str) -> list[tuple[Optional[float], str]]:
-    """(ratio, orbax folder) of each pruned model `path` names."""
+@dataclasses.dataclass(frozen=True)
+class PrunedInput:
+    """One pruned model to recover: its ratio, how its channels were chosen, its orbax folder."""
+    ratio: Optional[float]
+    path: str
+    mode: Optional[str] = None
+    guard: bool = False
+
+
+def pruned_inputs(path: str) -> list[PrunedInput]:
+    """The pruned models `path` names: a run folder's finished outputs, or one orbax folder."""
     if run_dir.is_run_dir(path):
         data_ = run_dir.read_manifest(os.path.join(path, run_dir.MANIFEST)) or {"outputs": []}
-        found = [(e.get("ratio"), os.path.join(path, e["orbax_dir"])) for e in data_["outputs"]
-                 if e.get("status") == run_dir.DONE and e.get("orbax_dir")]
+        found = [PrunedInput(e.get("ratio"), os.path.join(path, e["orbax_dir"]), e.get("mode"),
+                             bool(e.get("guard")))
+                 for e in data_["outputs"] if e.get("status") == run_dir.DONE and e.get("orbax_dir")]
         if not found:
             raise UserError(f"--input={path}: its manifest lists no finished orbax output; "
                             "finish the prune run first, or pass a ratio_<r>/orbax folder")
@@ -174,7 +187,7 @@ def pruned_inputs(path: str) -> list[tuple[Optional[float], str]]:
     if meta is None or meta.get("kind") != orbax.MODEL_KIND:
         raise UserError(f"--input={path} is neither a prune run folder nor a pruned model's orbax "
                         "folder; pass <out_dir> or <out_dir>/ratio_<r>/orbax of launch.prune")
-    return [(meta.get("ratio"), path)]
+    return [PrunedInput(meta.get("ratio"), path, meta.get("mode"), bool(meta.get("guard")))]
 
 
 def _dense_source(job: RecoverJob, orbax_dir: str) -> str:
@@ -195,16 +208,16 @@ def run(job: RecoverJob, make_mesh: Callable = lambda n: None) -> list:
     inputs = pruned_inputs(job.input)
     atomic.check_out_dir(job.out_dir, [job.input] + ([job.dense] if job.dense else []),
                          reuse=job.resume or job.overwrite)
-    configs = [(ratio, path, orbax.load_config(path)) for ratio, path in inputs]
+    configs = [(p.path, orbax.load_config(p.path)) for p in inputs]
     if job.config.method == "lora":
-        for _, path, config in configs:
+        for _, config in configs:
             lora.check_rank(job.config.lora_rank, config)
     if job.train_text:  # an empty or missing text fails before any weights load
         from prunenet_jax.evaluation import texts
         texts.read_texts(job.train_text, flag="--train_text")
-    dense_name = _dense_source(job, inputs[0][1])
+    dense_name = _dense_source(job, inputs[0].path)
     dense_config = sources.load_config(dense_name)
-    for _, path, config in configs:  # shapes first (cheap); the tensors once loaded
+    for path, config in configs:  # shapes first (cheap); the tensors once loaded
         check_parent_shapes(config, dense_config, path, dense_name)
     mesh = make_mesh(job.data_devices)
     dense = sources.load_model(dense_name)
@@ -212,19 +225,25 @@ def run(job: RecoverJob, make_mesh: Callable = lambda n: None) -> list:
     tokenizer = sources.load_tokenizer(dense) if needs_tokenizer else None
     measure = (lambda w: None) if job.eval is None else (
         lambda w, f=perplexity.perplexity_fn(tokenizer, job.eval): f(w)["ppl"])
-    header = run_dir.recover_header(inputs=[os.path.abspath(p) for _, p in inputs], dense=dense_name,
-                                    config=dataclasses.asdict(job.config), command=job.command)
-    manifest = run_dir.Manifest(job.out_dir, header, resume=job.resume)
+    header = run_dir.recover_header(inputs=[os.path.abspath(p.path) for p in inputs],
+                                    dense=dense_name, config=dataclasses.asdict(job.config),
+                                    command=job.command)
+    # a run with several modes has <mode>/ratio_<r>/ outputs: keep them apart here too
+    by_mode = len({p.mode for p in inputs}) > 1
+    manifest = run_dir.Manifest(job.out_dir, header, resume=job.resume, by_mode=by_mode)
     entries = []
-    for ratio, path in inputs:
+    for p in inputs:
+        path, folder_mode = p.path, (p.mode if by_mode else None)
         pruned = sources.load_model(path)
         check_parent(pruned, dense, path, dense_name)
-        ratio = float(ratio) if ratio is not None else 0.0
-        orbax_dir, hf_dir = run_dir.output_dirs(job.out_dir, ratio)
+        ratio = float(p.ratio) if p.ratio is not None else 0.0
+        orbax_dir, hf_dir = run_dir.output_dirs(job.out_dir, ratio, folder_mode)
         recovered, info = recover_weights(
             pruned, dense, job.config, tokenizer=tokenizer, train_text=job.train_text, ppl=measure,
-            state_dir=os.path.join(job.out_dir, run_dir.RECOVER_STATE, run_dir.ratio_dirname(ratio)),
-            resume=job.resume, checkpoint_every=job.checkpoint_every, mesh=mesh)
+            state_dir=os.path.join(job.out_dir, run_dir.RECOVER_STATE, *filter(None, [folder_mode]),
+                                   run_dir.ratio_dirname(ratio)),
+            resume=job.resume, checkpoint_every=job.checkpoint_every, mesh=mesh,
+            eval_setting=job.eval and job.eval.setting())
         meta = {k: v for k, v in (orbax.read_meta(path) or {}).items()
                 if k not in ("kind", "format_version", "hf_config", "dtypes", "tokenizer_dir",
                              "gguf_file", "has_kept")}
@@ -235,7 +254,8 @@ def run(job: RecoverJob, make_mesh: Callable = lambda n: None) -> list:
         orbax.save_model(orbax_dir, save_like, meta, overwrite=True)
         entry = run_dir.OutputEntry(ratio=ratio, kept=recovered.config.intermediate_size,
                                     params=recovered.num_params(), ppl=info[run_dir.RECOVERY]["ppl_after"],
-                                    orbax_dir=manifest.relative(orbax_dir), extra=info)
+                                    orbax_dir=manifest.relative(orbax_dir), extra=info,
+                                    recipe={"mode": p.mode, **({"guard": True} if p.guard else {})})
         if job.export_hf:
             from prunenet_jax.formats import hf
 
@@ -279,11 +299,13 @@ class RecoverSpec:
             lora.check_rank(self.config.lora_rank, dataclasses.replace(config, intermediate_size=narrowest))
 
     def apply(self, pruned: ModelWeights, dense: ModelWeights, *, ppl: Callable,
-              state_dir: Optional[str]) -> tuple[ModelWeights, dict]:
+              state_dir: Optional[str], eval_setting: Optional[dict] = None
+              ) -> tuple[ModelWeights, dict]:
         check_parent(pruned, dense, f"the output at {pruned.config.intermediate_size} channels",
                      dense.source)
         needs_tokenizer = bool(self.train_text)
         tokenizer = sources.load_tokenizer(dense) if needs_tokenizer else None
         return recover_weights(pruned, dense, self.config, tokenizer=tokenizer,
                                train_text=self.train_text, ppl=ppl, state_dir=state_dir,
-                               resume=self.resume, checkpoint_every=self.checkpoint_every)
+                               resume=self.resume, checkpoint_every=self.checkpoint_every,
+                               eval_setting=eval_setting)

@@ -143,6 +143,7 @@ class Measure:
     def __init__(self, weights: ModelWeights, cfg: Optional[perplexity.EvalConfig]):
         self.fn = cfg and perplexity.perplexity_fn(sources.load_tokenizer(weights), cfg)
         self.dense = self.fn(weights) if self.fn else None
+        self.setting = cfg.setting() if cfg else None  # what the ppl values are comparable by
 
     def __call__(self, weights: ModelWeights) -> dict:
         """{"ppl", "accuracy", "accuracy_retention"} (pruned / dense accuracy), or {}."""
@@ -192,7 +193,8 @@ def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options
             state_dir = out_dir and os.path.join(out_dir, run_dir.RECOVER_STATE,
                                                  *filter(None, [options.folder_mode(mode)]),
                                                  run_dir.ratio_dirname(r))
-            pruned, recovered = options.recover.apply(pruned, weights, ppl=ppl, state_dir=state_dir)
+            pruned, recovered = options.recover.apply(pruned, weights, ppl=ppl, state_dir=state_dir,
+                                                      eval_setting=getattr(measure, "setting", None))
             entry.extra.update(recovered)
             scored = measured
         if out_dir is not None:

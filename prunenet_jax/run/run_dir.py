@@ -192,6 +192,7 @@ class FinishedOutput:
     model_dir: str  # the HF export when there is one (lm-eval and transformers need it), else orbax
     hf_dir: Optional[str]
     mode: Optional[str] = None  # how its channels were selected (with " +guard" when guarded)
+    recovery: Optional[dict] = None  # its recovery fine-tune's record (RECOVERY), if it had one
 
 
 def finished_outputs(folder: str) -> list[FinishedOutput]:
@@ -217,7 +218,8 @@ def finished_outputs(folder: str) -> list[FinishedOutput]:
         mode = o.recipe.get("mode")
         found.append(FinishedOutput(None if o.ratio is None else float(o.ratio), model,
                                     os.path.join(folder, o.hf_dir) if o.hf_dir else None,
-                                    f"{mode} +guard" if mode and o.recipe.get("guard") else mode))
+                                    f"{mode} +guard" if mode and o.recipe.get("guard") else mode,
+                                    o.extra.get(RECOVERY)))
     return found
 
 
@@ -288,12 +290,13 @@ RECOVERY = "recovery"  # an output entry's recovery fine-tune, under this key
 
 def recovery_fields(*, steps: int, objective: str, method: str, tokens_seen: int, ppl_before,
                     ppl_after, config: dict, seconds: dict, losses: list,
-                    resumed_after: Optional[int]) -> dict:
-    """What an output entry records of its recovery fine-tune (OutputEntry.extra[RECOVERY])."""
+                    resumed_after: Optional[int], eval_setting: Optional[dict] = None) -> dict:
+    """What an output entry records of its recovery fine-tune (OutputEntry.extra[RECOVERY]);
+    `eval_setting`: what the ppl values were measured on."""
     return {RECOVERY: {"steps": steps, "objective": objective, "method": method,
                        "tokens_seen": tokens_seen, "ppl_before": ppl_before,
-                       "ppl_after": ppl_after, "config": config, "seconds": seconds,
-                       "losses": losses, "resumed_after": resumed_after}}
+                       "ppl_after": ppl_after, "eval": eval_setting, "config": config,
+                       "seconds": seconds, "losses": losses, "resumed_after": resumed_after}}
 
 
 def recover_header(*, inputs: list, dense: str, config: dict, command: str) -> dict:
