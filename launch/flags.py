@@ -197,6 +197,12 @@ def define_recovery_flags(default_steps: int) -> None:
     flags.DEFINE_integer("recover_seed", d.seed, "Seed of LoRA init, sampling and data order")
     flags.DEFINE_enum("compute_dtype", d.compute_dtype, ["auto", "float32", "bfloat16"],
                       "auto: bfloat16 on accelerators (fp32 master weights), float32 on CPU")
+    flags.DEFINE_enum("teacher_cache", d.teacher_cache, ["auto", "on", "off"], "distill: run the "
+                      "dense model once over the training text and keep its top-k next-token "
+                      "log-probs (bf16) instead of running it every step, freeing its memory; "
+                      "auto: when the dense model and the training state would not fit 70% of "
+                      "one device (never on CPU)")
+    flags.DEFINE_integer("teacher_topk", d.teacher_topk, "Tokens per position the teacher cache keeps")
     flags.DEFINE_integer("recover_checkpoint_every", 10, "Save the recovery state every this many "
                          "steps (with an output folder; 0: never)")
 
@@ -209,7 +215,8 @@ def recover_config() -> "RecoverConfig":
         lr=FLAGS.recover_lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay,
         clip_norm=FLAGS.clip_norm, batch_size=FLAGS.train_batch, grad_accum=FLAGS.grad_accum,
         seq_len=FLAGS.train_seq_len, lora_rank=FLAGS.lora_rank, lora_alpha=FLAGS.lora_alpha,
-        pool_rows=FLAGS.pool_rows, seed=FLAGS.recover_seed, compute_dtype=FLAGS.compute_dtype)
+        pool_rows=FLAGS.pool_rows, seed=FLAGS.recover_seed, compute_dtype=FLAGS.compute_dtype,
+        teacher_cache=FLAGS.teacher_cache, teacher_topk=FLAGS.teacher_topk)
     if FLAGS.recover_checkpoint_every < 0:
         raise UserError(f"--recover_checkpoint_every={FLAGS.recover_checkpoint_every} must be >= 0")
     cfg.check()

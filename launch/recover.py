@@ -26,6 +26,9 @@ flags.DEFINE_bool("export_hf", False, "Also write each recovered model as a Hugg
 flags.DEFINE_bool("overwrite", False, "Replace an earlier run's outputs in --out_dir")
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last recovery checkpoint")
 flags.DEFINE_integer("data_devices", 0, "Devices of the data-parallel mesh (0: all)")
+flags.DEFINE_enum("shard_params", "auto", ["auto", "on", "off"], "Split the trained parameters, "
+                  "their optimiser state and the teacher over the data mesh (FSDP-style); auto: "
+                  "when replicated they would take over 70% of one device's memory")
 launch_flags.define_recovery_flags(default_steps=60)
 launch_flags.define_eval_flags()
 
@@ -39,7 +42,8 @@ def recover_job() -> recovery.RecoverJob:
         dense=FLAGS.dense, train_text=FLAGS.train_text, export_hf=FLAGS.export_hf,
         overwrite=FLAGS.overwrite, resume=FLAGS.resume,
         checkpoint_every=FLAGS.recover_checkpoint_every, eval=launch_flags.eval_config(),
-        data_devices=FLAGS.data_devices, command=common.command_line())
+        data_devices=FLAGS.data_devices, shard_params=FLAGS.shard_params,
+        command=common.command_line())
 
 
 def main(argv) -> None:

@@ -1,5 +1,6 @@
 """Recovery fine-tuning (prunenet_jax/recovery) on tiny random models: LoRA merging, one step
 against a PyTorch reference step, bf16 compute, data parallel on 8 simulated devices."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -187,15 +188,21 @@ from prunenet_jax.recovery import trainer
 w = sources.load_model(sys.argv[1]); t = sources.load_model(sys.argv[2])
 model = llama.from_named_arrays(w.config, w.named_arrays())
 teacher = llama.from_named_arrays(t.config, t.named_arrays())
-cfg = trainer.RecoverConfig(steps=3, objective="distill", batch_size=8, grad_accum=2, lora_rank=4, warmup=0)
-rec = trainer.Recovery(model, teacher, cfg, trainer.data_mesh(int(sys.argv[3])))
+method, shard = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 4 else ("lora", "off")
+cfg = trainer.RecoverConfig(steps=3, objective="distill", batch_size=8, grad_accum=2, lora_rank=4,
+                            warmup=0, method=method, lr=1e-3 if method == "lora" else 1e-4)
+rec = trainer.Recovery(model, teacher, cfg, trainer.data_mesh(int(sys.argv[3])), shard)
 rng = np.random.default_rng(0)
 losses = []
 for s in range(3):
     tokens = rng.integers(0, 97, (16, 12)).astype(np.int32)
     losses.append(float(rec.step(tokens, np.ones_like(tokens))["loss"]))
 leaves = [np.asarray(x).tolist() for x in jax.tree.leaves(rec.params)]
-print(json.dumps({"devices": jax.device_count(), "losses": losses, "params": leaves}))
+# the share of each array one device holds, for the params, optimiser state and teacher
+held = lambda t: [x.addressable_shards[0].data.size / x.size for x in jax.tree.leaves(t) if x.ndim]
+print(json.dumps({"devices": jax.device_count(), "losses": losses, "params": leaves,
+                  "held": {k: held(t) for k, t in (("params", rec.params), ("opt", rec.opt_state),
+                                                   ("teacher", rec.teacher))}}))
 """
 
 
@@ -217,3 +224,86 @@ def test_data_parallel_loss_equals_one_device(tmp_path):
     diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
                            for a, b in zip(out[8]["params"], out[1]["params"])])
     assert np.mean(diff <= 1e-4) >= 0.99 and diff.max() <= 3e-3, (np.mean(diff <= 1e-4), diff.max())
+
+
+def test_fsdp_sharded_parameters_train_as_replicated_ones(tmp_path):
+    """--shard_params=on, full fine-tune on 8 devices: every parameter, moment and teacher matrix
+    is split 8 ways (each device holds 1/8), and the losses and parameters equal one device's."""
+    s = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied", seed=0), tmp_path / "s")
+    t = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied", seed=1), tmp_path / "t")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = {}
+    for n, shard in ((1, "off"), (8, "on")):
+        proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT, s, t, str(n), "full", shard],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, shares in out[8]["held"].items():
+        # the tiny config's arrays all have an axis of a multiple of 8 except the norms (width 64: fine)
+        assert shares and all(x == 1 / 8 for x in shares), (name, shares)
+    assert all(x == 1 for x in out[1]["held"]["params"])
+    np.testing.assert_allclose(out[8]["losses"], out[1]["losses"], rtol=1e-5)
+    diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                           for a, b in zip(out[8]["params"], out[1]["params"])])
+    assert np.mean(diff <= 1e-5) >= 0.99 and diff.max() <= 3e-4, (np.mean(diff <= 1e-5), diff.max())
+
+
+def test_shard_params_auto_is_off_without_a_memory_limit():
+    from jax.sharding import Mesh
+
+    from prunenet_jax.errors import UserError
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]), (trainer.DATA_AXIS,))  # CPU: no memory limit
+    assert trainer.should_shard("on", mesh, {}, {}, None) is True
+    assert trainer.should_shard("auto", mesh, {"w": np.zeros((8, 8))}, {}, None) is False
+    with pytest.raises(UserError, match="--shard_params=sometimes is unknown"):
+        trainer.should_shard("sometimes", mesh, {}, {}, None)
+
+
+def test_cached_teacher_topk_trains_as_the_live_teacher(tmp_path):
+    """--teacher_cache=on with k = the vocabulary: the cached bf16 top-k gives the live teacher's
+    loss (to bf16 rounding) and the same training; with a small k, only the top-k KL terms."""
+    s = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied", seed=0), tmp_path / "s")
+    t = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied", seed=1), tmp_path / "t")
+    tokens, mask = _tokens(97)
+    _, teacher = _load(t)
+    logits = np.asarray(teacher(jnp.asarray(tokens), jnp.asarray(mask)))
+    vals, ids = trainer.teacher_topk(teacher, tokens, mask, k=1000, batch=3)  # k clamped to V=97
+    assert vals.shape == ids.shape == (4, 12, 97) and vals.dtype == jnp.bfloat16
+    student_logits = np.asarray(_load(s)[1](jnp.asarray(tokens), jnp.asarray(mask)))
+    live = float(objectives.distill_sum(student_logits, logits, mask))
+    cached = float(objectives.distill_topk_sum(student_logits, vals, ids, mask))
+    assert cached == pytest.approx(live, rel=1e-2) and cached != live  # bf16: close, not equal
+    v8, i8 = trainer.teacher_topk(teacher, tokens, mask, k=8)
+    np.testing.assert_array_equal(i8, np.argsort(-logits, axis=-1, kind="stable")[..., :8])
+
+    losses, params = {}, {}
+    for name in ("live", "cached"):
+        cfg = trainer.RecoverConfig(objective="distill", method="full", lr=1e-4, warmup=0,
+                                    batch_size=4, teacher_cache="on" if name == "cached" else "off")
+        _, model = _load(s)
+        rec = trainer.Recovery(model, None if name == "cached" else _load(t)[1], cfg)
+        losses[name] = [float(rec.step(tokens, mask, (vals, ids) if name == "cached" else ())["loss"])
+                        for _ in range(3)]
+        params[name] = jax.tree.leaves(rec.params)
+    np.testing.assert_allclose(losses["cached"], losses["live"], rtol=1e-2)
+    assert losses["live"][-1] < losses["live"][0]
+    # Adam moves a near-zero gradient element by up to ~3 lr per step whatever its size, so a
+    # bf16-sized change of such a gradient shows: 95% within 1e-5, none beyond 3 steps.
+    diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                           for a, b in zip(params["cached"], params["live"])])
+    assert np.mean(diff <= 1e-5) >= 0.95 and diff.max() <= 1e-3, (np.mean(diff <= 1e-5), diff.max())
+
+
+def test_teacher_cache_auto_is_off_on_cpu_and_bad_values_are_refused():
+    cfg = trainer.RecoverConfig()
+    assert trainer.should_cache_teacher(cfg, 10**12, 10**12) is False  # CPU: no memory limit
+    assert trainer.should_cache_teacher(dataclasses.replace(cfg, teacher_cache="on"), 1, 1) is True
+    assert trainer.should_cache_teacher(dataclasses.replace(cfg, objective="lm", teacher_cache="on"),
+                                        1, 1) is False
+    from prunenet_jax.errors import UserError
+
+    for bad, message in ((dict(teacher_cache="always"), "--teacher_cache=always is unknown"),
+                         (dict(teacher_topk=0), "--teacher_topk=0 must be at least 1")):
+        with pytest.raises(UserError, match=message):
+            dataclasses.replace(cfg, **bad).check()

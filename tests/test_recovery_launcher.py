@@ -172,3 +172,13 @@ def test_recovering_a_run_of_several_modes_keeps_them_apart_and_reports_before_a
                 "--overwrite", f"--eval_text={text}", "--seq_len=32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(not_comparable.findall(open(rep / "report.md").read())) == 2
+
+
+def test_teacher_cache_end_to_end(tmp_path, pruned):
+    _, run = pruned
+    out = tmp_path / "cached"
+    proc = _run(*_recover(run, out, "--recover_steps=2", "--teacher_cache=on", "--teacher_topk=8"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.load(open(out / "manifest.json"))["outputs"][0]["recovery"]
+    assert rec["teacher_cached"] is True and rec["config"]["teacher_topk"] == 8
+    assert all(np.isfinite(rec["losses"]))

@@ -21,7 +21,7 @@ from prunenet_jax.evaluation import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.generation import eos_ids
 from prunenet_jax.models import llama, registry
-from prunenet_jax.recovery import data, lora
+from prunenet_jax.recovery import data, lora, trainer
 from prunenet_jax.recovery.trainer import Recovery, RecoverConfig
 from prunenet_jax.run import atomic, run_dir
 from prunenet_jax.weights import ModelWeights
@@ -84,7 +84,7 @@ def tokens_seen(cfg: RecoverConfig, mask: np.ndarray) -> int:
 def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfig, *, tokenizer,
                     train_text: Optional[str] = None, ppl: Callable = lambda w: None,
                     state_dir: Optional[str] = None, resume: bool = False,
-                    checkpoint_every: int = 0, mesh=None,
+                    checkpoint_every: int = 0, mesh=None, shard_params: str = "off",
                     eval_setting: Optional[dict] = None) -> tuple[ModelWeights, dict]:
     """Fine-tunes `pruned` (distilling `dense`, or on `train_text`); returns the recovered
     weights and what the manifest records. With `state_dir`, the training state is saved every
@@ -104,7 +104,11 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
         meta = {"recover_config": dataclasses.asdict(cfg), "source": dense.source,
                 "intermediate_size": pruned.config.intermediate_size}
         ckpts = orbax.TrainCheckpoints(state_dir, meta)
-    rec = Recovery(student, teacher if cfg.objective == "distill" else None, cfg, mesh)
+    # A teacher too big to keep beside the student: its top-k over the pool, then it is freed.
+    cache = trainer.should_cache_teacher(cfg, 4 * pruned.num_params(),
+                                         dense.num_params() * np.dtype(cfg.dtype()).itemsize)
+    rec = Recovery(student, teacher if cfg.objective == "distill" and not cache else None, cfg,
+                   mesh, shard_params)
     done = 0
     if ckpts is not None and resume and ckpts.latest_episode() is not None:
         rows = cfg.pool_rows or cfg.steps * cfg.rows_per_step
@@ -117,13 +121,15 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
         logging.info("recovery resumes after step %d of %d", done, cfg.steps)
     else:
         tokens, mask = _pool(cfg, teacher, dense, tokenizer, train_text)
+    cached = trainer.teacher_topk(teacher, tokens, mask, cfg.teacher_topk) if cache else None
     gen_seconds = time.time() - started
     del teacher
     bar = progress.bar(total=cfg.steps, desc="recovery", initial=done)
     seen, losses, t0 = 0, [], time.time()
     for step in range(done, cfg.steps):
         rows = data.step_rows(step, cfg.rows_per_step, len(tokens), cfg.seed)
-        out = rec.step(tokens[rows], mask[rows])
+        top = () if cached is None else (cached[0][rows], cached[1][rows])
+        out = rec.step(tokens[rows], mask[rows], top)
         loss, targets = float(out["loss"]), int(out["targets"])
         seen += targets
         losses.append(loss)
@@ -143,6 +149,7 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
         ppl_before=ppl_before, ppl_after=ppl(recovered), config=dataclasses.asdict(cfg),
         seconds={"sampling": round(gen_seconds, 2), "training": round(train_seconds, 2)},
         losses=[round(l, 6) for l in losses], resumed_after=done or None, eval_setting=eval_setting)
+    info[run_dir.RECOVERY]["teacher_cached"] = cache
     return recovered, info
 
 
@@ -160,6 +167,7 @@ class RecoverJob:
     checkpoint_every: int = 10
     eval: Optional[perplexity.EvalConfig] = None
     data_devices: int = 0  # 0: all
+    shard_params: str = "auto"  # trainer.should_shard
     command: str = ""
 
 
@@ -243,6 +251,7 @@ def run(job: RecoverJob, make_mesh: Callable = lambda n: None) -> list:
             state_dir=os.path.join(job.out_dir, run_dir.RECOVER_STATE, *filter(None, [folder_mode]),
                                    run_dir.ratio_dirname(ratio)),
             resume=job.resume, checkpoint_every=job.checkpoint_every, mesh=mesh,
+            shard_params=job.shard_params,
             eval_setting=job.eval and job.eval.setting())
         meta = {k: v for k, v in (orbax.read_meta(path) or {}).items()
                 if k not in ("kind", "format_version", "hf_config", "dtypes", "tokenizer_dir",
