@@ -8,6 +8,9 @@ Parts (each timed; a part that fails or runs past the deadline reports why and t
   kept:   same-seed kept channels against the CPU run committed in bench/results/device_kept.npz
           (a default-shaped stack 30 x 1536 x 576 whose fp32 values are made from PCG64's raw bits,
           so they are bit-identical on every machine; 20 episodes, seed 42, ratio 0.3)
+  recover: recovery fine-tuning throughput (tokens/s) on a 1B-shaped model (16 x 2048, I=8192
+          pruned to 5734, vocab 32000, random weights): LoRA rank 16 distillation from the dense
+          model, bf16 compute with fp32 master weights, 8 x 512 tokens per step, 5 timed steps
   70b:    70B-shaped training (80 x 28672 x 8192, bf16), 3 episodes, per-episode seconds, last
           because it is the longest; stopped after the deadline, skipped when the 7B part's
           timing says its setup and first episode cannot finish before it.
@@ -126,6 +129,45 @@ def ppl_throughput() -> dict:
             "tokens_per_second": count / s, "compile_seconds": compile_s}
 
 
+def recovery_throughput(steps: int = 5) -> dict:
+    from flax import nnx
+
+    from models.config import LlamaConfig
+    from models.llama import LlamaForCausalLM
+    from prunenet_jax.recovery import trainer
+
+    shape = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
+                 num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                 rms_norm_eps=1e-05, rope_theta=500000.0, max_position_embeddings=4096,
+                 tie_word_embeddings=True)
+    if TINY:
+        shape.update(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    dense_cfg = LlamaConfig(**{k: v for k, v in shape.items() if k in fields})
+    pruned_cfg = dataclasses.replace(dense_cfg, intermediate_size=sampling.num_kept(
+        dense_cfg.intermediate_size, 0.3))
+    batch, seq = (2, 32) if TINY else (8, 512)
+    cfg = trainer.RecoverConfig(steps=steps + 1, method="lora", objective="distill",
+                                batch_size=batch, seq_len=seq, compute_dtype="bfloat16")
+    rec = trainer.Recovery(LlamaForCausalLM(pruned_cfg, rngs=nnx.Rngs(1)),
+                           LlamaForCausalLM(dense_cfg, rngs=nnx.Rngs(0)), cfg)
+    tokens = np.random.default_rng(0).integers(0, dense_cfg.vocab_size, (batch, seq)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    t0 = time.perf_counter()
+    float(rec.step(tokens, mask)["loss"])  # compiles
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    losses = [float(rec.step(tokens, mask)["loss"]) for _ in range(steps)]
+    s = time.perf_counter() - t0
+    trained = batch * (seq - 1) * steps
+    return {"config": f"1B-shaped {shape['num_hidden_layers']} x {shape['hidden_size']}, I "
+                      f"{dense_cfg.intermediate_size} -> {pruned_cfg.intermediate_size}" + (" TINY" if TINY else ""),
+            "method": "lora rank 16, distill, bf16 compute", "tokens_per_step": batch * seq,
+            "steps_timed": steps, "seconds": s, "tokens_per_second": trained / s,
+            "compile_seconds": compile_s, "losses": losses, "peak_device_bytes": peak_device_bytes()}
+
+
 def kept_channels(episodes: int = 20) -> dict:
     L, I, H = (4, 96, 32) if TINY else (30, 1536, 576)
     W = exact_stack(L, I, H)
@@ -173,7 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--make_fixture", action="store_true")
     ap.add_argument("--deadline_s", type=float, default=float(os.environ.get("DEVICE_CHECK_DEADLINE_S", 420)))
-    ap.add_argument("--parts", default="7b,ppl,kept,70b")
+    ap.add_argument("--parts", default="7b,ppl,kept,recover,70b")
     args = ap.parse_args()
     if args.make_fixture:
         got = kept_channels()
@@ -201,6 +243,8 @@ def main() -> None:
                 out[part] = ppl_throughput()
             elif part == "kept":
                 out[part] = compare_kept(kept_channels())
+            elif part == "recover":
+                out[part] = recovery_throughput()
             else:
                 raise ValueError(f"unknown part {part!r}")
         except Exception as e:  # report and go on to the next part
