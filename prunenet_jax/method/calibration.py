@@ -107,7 +107,7 @@ def _saved(path: str, meta: dict) -> Optional[np.ndarray]:
     if not os.path.isfile(path):
         return None
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:  # tokens and a JSON string: no objects
             if json.loads(str(f["meta"])) == meta:
                 return np.asarray(f["tokens"])
     except (OSError, ValueError, KeyError):
