@@ -268,13 +268,13 @@ def test_cached_teacher_topk_trains_as_the_live_teacher(tmp_path):
     tokens, mask = _tokens(97)
     _, teacher = _load(t)
     logits = np.asarray(teacher(jnp.asarray(tokens), jnp.asarray(mask)))
-    vals, ids = trainer.teacher_topk(teacher, tokens, mask, k=1000, batch=3)  # k clamped to V=97
+    vals, ids = trainer.pool_teacher_topk(teacher, tokens, mask, k=1000, batch=3)  # k clamped to V=97
     assert vals.shape == ids.shape == (4, 12, 97) and vals.dtype == jnp.bfloat16
     student_logits = np.asarray(_load(s)[1](jnp.asarray(tokens), jnp.asarray(mask)))
     live = float(objectives.distill_sum(student_logits, logits, mask))
     cached = float(objectives.distill_topk_sum(student_logits, vals, ids, mask))
     assert cached == pytest.approx(live, rel=1e-2) and cached != live  # bf16: close, not equal
-    v8, i8 = trainer.teacher_topk(teacher, tokens, mask, k=8)
+    v8, i8 = trainer.pool_teacher_topk(teacher, tokens, mask, k=8)
     np.testing.assert_array_equal(i8, np.argsort(-logits, axis=-1, kind="stable")[..., :8])
 
     losses, params = {}, {}

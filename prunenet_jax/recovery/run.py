@@ -121,7 +121,7 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
         logging.info("recovery resumes after step %d of %d", done, cfg.steps)
     else:
         tokens, mask = _pool(cfg, teacher, dense, tokenizer, train_text)
-    cached = trainer.teacher_topk(teacher, tokens, mask, cfg.teacher_topk) if cache else None
+    cached = trainer.pool_teacher_topk(teacher, tokens, mask, cfg.teacher_topk) if cache else None
     gen_seconds = time.time() - started
     del teacher
     bar = progress.bar(total=cfg.steps, desc="recovery", initial=done)

@@ -186,7 +186,7 @@ def should_cache_teacher(cfg: RecoverConfig, student_bytes: int, teacher_bytes: 
     return bool(limit) and 4 * student_bytes + teacher_bytes > 0.7 * limit
 
 
-def teacher_topk(teacher: llama.LlamaForCausalLM, tokens: np.ndarray, mask: np.ndarray, k: int,
+def pool_teacher_topk(teacher: llama.LlamaForCausalLM, tokens: np.ndarray, mask: np.ndarray, k: int,
                  batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The teacher's top-k next-token log-probs (bf16) and ids of every pool row, on the host."""
     graphdef, state = nnx.split(teacher)
