@@ -203,6 +203,11 @@ def define_recovery_flags(default_steps: int) -> None:
                       "auto: when the dense model and the training state would not fit 70% of "
                       "one device (never on CPU)")
     flags.DEFINE_integer("teacher_topk", d.teacher_topk, "Tokens per position the teacher cache keeps")
+    flags.DEFINE_bool("refit", d.refit, "Before training, refit each layer's down_proj by least "
+                      "squares so the pruned layer reproduces the dense one on the recovery text "
+                      "(no gradient steps; with --recover_steps=0 on launch.recover, the refit alone)")
+    flags.DEFINE_integer("refit_rows", d.refit_rows, "Rows of the recovery text the refit fits on "
+                         "(0: all)")
     flags.DEFINE_integer("recover_checkpoint_every", 10, "Save the recovery state every this many "
                          "steps (with an output folder; 0: never)")
 
@@ -216,7 +221,8 @@ def recover_config() -> "RecoverConfig":
         clip_norm=FLAGS.clip_norm, batch_size=FLAGS.train_batch, grad_accum=FLAGS.grad_accum,
         seq_len=FLAGS.train_seq_len, lora_rank=FLAGS.lora_rank, lora_alpha=FLAGS.lora_alpha,
         pool_rows=FLAGS.pool_rows, seed=FLAGS.recover_seed, compute_dtype=FLAGS.compute_dtype,
-        teacher_cache=FLAGS.teacher_cache, teacher_topk=FLAGS.teacher_topk)
+        teacher_cache=FLAGS.teacher_cache, teacher_topk=FLAGS.teacher_topk, refit=FLAGS.refit,
+        refit_rows=FLAGS.refit_rows)
     if FLAGS.recover_checkpoint_every < 0:
         raise UserError(f"--recover_checkpoint_every={FLAGS.recover_checkpoint_every} must be >= 0")
     cfg.check()

@@ -49,11 +49,13 @@ def recover_job() -> recovery.RecoverJob:
 def main(argv) -> None:
     entries = recovery.run(recover_job(), recovery.data_mesh_or_error)
     fmt = lambda p: "-" if p is None else f"{p:.3f}"
-    print(f"{'ratio':>6}  {'steps':>6}  {'tokens':>8}  {'ppl before':>10}  {'ppl after':>10}")
+    print(f"{'ratio':>6}  {'steps':>6}  {'tokens':>8}  {'ppl before':>10}  {'after refit':>11}  "
+          f"{'ppl after':>10}")
     for e in entries:
         r = e.extra[run_dir.RECOVERY]
+        refit_ppl = (r.get("refit") or {}).get("ppl")
         print(f"{e.ratio:>6}  {r['steps']:>6}  {r['tokens_seen']:>8}  {fmt(r['ppl_before']):>10}  "
-              f"{fmt(r['ppl_after']):>10}")
+              f"{fmt(refit_ppl):>11}  {fmt(r['ppl_after']):>10}")
     print(json.dumps({"outputs": [e.to_json() for e in entries]}))
 
 

@@ -258,12 +258,16 @@ class LlamaForCausalLM(nnx.Module):
         """The final-normed hidden states (B, T, H), the cache with this call's keys/values
         written, and (with stats_mask (B, T)) the MLP channel moments of `LlamaModel.run_layers`.
         mask: (B or 1, T, S), which keys each query sees."""
-        freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(self.config)
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        cos, sin = self.rope(positions)
         x = self.model.embed_tokens(tokens)
         x, cache, stats = self.model.run_layers(x, cos, sin, mask, cache, stats_mask)
         return self.model.norm(x), cache, stats
+
+    def rope(self, positions):
+        """(cos, sin) of the rotary embedding at positions (B, T), each (B, T, head_dim)."""
+        freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(self.config)
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
 
     def logits(self, x):
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -287,13 +291,19 @@ class ChannelStats(NamedTuple):
         return jax.tree.map(lambda s: s / self.tokens, self.sum_sq)
 
 
+def padded_positions(valid):
+    """(positions, attend) of rows (B, T) whose valid tokens (True) may be padded: positions count
+    valid tokens (left padding starts at 0 too); attend (B, T, T) is causal over valid keys."""
+    T = valid.shape[1]
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    return positions, jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _channel_stats(graphdef, state, tokens, mask) -> ChannelStats:
     model = nnx.merge(graphdef, state)
-    T = tokens.shape[1]
     valid = mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)  # left padding starts at 0 too
-    attend = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
+    positions, attend = padded_positions(valid)
     _, _, (sum_sq, peak) = model.hidden_states(tokens, positions, attend, stats_mask=valid)
     return ChannelStats(sum_sq, peak, jnp.sum(valid, dtype=jnp.int32))
 

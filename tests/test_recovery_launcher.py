@@ -102,7 +102,8 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, pruned):
         "empty_text": (["--objective=lm", f"--train_text={empty}"], "train text"),
         "not_parent": ([f"--dense={other}"], "was not pruned from"),
         "other_shape": ([f"--dense={wider}"], "cannot be a pruned version"),
-        "steps": (["--recover_steps=0"], "--recover_steps=0 must be at least 1"),
+        "steps": (["--recover_steps=0", "--norefit"], "--recover_steps=0 must be at least 1"),
+        "refit_rows": (["--refit_rows=-1"], "--refit_rows=-1 must be >= 0"),
         "no_text": (["--objective=lm"], "--objective=lm trains on text"),
     }
     before = _tree_hash(run), _tree_hash(dense)
@@ -115,6 +116,22 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, pruned):
         assert "Traceback" not in proc.stderr, name
         assert not out.exists(), name
     assert (_tree_hash(run), _tree_hash(dense)) == before
+
+
+def test_refit_alone_changes_down_proj_only_and_records_its_fit(tmp_path, pruned):
+    _, run = pruned
+    proc = _run(*_recover(run, tmp_path / "out", "--recover_steps=0", "--refit_rows=6"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.loads(proc.stdout.strip().splitlines()[-1])["outputs"][0]["recovery"]
+    fit = entry["refit"]
+    assert entry["steps"] == 0 and entry["tokens_seen"] == 0
+    assert fit["rows"] == 6 and fit["tokens"] > 0 and len(fit["layer_error_after"]) == 3
+    assert all(a <= b for a, b in zip(fit["layer_error_after"], fit["layer_error_before"]))
+    before = _arrays(os.path.join(run, "ratio_0.25", "orbax"))
+    after = _arrays(str(tmp_path / "out" / "ratio_0.25" / "orbax"))
+    for name in before:
+        same = np.array_equal(before[name], after[name])
+        assert same == ("down_proj" not in name), name
 
 
 def test_prune_with_recovery_refuses_a_bad_rank_before_training(tmp_path, pruned):

@@ -174,7 +174,8 @@ class TrainCheckpoints:
 
     def restore(self, state_template, history_template_fn) -> tuple[Any, dict, int]:
         """(state, history, episodes done) of the latest checkpoint, as host arrays shaped like
-        `state_template`; `history_template_fn(episodes)` gives the history's shapes."""
+        `state_template`; `history_template_fn(episodes)` gives the history's shapes. With
+        `state_template` None only the history is read (state None)."""
         step = self._manager.latest_step()
         if step is None:
             raise UserError(f"{self.directory} holds no training checkpoint to resume from; "
@@ -187,10 +188,13 @@ class TrainCheckpoints:
             raise UserError(f"--resume: the training checkpoint in {self.directory} belongs to "
                             f"another run ({detail}); rerun with the same flags, or drop --resume "
                             "(with --overwrite) to start afresh")
-        template = {"state": _to_numpy(state_template), "history": history_template_fn(step)}
+        template = {"history": history_template_fn(step)}
+        if state_template is not None:
+            template["state"] = _to_numpy(state_template)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             **{k: ocp.args.StandardRestore(v) for k, v in template.items()}))
-        return _to_numpy(restored["state"]), _to_numpy(restored["history"]), step
+        state = _to_numpy(restored["state"]) if state_template is not None else None
+        return state, _to_numpy(restored["history"]), step
 
     def wait(self) -> None:
         with atomic.write_errors(self.directory):

@@ -15,7 +15,8 @@ from prunenet_jax.models import sampler
 
 
 def generated_pool(model, bos_id: int, eos_ids, rows: int, seq_len: int, *, seed: int,
-                   batch: int = 32, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                   batch: int = 32, temperature: float = 1.0,
+                   top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """`rows` sequences of `seq_len` tokens sampled from `model` after a BOS token (a row that
     ends at an EOS id early is padded, mask 0). Each batch of draws has its own seed."""
     batch = -(-rows // -(-rows // batch))  # equal batches, the fewest of at most `batch` rows
@@ -25,7 +26,7 @@ def generated_pool(model, bos_id: int, eos_ids, rows: int, seq_len: int, *, seed
         n = min(batch, rows - start)
         # A fixed batch size (padded with extra prompts) compiles the decoder once.
         outs = sampler.generate(model, [[bos_id]] * batch, seq_len - 1, temperature=temperature,
-                                seed=seed * 1_000_003 + start, eos_ids=eos_ids)[:n]
+                                top_p=top_p, seed=seed * 1_000_003 + start, eos_ids=eos_ids)[:n]
         for r, out in enumerate(outs):
             row = [bos_id] + out[:seq_len - 1]
             tokens[start + r, :len(row)] = row

@@ -21,7 +21,7 @@ from prunenet_jax.evaluation import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.generation import eos_ids
 from prunenet_jax.models import llama, registry
-from prunenet_jax.recovery import data, lora, trainer
+from prunenet_jax.recovery import data, lora, refit, trainer
 from prunenet_jax.recovery.trainer import Recovery, RecoverConfig
 from prunenet_jax.run import atomic, run_dir
 from prunenet_jax.weights import ModelWeights
@@ -65,13 +65,21 @@ def to_weights(model: llama.LlamaForCausalLM, like: ModelWeights) -> ModelWeight
 def _pool(cfg: RecoverConfig, teacher, dense: ModelWeights, tokenizer, train_text: Optional[str]):
     if train_text:  # lm always; distill on the user's text instead of sampled text
         return data.text_pool(tokenizer, train_text, cfg.seq_len)
-    rows = cfg.pool_rows or cfg.steps * cfg.rows_per_step
+    rows = cfg.generated_rows()
     bos = dense.hf_config.get("bos_token_id")
     bos = getattr(tokenizer, "bos_token_id", None) if bos is None else bos
     if bos is None:
         raise UserError(f"{dense.source} names no BOS token to start sampling from; use "
                         "--objective=lm with --train_text")
     return data.generated_pool(teacher, int(bos), eos_ids(dense), rows, cfg.seq_len, seed=cfg.seed)
+
+
+def _pool_template(cfg: RecoverConfig, tokenizer, train_text: Optional[str]) -> Callable:
+    """The shapes of a checkpointed pool (orbax restores into them)."""
+    rows = cfg.generated_rows()
+    if train_text:  # cheap to rebuild
+        rows = len(data.text_pool(tokenizer, train_text, cfg.seq_len)[0])
+    return lambda _: {k: np.zeros((rows, cfg.seq_len), np.int32) for k in ("tokens", "mask")}
 
 
 def tokens_seen(cfg: RecoverConfig, mask: np.ndarray) -> int:
@@ -94,7 +102,6 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
     cfg.check()
     lora.check_rank(cfg.lora_rank, pruned.config) if cfg.method == "lora" else None
     ppl_before = ppl(pruned)
-    student = llama.from_named_arrays(pruned.config, pruned.named_arrays())
     teacher = llama.from_named_arrays(dense.config, dense.named_arrays())
     started = time.time()
     ckpts = None
@@ -104,25 +111,30 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
         meta = {"recover_config": dataclasses.asdict(cfg), "source": dense.source,
                 "intermediate_size": pruned.config.intermediate_size}
         ckpts = orbax.TrainCheckpoints(state_dir, meta)
+    resuming = ckpts is not None and resume and ckpts.latest_episode() is not None
+    template = _pool_template(cfg, tokenizer, train_text) if resuming else None
+    if resuming:  # the pool first (the refit fits on it), the training state once built
+        _, pool, done = ckpts.restore(None, template)
+        tokens, mask = pool["tokens"], pool["mask"]
+    else:
+        (tokens, mask), done = _pool(cfg, teacher, dense, tokenizer, train_text), 0
+    gen_seconds = time.time() - started
+    refit_info, start = None, pruned
+    if cfg.refit:  # deterministic: a resumed run refits to the same weights
+        fit_rows = slice(0, cfg.refit_rows or None)
+        start, refit_info = refit.refit_down(pruned, teacher, tokens[fit_rows], mask[fit_rows])
+        refit_info["ppl"] = ppl(start) if cfg.steps else None  # 0 steps: it is ppl_after
     # A teacher too big to keep beside the student: its top-k over the pool, then it is freed.
     cache = trainer.should_cache_teacher(cfg, 4 * pruned.num_params(),
                                          dense.num_params() * np.dtype(cfg.dtype()).itemsize)
+    student = llama.from_named_arrays(start.config, start.named_arrays())
     rec = Recovery(student, teacher if cfg.objective == "distill" and not cache else None, cfg,
                    mesh, shard_params)
-    done = 0
-    if ckpts is not None and resume and ckpts.latest_episode() is not None:
-        rows = cfg.pool_rows or cfg.steps * cfg.rows_per_step
-        if train_text:  # cheap to rebuild; its shape is the checkpoint's template
-            rows = len(data.text_pool(tokenizer, train_text, cfg.seq_len)[0])
-        template = lambda _: {k: np.zeros((rows, cfg.seq_len), np.int32) for k in ("tokens", "mask")}
-        state, pool, done = ckpts.restore(rec.state(), template)
+    if resuming:
+        state, _, _ = ckpts.restore(rec.state(), template)
         rec.set_state(state)
-        tokens, mask = pool["tokens"], pool["mask"]
         logging.info("recovery resumes after step %d of %d", done, cfg.steps)
-    else:
-        tokens, mask = _pool(cfg, teacher, dense, tokenizer, train_text)
     cached = trainer.pool_teacher_topk(teacher, tokens, mask, cfg.teacher_topk) if cache else None
-    gen_seconds = time.time() - started
     del teacher
     bar = progress.bar(total=cfg.steps, desc="recovery", initial=done)
     seen, losses, t0 = 0, [], time.time()
@@ -147,9 +159,12 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
         steps=cfg.steps, objective=cfg.objective, method=cfg.method,
         tokens_seen=tokens_seen(cfg, mask),
         ppl_before=ppl_before, ppl_after=ppl(recovered), config=dataclasses.asdict(cfg),
-        seconds={"sampling": round(gen_seconds, 2), "training": round(train_seconds, 2)},
+        seconds={"sampling": round(gen_seconds, 2), "training": round(train_seconds, 2),
+                 **({"refit": refit_info["seconds"]} if refit_info else {})},
         losses=[round(l, 6) for l in losses], resumed_after=done or None, eval_setting=eval_setting)
     info[run_dir.RECOVERY]["teacher_cached"] = cache
+    if refit_info:
+        info[run_dir.RECOVERY]["refit"] = refit_info
     return recovered, info
 
 

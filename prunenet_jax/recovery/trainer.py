@@ -58,10 +58,15 @@ class RecoverConfig:
     remat: bool = True
     teacher_cache: str = "auto"  # distill: the teacher's top-k log-probs cached (should_cache_teacher)
     teacher_topk: int = 64
+    refit: bool = True  # down_proj refit by least squares before training (refit.py)
+    refit_rows: int = 64  # pool rows the refit fits on (0: all)
 
     def check(self) -> None:
         checks = [
-            (self.steps < 1, f"--recover_steps={self.steps} must be at least 1"),
+            (self.steps < (0 if self.refit else 1),
+             f"--recover_steps={self.steps} must be at least {0 if self.refit else 1}"
+             + ("" if self.refit else " (0 steps, the refit alone, needs --refit)")),
+            (self.refit_rows < 0, f"--refit_rows={self.refit_rows} must be >= 0 (0: every pool row)"),
             (self.method not in METHODS, f"--method={self.method} is unknown; use one of {', '.join(METHODS)}"),
             (self.objective not in objectives.OBJECTIVES,
              f"--objective={self.objective} is unknown; use one of {', '.join(objectives.OBJECTIVES)}"),
@@ -85,6 +90,12 @@ class RecoverConfig:
     @property
     def rows_per_step(self) -> int:
         return self.batch_size * self.grad_accum
+
+    def generated_rows(self) -> int:
+        """Sequences sampled for distillation: --pool_rows, else one per row trained (and at
+        least the refit's rows)."""
+        return self.pool_rows or max(self.steps * self.rows_per_step,
+                                     self.refit_rows if self.refit else 0, 1)
 
     def dtype(self):
         if self.compute_dtype == "auto":

@@ -156,7 +156,7 @@ class Measure:
 
 def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options: OutputOptions, *,
                     out_dir: Optional[str], manifest: Optional[Manifest],
-                    measure: Callable[[ModelWeights], dict] = lambda w: {},
+                    measure: Optional[Measure] = None,
                     card: Optional[dict] = None, checkpoint: Optional[str] = None,
                     extra: Optional[dict] = None,
                     on_output: Callable[[OutputEntry], None] = lambda e: None) -> list[OutputEntry]:
@@ -165,6 +165,7 @@ def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options
     batch item `checkpoint`, with the `extra` fields); outputs the manifest already has done by the
     same recipe are skipped. Returns the entries in (ratio, mode) order."""
     dense_params = weights.num_params()
+    measure = measure or Measure(weights, None)  # no eval config: measures nothing
     entries = []
     for r, mode in ((r, m) for r in ratios for m in options.modes):
         made_by = options.recipe(mode, selection.params, selection.scores)
@@ -194,7 +195,7 @@ def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options
                                                  *filter(None, [options.folder_mode(mode)]),
                                                  run_dir.ratio_dirname(r))
             pruned, recovered = options.recover.apply(pruned, weights, ppl=ppl, state_dir=state_dir,
-                                                      eval_setting=getattr(measure, "setting", None))
+                                                      eval_setting=measure.setting)
             entry.extra.update(recovered)
             scored = measured
         if out_dir is not None:
