@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from prunenet_jax import prune, sources
+from prunenet_jax.errors import UserError
 from prunenet_jax.models import llama, registry
 from prunenet_jax.recovery import refit
 from tests import tiny_models
@@ -100,3 +101,12 @@ def test_refit_model_is_closer_to_dense_on_unseen_tokens(tmp_path):
         return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
 
     assert kl(fitted) < 0.9 * kl(pruned)  # measured 0.84x
+
+
+def test_rows_longer_than_a_sliding_window_are_refused(tmp_path):
+    folder = tiny_models.save_hf_model(tiny_models.make_hf_model("mistral", sliding_window=16),
+                                       tmp_path / "m")
+    dense = sources.load_model(folder)
+    tokens, mask = _tokens(dense.config.vocab_size, T=40)
+    with pytest.raises(UserError, match="exceeds the sliding window of 16"):
+        refit.refit_down(dense, _dense_model(dense), tokens, mask)

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg
 from flax import nnx
 
+from prunenet_jax.errors import UserError
 from prunenet_jax.models import llama, registry
 from prunenet_jax.weights import ModelWeights
 
@@ -89,6 +90,10 @@ def refit_down(pruned: ModelWeights, dense_model: llama.LlamaForCausalLM, tokens
     pruned and of the refit down_proj."""
     started = time.time()
     cfg = pruned.config
+    window = cfg.sliding_window
+    if window is not None and tokens.shape[1] > window:  # the forward pass refuses it too
+        raise UserError(f"--train_seq_len={tokens.shape[1]} exceeds the sliding window of {window} "
+                        f"of the model; use --train_seq_len <= {window}")
     bias = registry.DOWN_BIAS in pruned.layers
     pruned_model = llama.from_named_arrays(cfg, pruned.named_arrays())
     batches = []  # per batch: the refit path's hidden states, rope, attention mask, valid tokens
