@@ -199,3 +199,23 @@ def test_teacher_cache_end_to_end(tmp_path, pruned):
     rec = json.load(open(out / "manifest.json"))["outputs"][0]["recovery"]
     assert rec["teacher_cached"] is True and rec["config"]["teacher_topk"] == 8
     assert all(np.isfinite(rec["losses"]))
+
+
+def test_prune_with_recover_steps_equals_prune_then_recover(tmp_path, pruned):
+    """--recover_steps on launch.prune recovers each output before writing it, exactly as
+    launch.recover does afterwards (same refit, pool and steps), and records it in the recipe."""
+    dense, run = pruned
+    out = tmp_path / "pruned_and_recovered"
+    proc = _run("launch.prune", f"--model={dense}", "--ratios=0.25", "--episodes=1",
+                f"--out_dir={out}", "--recover_steps=2", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.load(open(out / "manifest.json"))["outputs"][0]
+    assert entry["recovery"]["steps"] == 2 and entry["recovery"]["refit"]["rows"] == 8
+    assert entry["recover_recipe"]["refit"] is True
+    later = tmp_path / "recovered_later"
+    proc = _run(*_recover(run, later, "--recover_steps=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = _arrays(str(out / "ratio_0.25" / "orbax"))
+    b = _arrays(str(later / "ratio_0.25" / "orbax"))
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
