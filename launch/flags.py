@@ -193,7 +193,8 @@ def define_recovery_flags(default_steps: int) -> None:
     flags.DEFINE_integer("grad_accum", d.grad_accum, "Micro-batches accumulated per step")
     flags.DEFINE_integer("train_seq_len", d.seq_len, "Tokens per training sequence")
     flags.DEFINE_integer("pool_rows", d.pool_rows, "distill: sequences sampled from the dense model "
-                         "(0: one fresh sequence per row trained, steps x batch x accum)")
+                         "(0: one fresh sequence per row trained, steps x batch x accum, and at least "
+                         "--refit_rows with --refit)")
     flags.DEFINE_integer("recover_seed", d.seed, "Seed of LoRA init, sampling and data order")
     flags.DEFINE_enum("compute_dtype", d.compute_dtype, ["auto", "float32", "bfloat16"],
                       "auto: bfloat16 on accelerators (fp32 master weights), float32 on CPU")

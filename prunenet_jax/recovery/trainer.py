@@ -63,9 +63,9 @@ class RecoverConfig:
 
     def check(self) -> None:
         checks = [
-            (self.steps < (0 if self.refit else 1),
-             f"--recover_steps={self.steps} must be at least {0 if self.refit else 1}"
-             + ("" if self.refit else " (0 steps, the refit alone, needs --refit)")),
+            (self.refit and self.steps < 0, f"--recover_steps={self.steps} must be >= 0 (0: the refit alone)"),
+            (not self.refit and self.steps < 1,
+             f"--recover_steps={self.steps} must be at least 1 (0 steps, the refit alone, needs --refit)"),
             (self.refit_rows < 0, f"--refit_rows={self.refit_rows} must be >= 0 (0: every pool row)"),
             (self.method not in METHODS, f"--method={self.method} is unknown; use one of {', '.join(METHODS)}"),
             (self.objective not in objectives.OBJECTIVES,
