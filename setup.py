@@ -1,8 +1,9 @@
-"""prunenet-jax. The repository's models/ and launch/ are installed as prunenet_jax.models and
-prunenet_jax.launch, so no generic top-level `models` or `launch` lands in site-packages."""
+"""prunenet-jax. The repository's models/ and launch/ are reached through the links
+prunenet_jax/models and prunenet_jax/launch, so they install as prunenet_jax.models and
+prunenet_jax.launch and no generic top-level `models` or `launch` lands in site-packages."""
 import pathlib
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = pathlib.Path(__file__).parent
 
@@ -19,10 +20,7 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["prunenet_jax", "prunenet_jax.formats", "prunenet_jax.method", "prunenet_jax.run",
-              "prunenet_jax.evaluation", "prunenet_jax.recovery", "prunenet_jax.models", "prunenet_jax.launch"],
-    package_dir={"prunenet_jax": "prunenet_jax", "prunenet_jax.models": "models",
-                 "prunenet_jax.launch": "launch"},
+    packages=find_packages(include=["prunenet_jax", "prunenet_jax.*"]),
     install_requires=_requirements("requirements.txt"),
     extras_require={"test": _requirements("requirements-test.txt"),
                     "lm_eval": ["lm-eval==0.4.13", "accelerate>=1.0"]},

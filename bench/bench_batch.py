@@ -9,7 +9,7 @@ Seconds per phase and peak RSS per checkpoint, to show where the time goes; agai
 Ours runs in this process, phase by phase as launch/batch_prune.py does (prune_run.prune_at_ratios,
 without perplexity): sources.load_model, then per ratio prune.select_kept, prune.slice_weights,
 orbax_format.save_model, hf_format.export_hf (with the tokenizer). The policy is the untrained
-train.initial_params(seed, I, H): pruning time does not depend on training. The real launcher is
+trainer.initial_params(seed, I, H): pruning time does not depend on training. The real launcher is
 also timed end to end once (--launcher), and the reference's `batch` mode
 (bench/reference/time_reference.py) on the converted HF folder (--reference).
 
@@ -61,9 +61,9 @@ def time_ours(checkpoints: list[str], ratios: list[float], out_dir: str, seed: i
     from prunenet_jax.formats import hf as hf_format
     from prunenet_jax.formats import orbax as orbax_format
     from prunenet_jax.method import policy as policy_lib
-    from prunenet_jax.method import train
+    from prunenet_jax.method import trainer
     from prunenet_jax.models import registry
-    from prunenet_jax.run import run_dir
+    from prunenet_jax.formats import run_dir
     from prunenet_jax.run.batch import output_names
 
     params = fingerprint = None
@@ -79,7 +79,7 @@ def time_ours(checkpoints: list[str], ratios: list[float], out_dir: str, seed: i
                "load": time.perf_counter() - t0, "ratios": []}
         if params is None:  # untimed: an untrained policy; timing does not depend on training
             t_init = time.perf_counter()
-            params = train.initial_params(seed, weights.config.intermediate_size, weights.config.hidden_size)
+            params = trainer.initial_params(seed, weights.config.intermediate_size, weights.config.hidden_size)
             fingerprint = policy_lib.fingerprint(params)
             t0 += time.perf_counter() - t_init
         for r in ratios:
@@ -126,11 +126,11 @@ def time_launcher(ratios: list[float], out_dir: str, seed: int) -> dict:
     from prunenet_jax.formats import orbax as orbax_format
     from prunenet_jax.formats import gguf as gguf_format
     from prunenet_jax import sources
-    from prunenet_jax.method import train
+    from prunenet_jax.method import trainer
 
     cfg = gguf_format.load_gguf_config(sources.resolve_source("default")[1])
     policy = os.path.join(out_dir, "policy")
-    orbax_format.save_policy(policy, train.initial_params(seed, cfg.intermediate_size, cfg.hidden_size),
+    orbax_format.save_policy(policy, trainer.initial_params(seed, cfg.intermediate_size, cfg.hidden_size),
                             {"seed": seed, "note": "untrained initial policy, for timing"})
     cmd = [sys.executable, "-m", "launch.batch_prune", "--checkpoints=default,default,default",
            f"--ratios={','.join(map(str, ratios))}", f"--policy={policy}",
@@ -255,7 +255,7 @@ def main() -> None:
     checkpoints = [s.strip() for s in args.checkpoints.split(",") if s.strip()]
     ratios = [float(r) for r in args.ratios.split(",")]
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_batch_")
-    result = {"load_avg_start": os.getloadavg(), "ratios": ratios, "policy": "train.initial_params(seed) "
+    result = {"load_avg_start": os.getloadavg(), "ratios": ratios, "policy": "trainer.initial_params(seed) "
               "(untrained; pruning time does not depend on training)"}
     try:
         rows = time_ours(checkpoints, ratios, os.path.join(out_dir, "ours"), args.seed, args.mode)

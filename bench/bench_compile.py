@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from prunenet_jax.models import llama  # noqa: E402
+from prunenet_jax.models import decoder
 from prunenet_jax.models.config import LlamaConfig  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)))
     mask = jnp.ones_like(tokens)
     for layers in (int(x) for x in args.layers.split(",")):
-        model = llama.LlamaForCausalLM(config(layers, args), scan=False if args.unrolled else None)
+        model = decoder.LlamaForCausalLM(config(layers, args), scan=False if args.unrolled else None)
         graphdef, state = nnx.split(model)
         forward = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, m))
         t0 = time.perf_counter()

@@ -61,9 +61,9 @@ def default_gate_matrices() -> np.ndarray:
 
 
 def time_ours(W: np.ndarray, episodes: int, ratio: float, schedule: str) -> dict:
-    from prunenet_jax.method import train
+    from prunenet_jax.method import episode, trainer
 
-    result = train.train(W, train.TrainConfig(ratio=ratio, schedule=schedule), num_episodes=episodes)
+    result = trainer.train(W, episode.TrainConfig(ratio=ratio, schedule=schedule), num_episodes=episodes)
     seconds = result.episode_seconds
     steady = seconds[1:] or seconds
     return {"impl": f"ours ({schedule} schedule)", "episodes": episodes, "episode_seconds": seconds,

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prunenet_jax import sources  # noqa: E402
 from prunenet_jax.formats import gguf as gguf_io  # noqa: E402
-from prunenet_jax.models import llama, sampler  # noqa: E402
+from prunenet_jax.models import decoder, decode
 
 PROMPT = "The Python tutorial explains how to define a function:"
 
@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     weights = sources.load_model("default")
     ids = sources.load_tokenizer(weights)(PROMPT)["input_ids"]
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     hf = None
     if args.torch:
         import torch
@@ -46,7 +46,7 @@ def main() -> None:
         folder, name = os.path.split(gguf_io.default_model_path())
         hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     for batch in (int(b) for b in args.batch.split(",")):
-        run = lambda: sampler.generate(model, [ids] * batch, args.new_tokens)
+        run = lambda: decode.generate(model, [ids] * batch, args.new_tokens)
         _, first = timed(run)
         out, seconds = timed(run)
         n = sum(len(o) for o in out)

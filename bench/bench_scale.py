@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prunenet_jax.method import sharding, train  # noqa: E402
+from prunenet_jax.method import episode, sharding, trainer
 from prunenet_jax.formats.layer_stack import LazyLayerStack  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="stored dtype of the gate matrices (kept on the device as is)")
-    ap.add_argument("--schedule", default="layer", choices=train.SCHEDULES)
+    ap.add_argument("--schedule", default="layer", choices=episode.SCHEDULES)
     ap.add_argument("--mesh", type=int, default=0, help="devices on the layer axis (0: all)")
     args = ap.parse_args()
 
@@ -62,7 +62,7 @@ def main() -> None:
         print(f"episode {e} done, total reward {float(m.total_reward):.2f}", flush=True)
 
     t0 = time.perf_counter()
-    result = train.train(W, train.TrainConfig(ratio=args.ratio, schedule=args.schedule),
+    result = trainer.train(W, episode.TrainConfig(ratio=args.ratio, schedule=args.schedule),
                          num_episodes=args.episodes, mesh=mesh, callback=report)
     total = time.perf_counter() - t0
     stats = jax.devices()[0].memory_stats() or {}

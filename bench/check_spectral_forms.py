@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from prunenet_jax.formats import gguf as gguf_io  # noqa: E402
-from prunenet_jax.method import spectral, train  # noqa: E402
+from prunenet_jax.method import episode, spectral, trainer
 
 _HI = lax.Precision.HIGHEST
 
@@ -66,7 +66,7 @@ def main() -> None:
     _, stack = gguf_io.gguf_gate_stack(gguf_io.default_model_path())
     W_host = np.asarray(stack[:], np.float32)
     L, I, H = W_host.shape
-    result = train.train(W_host, train.TrainConfig(ratio=args.ratio), num_episodes=args.episodes)
+    result = trainer.train(W_host, episode.TrainConfig(ratio=args.ratio), num_episodes=args.episodes)
     W = jnp.asarray(W_host)
     G = jnp.einsum("lij,lik->ljk", W, W, precision=_HI)
     forms, refs, run = _forms(W, G)

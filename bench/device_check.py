@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prunenet_jax.method import sampling, train  # noqa: E402
+from prunenet_jax.method import episode, sampling, trainer
 from prunenet_jax.formats.layer_stack import LazyLayerStack  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "bench", "results", "device_kept.npz")
@@ -87,7 +87,7 @@ def timed_training(W, episodes: int, deadline: float) -> dict:
     t0 = time.perf_counter()
     out = {"shape": list(W.shape), "dtype": str(np.dtype(W.dtype)), "episodes_asked": episodes}
     try:
-        result = train.train(W, train.TrainConfig(ratio=0.3), num_episodes=episodes,
+        result = trainer.train(W, episode.TrainConfig(ratio=0.3), num_episodes=episodes,
                              callback=on_episode)
         out["setup_seconds"] = result.setup_seconds  # placing W, Grams, reference spectra
         seconds = result.episode_seconds
@@ -107,7 +107,7 @@ def ppl_throughput() -> dict:
 
     from models.config import LlamaConfig
     from models.llama import LlamaForCausalLM
-    from prunenet_jax.evaluation.perplexity import Scorer
+    from prunenet_jax.perplexity import Scorer
 
     fields = {f.name for f in dataclasses.fields(LlamaConfig)}
     cfg = LlamaConfig(**{k: v for k, v in DEFAULT_CONFIG.items() if k in fields})
@@ -171,7 +171,7 @@ def recovery_throughput(steps: int = 5) -> dict:
 def kept_channels(episodes: int = 20) -> dict:
     L, I, H = (4, 96, 32) if TINY else (30, 1536, 576)
     W = exact_stack(L, I, H)
-    result = train.train(W, train.TrainConfig(ratio=0.3), seed=42, num_episodes=episodes)
+    result = trainer.train(W, episode.TrainConfig(ratio=0.3), seed=42, num_episodes=episodes)
     best = jax.tree.map(np.asarray, result.state.best_params)
     k = sampling.num_kept(I, 0.3)
     from prunenet_jax.method import policy

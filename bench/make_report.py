@@ -20,11 +20,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prunenet_jax import prune  # noqa: E402
-from prunenet_jax.evaluation import perplexity  # noqa: E402
+from prunenet_jax import perplexity
 from prunenet_jax import sources  # noqa: E402
 from prunenet_jax.evaluation import report  # noqa: E402
-from prunenet_jax.evaluation import texts  # noqa: E402
-from prunenet_jax.method import train  # noqa: E402
+from prunenet_jax.formats import texts
+from prunenet_jax.method import episode, trainer
 from prunenet_jax.models import registry  # noqa: E402
 
 TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"
@@ -52,7 +52,7 @@ def main() -> None:
     measure = perplexity.perplexity_fn(tokenizer, perplexity.EvalConfig(
         eval_texts, seq_len=args.seq_len, batch_size=8, max_tokens=args.max_tokens))
 
-    result = train.train(W, train.TrainConfig(ratio=max(ratios)), seed=args.seed,
+    result = trainer.train(W, episode.TrainConfig(ratio=max(ratios)), seed=args.seed,
                          num_episodes=args.episodes)
     params = jax.tree.map(np.asarray, result.state.best_params)
     print(f"policy: best episode {int(result.state.best_episode)}, total reward "

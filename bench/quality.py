@@ -34,8 +34,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prunenet_jax import prune, sources  # noqa: E402
-from prunenet_jax.evaluation import perplexity, texts  # noqa: E402
-from prunenet_jax.method import calibration, sampling, scores, train  # noqa: E402
+from prunenet_jax import perplexity
+from prunenet_jax.formats import texts
+from prunenet_jax.method import calibration, episode, sampling, scores, trainer
 from prunenet_jax.models import registry  # noqa: E402
 
 TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"
@@ -132,7 +133,7 @@ def main() -> None:
     best = None
     if any(m.startswith("sample") or m == "topk" for m in methods):
         t0 = time.time()
-        result = train.train(W, train.TrainConfig(ratio=args.train_ratio), seed=args.seed,
+        result = trainer.train(W, episode.TrainConfig(ratio=args.train_ratio), seed=args.seed,
                              num_episodes=args.episodes)
         best = jax.tree.map(np.asarray, result.state.best_params)
         data["timings"]["train_20_episodes_s"] = time.time() - t0

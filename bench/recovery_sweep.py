@@ -24,9 +24,10 @@ import numpy as np
 from absl import app, flags
 
 from prunenet_jax import sources
-from prunenet_jax.evaluation import perplexity, texts
+from prunenet_jax import perplexity
+from prunenet_jax.formats import texts
 from prunenet_jax.generation import eos_ids
-from prunenet_jax.models import llama
+from prunenet_jax.models import decoder
 from prunenet_jax.recovery import data, refit
 from prunenet_jax.recovery.run import to_weights
 from prunenet_jax.recovery.trainer import RecoverConfig, Recovery
@@ -68,7 +69,7 @@ def load_pool(dense, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     if os.path.exists(FLAGS.pool):
         with np.load(FLAGS.pool, allow_pickle=False) as f:
             return f["tokens"], f["mask"]
-    teacher = llama.from_named_arrays(dense.config, dense.named_arrays())
+    teacher = decoder.from_named_arrays(dense.config, dense.named_arrays())
     t0 = time.time()
     tokens, mask = data.generated_pool(teacher, int(tokenizer.bos_token_id), eos_ids(dense),
                                        FLAGS.pool_rows, FLAGS.seq_len, seed=0,
@@ -91,7 +92,7 @@ def main(_):
     results = []
     for name, kv in parse_settings(FLAGS.settings):
         cfg = RecoverConfig(**{"steps": FLAGS.steps, "seq_len": FLAGS.seq_len, **kv})
-        teacher = llama.from_named_arrays(dense.config, dense.named_arrays())
+        teacher = decoder.from_named_arrays(dense.config, dense.named_arrays())
         start, curve, losses, trained = pruned, [], [], 0.0
         if cfg.refit:
             rows = slice(0, cfg.refit_rows or None)
@@ -102,7 +103,7 @@ def main(_):
                           "refit_seconds": info["seconds"]})
             print(f"{name:>16} refit     ppl {ppl:8.3f}  removed {curve[-1]['excess_removed']:6.1%}  "
                   f"refit {info['seconds']:6.1f} s", flush=True)
-        student = llama.from_named_arrays(start.config, start.named_arrays())
+        student = decoder.from_named_arrays(start.config, start.named_arrays())
         rec = Recovery(student, teacher, cfg)
         for step in range(cfg.steps):
             rows = data.step_rows(step, cfg.rows_per_step, len(tokens), cfg.seed)

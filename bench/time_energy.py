@@ -7,7 +7,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prunenet_jax import sources
-from prunenet_jax.method import calibration, scores, train
+from prunenet_jax.method import calibration, episode, scores, trainer
 from prunenet_jax.models import registry
 w = sources.load_model("default")
 out = {}
@@ -16,6 +16,6 @@ for seed in (0, 1):
     out[f"energy_seed{seed}"] = s.meta["seconds"]
     print(out, flush=True)
 t = time.time()
-train.train(w.layers[registry.GATE], train.TrainConfig(ratio=0.3), seed=42, num_episodes=20)
+trainer.train(w.layers[registry.GATE], episode.TrainConfig(ratio=0.3), seed=42, num_episodes=20)
 out["train_20_episodes_s"] = time.time() - t
 print(json.dumps(out))

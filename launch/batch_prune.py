@@ -23,7 +23,9 @@ from absl import flags
 
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
-from prunenet_jax.run import batch, run_dir, run_lock
+from prunenet_jax.run import batch
+from prunenet_jax.formats import run_dir
+from prunenet_jax.files import run_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Comma-separated checkpoints (anything --model of "

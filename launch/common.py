@@ -12,7 +12,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from prunenet_jax.errors import UserError, WriteError
-from prunenet_jax.run import atomic
+from prunenet_jax.files import atomic
 
 
 def _fail(message: str, code: int = 2) -> None:

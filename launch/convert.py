@@ -12,7 +12,7 @@ import json
 
 from absl import flags
 
-from prunenet_jax.formats import convert
+from prunenet_jax.run import convert
 from prunenet_jax.launch import common
 
 FLAGS = flags.FLAGS

@@ -12,10 +12,10 @@ from absl import flags
 
 from prunenet_jax import prune, rng, weights
 from prunenet_jax.errors import UserError
-from prunenet_jax.evaluation import texts
-from prunenet_jax.evaluation.perplexity import EvalConfig
-from prunenet_jax.method import calibration, train
-from prunenet_jax.run import run_dir
+from prunenet_jax.formats import texts
+from prunenet_jax.perplexity import EvalConfig
+from prunenet_jax.method import calibration, episode
+from prunenet_jax.formats import run_dir
 from prunenet_jax.run.prune_run import OutputOptions, Training
 
 FLAGS = flags.FLAGS
@@ -59,7 +59,7 @@ def define_pruning_flags() -> None:
                          "energy: calibration sequences N")
     flags.DEFINE_integer("calibration_seq_len", calibration.Calibration.seq_len,
                          "energy: tokens per calibration sequence T")
-    flags.DEFINE_enum("update_schedule", "layer", train.SCHEDULES, "layer: one AdamW step per layer "
+    flags.DEFINE_enum("update_schedule", "layer", episode.SCHEDULES, "layer: one AdamW step per layer "
                       "(the paper's code); episode: one step per episode, grad-norm clip 1.0")
     flags.DEFINE_bool("use_kl", False, "Add the KL term to the loss")
     flags.DEFINE_bool("reuse_noise", False, "Loss pass reuses the sampling noise (default: fresh "
@@ -127,7 +127,7 @@ def check_pruning_flags() -> None:
 
 def training(ratios: list[float]) -> Training:
     ratio = max(ratios) if FLAGS.train_ratio is None else FLAGS.train_ratio
-    cfg = train.TrainConfig(ratio=ratio, gamma=FLAGS.gamma, schedule=FLAGS.update_schedule,
+    cfg = episode.TrainConfig(ratio=ratio, gamma=FLAGS.gamma, schedule=FLAGS.update_schedule,
                             learning_rate=FLAGS.lr, use_kl=FLAGS.use_kl,
                             reuse_noise=FLAGS.reuse_noise)
     return Training(cfg, episodes=FLAGS.episodes, checkpoint_every=FLAGS.checkpoint_every)

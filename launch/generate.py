@@ -1,4 +1,4 @@
-"""Generate text with a dense or pruned model (KV-cache sampler, models/sampler.py).
+"""Generate text with a dense or pruned model (KV-cache sampler, models/decode.py).
 
   python -m launch.generate --model=default --prompt='The capital of France is' --max_new_tokens=32
   python -m launch.generate --model=runs/default/ratio_0.2/orbax --chat --prompt='Name three colours.'

@@ -11,7 +11,8 @@ from absl import flags
 
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
-from prunenet_jax.run import atomic, prune_run, run_lock
+from prunenet_jax.files import output_folder, run_lock
+from prunenet_jax.run import prune_run
 
 FLAGS = flags.FLAGS
 launch_flags.define_model_flags()
@@ -54,7 +55,7 @@ def prune_job() -> prune_run.PruneJob:
 def check_out_dir() -> None:
     if FLAGS.out_dir:
         inputs = [FLAGS.model] + [p for p in (FLAGS.policy, FLAGS.scores) if p]
-        atomic.check_out_dir(FLAGS.out_dir, inputs, reuse=FLAGS.resume or FLAGS.overwrite)
+        output_folder.check_out_dir(FLAGS.out_dir, inputs, reuse=FLAGS.resume or FLAGS.overwrite)
 
 
 def print_table(result: prune_run.PruneResult) -> None:

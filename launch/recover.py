@@ -13,7 +13,7 @@ from absl import flags
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 from prunenet_jax.recovery import run as recovery
-from prunenet_jax.run import run_dir
+from prunenet_jax.formats import run_dir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "A pruned model's orbax folder (<run>/ratio_<r>/orbax) or a "

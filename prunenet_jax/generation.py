@@ -1,4 +1,4 @@
-"""Text generation with a dense or pruned model (`launch.generate`; the sampler is models/sampler.py).
+"""Text generation with a dense or pruned model (`launch.generate`; the sampler is models/decode.py).
 
 `GenerateJob` says what to generate; `generate(job)` loads the model, applies the chat template when
 asked, samples, and returns {"prompt", "completion", "tokens"}.
@@ -14,7 +14,7 @@ from typing import Optional
 
 from prunenet_jax import rng, sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama, sampler
+from prunenet_jax.models import decoder, decode
 from prunenet_jax.weights import ModelWeights, dtype_by_name
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,11 @@ def generate(job: GenerateJob) -> dict:
     ids = prompt_ids(tokenizer, job.prompt, job.chat, job.model)
     if not ids:
         raise UserError("--prompt is empty after tokenisation; pass some text")
-    model = llama.from_named_arrays(weights.config, weights.named_arrays(), dtype=dtype_by_name(job.dtype))
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays(), dtype=dtype_by_name(job.dtype))
     eos = eos_ids(weights)
     del weights
     log.info("prompt of %d tokens, EOS ids %s", len(ids), eos)
-    tokens = sampler.generate(model, [ids], job.max_new_tokens, temperature=job.temperature,
+    tokens = decode.generate(model, [ids], job.max_new_tokens, temperature=job.temperature,
                               top_p=job.top_p, seed=job.seed, eos_ids=eos)[0]
     return {"prompt": job.prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True),
             "tokens": tokens}

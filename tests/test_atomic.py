@@ -1,11 +1,11 @@
-"""run/atomic.py in process: staged folders, replacing one, and recovery after a writer was
+"""files/atomic.py in process: staged folders, replacing one, and recovery after a writer was
 killed (simulated by leaving its temporary folders behind as a kill would)."""
 import os
 
 import pytest
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.run import atomic
+from prunenet_jax.files import atomic, output_folder
 
 
 def _hidden(parent):
@@ -73,16 +73,16 @@ def test_check_out_dir(tmp_path):
     src.mkdir()
     (src / "config.json").write_text("{}")
     with pytest.raises(UserError, match="inside the input checkpoint"):
-        atomic.check_out_dir(str(src / "out"), [str(src)])
+        output_folder.check_out_dir(str(src / "out"), [str(src)])
     with pytest.raises(UserError, match="holds the input checkpoint"):
-        atomic.check_out_dir(str(tmp_path), [str(src)], replaced=True)
+        output_folder.check_out_dir(str(tmp_path), [str(src)], replaced=True)
     with pytest.raises(UserError, match="is not empty; pass --overwrite"):
-        atomic.check_out_dir(str(src), [], reuse=False)
+        output_folder.check_out_dir(str(src), [], reuse=False)
     (tmp_path / "empty").mkdir()
-    atomic.check_out_dir(str(tmp_path / "empty"), [], reuse=False)
+    output_folder.check_out_dir(str(tmp_path / "empty"), [], reuse=False)
     with pytest.raises(UserError, match="exists; pass --overwrite"):
-        atomic.check_out_dir(str(tmp_path / "empty"), [], reuse=False, must_not_exist=True,
+        output_folder.check_out_dir(str(tmp_path / "empty"), [], reuse=False, must_not_exist=True,
                              name="--output=x")
     assert not (tmp_path / "new").exists()
-    atomic.check_out_dir(str(tmp_path / "new" / "deeper"), [])  # creates nothing
+    output_folder.check_out_dir(str(tmp_path / "new" / "deeper"), [])  # creates nothing
     assert not (tmp_path / "new").exists()

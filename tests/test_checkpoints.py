@@ -11,7 +11,7 @@ import pytest
 from prunenet_jax import prune
 from prunenet_jax.formats import orbax as orbax_format
 from prunenet_jax import sources
-from prunenet_jax.method import train
+from prunenet_jax.method import episode, trainer
 from prunenet_jax.errors import UserError
 from tests import tiny_models
 
@@ -54,7 +54,7 @@ def test_sliced_model_round_trip(sliced, tmp_path, dtype):
 
 
 def test_policy_round_trip_and_kind_checks(sliced, tmp_path):
-    params = jax.tree.map(np.asarray, train.initial_params(5, 40, 32))
+    params = jax.tree.map(np.asarray, trainer.initial_params(5, 40, 32))
     orbax_format.save_policy(str(tmp_path / "policy"), params, {"seed": 5})
     back, meta = orbax_format.load_policy(str(tmp_path / "policy"))
     for name in params:
@@ -98,22 +98,22 @@ def test_interrupted_save_leaves_nothing(sliced, tmp_path, monkeypatch):
 def test_training_resumes_to_the_uninterrupted_result(tmp_path):
     rng = np.random.default_rng(1)
     W = rng.standard_normal((3, 24, 16)).astype(np.float32)
-    cfg = train.TrainConfig(ratio=0.5)
-    full = train.train(W, cfg, seed=7, num_episodes=5)
+    cfg = episode.TrainConfig(ratio=0.5)
+    full = trainer.train(W, cfg, seed=7, num_episodes=5)
 
     run_meta = {"seed": 7, "train_config": {"ratio": 0.5}}
     ckpts = orbax_format.TrainCheckpoints(str(tmp_path / "state"), run_meta)
-    saver = lambda done, state, history: ckpts.save(done, state, train.history_arrays(history))
-    train.train(W, cfg, seed=7, num_episodes=2, on_state=saver)
+    saver = lambda done, state, history: ckpts.save(done, state, trainer.history_arrays(history))
+    trainer.train(W, cfg, seed=7, num_episodes=2, on_state=saver)
     ckpts.wait()
     assert ckpts.latest_episode() == 2
 
     reopened = orbax_format.TrainCheckpoints(str(tmp_path / "state"), run_meta)
-    template = train.init_state(train.initial_params(7, 24, 16), cfg)
-    state, history, done = reopened.restore(template, lambda e: train.history_template(e, 3, 12))
+    template = episode.init_state(trainer.initial_params(7, 24, 16), cfg)
+    state, history, done = reopened.restore(template, lambda e: trainer.history_template(e, 3, 12))
     assert done == 2
-    resumed = train.train(W, cfg, seed=7, num_episodes=5,
-                          resume_from=(state, train.history_from_arrays(history)))
+    resumed = trainer.train(W, cfg, seed=7, num_episodes=5,
+                          resume_from=(state, trainer.history_from_arrays(history)))
     for name in full.state.best_params:
         np.testing.assert_array_equal(np.asarray(resumed.state.best_params[name]),
                                       np.asarray(full.state.best_params[name]))
@@ -124,7 +124,7 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
 
     other = orbax_format.TrainCheckpoints(str(tmp_path / "state"), {**run_meta, "seed": 8})
     with pytest.raises(UserError, match="seed: saved 7 vs now 8"):
-        other.restore(template, lambda e: train.history_template(e, 3, 12))
+        other.restore(template, lambda e: trainer.history_template(e, 3, 12))
 
 
 _RESTORE_ON_8 = """

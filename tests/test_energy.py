@@ -12,7 +12,7 @@ import pytest
 from prunenet_jax import prune, sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.method import calibration, scores, statistics
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 from tests import tiny_models
 from tests.test_report import save_tokenizer
 
@@ -74,7 +74,7 @@ def test_statistics_match_numpy_and_stream(tiny):
     tokens = np.random.default_rng(0).integers(0, weights.config.vocab_size, (5, 12)).astype(np.int32)
     h = np.concatenate([numpy_down_inputs(weights, t) for t in tokens], axis=1)  # (L, 5*12, I)
     want_mean_sq, want_peak = np.mean(h * h, axis=1), np.max(np.abs(h), axis=1)
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     whole = statistics.collect(model, tokens, batch_size=5)
     streamed = statistics.collect(model, tokens, batch_size=2)  # 2 + 2 + 1 (padded) rows
     assert whole.tokens == streamed.tokens == 60
@@ -92,7 +92,7 @@ from prunenet_jax import sources
 from prunenet_jax.method import sharding, statistics
 from prunenet_jax.models import llama
 w = sources.load_model({folder!r})
-model = llama.from_named_arrays(w.config, w.named_arrays())
+model = decoder.from_named_arrays(w.config, w.named_arrays())
 tokens = np.random.default_rng(0).integers(0, 97, (4, 10)).astype(np.int32)
 one = statistics.collect(model, tokens, batch_size=2)
 mesh = sharding.make_mesh(3)
@@ -377,14 +377,14 @@ def test_report_lines_per_mode_and_continuations(tiny, tmp_path):
     """The report's ppl plot draws one line per mode plus the dense level; report.md shows every
     model's greedy continuation of the fixed prompt (from the sampler: the dense one is checked)."""
     from prunenet_jax.evaluation import report
-    from prunenet_jax.models import sampler
+    from prunenet_jax.models import decode
 
     folder, weights = tiny
     tokenizer = sources.load_tokenizer(weights)
     text = report.continuation(weights, tokenizer)
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     ids = list(tokenizer(report.PROMPT)["input_ids"])
-    want = sampler.generate(model, [ids], report.CONTINUATION_TOKENS,
+    want = decode.generate(model, [ids], report.CONTINUATION_TOKENS,
                             eos_ids=[weights.hf_config["eos_token_id"]])[0]
     assert text == tokenizer.decode(want, skip_special_tokens=True)
     row = lambda name, ratio, ppl, mode=None: {

@@ -12,7 +12,7 @@ import torch
 
 from prunenet_jax import sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama, sampler
+from prunenet_jax.models import decoder, decode
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ CASES = sorted((n, {}) for n in tiny_models.CONFIGS) + [("mistral", {"sliding_wi
 def _pair(tmp_path, name, **overrides):
     hf = tiny_models.make_hf_model(name, **overrides)
     weights = sources.load_model(tiny_models.save_hf_model(hf, tmp_path / name))
-    return hf, llama.from_named_arrays(weights.config, weights.named_arrays())
+    return hf, decoder.from_named_arrays(weights.config, weights.named_arrays())
 
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=[f"{n}{'-window5' if o else ''}" for n, o in CASES])
@@ -35,9 +35,9 @@ def test_cached_logits_equal_the_full_forward(tmp_path, name, overrides):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 97, n).tolist() for n in (3, 9)]
     forced = rng.integers(0, 97, (2, 8))
-    _, pad, logits, cache = sampler.prefill(model, prompts, forced.shape[1])
+    _, pad, logits, cache = decode.prefill(model, prompts, forced.shape[1])
     got = [np.asarray(logits)]
-    step = jax.jit(lambda c, t: sampler.decode_step(model, c, t, pad))
+    step = jax.jit(lambda c, t: decode.decode_step(model, c, t, pad))
     for j in range(forced.shape[1]):
         logits, cache = step(cache, jnp.asarray(forced[:, j], jnp.int32))
         got.append(np.asarray(logits))
@@ -56,14 +56,14 @@ def test_cached_logits_equal_the_full_forward(tmp_path, name, overrides):
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=[f"{n}{'-window5' if o else ''}" for n, o in CASES])
 def test_greedy_equals_transformers_on_tiny_models(tmp_path, name, overrides):
-    """A right-padded batch (unpadded by `sampler.unpad`) decodes as transformers' greedy search
+    """A right-padded batch (unpadded by `decode.unpad`) decodes as transformers' greedy search
     does on each prompt alone."""
     hf, model = _pair(tmp_path, name, **overrides)
     rng = np.random.default_rng(1)
     tokens = rng.integers(1, 97, (2, 7))
     mask = np.ones_like(tokens)
     mask[0, 4:] = 0
-    got = sampler.generate(model, sampler.unpad(tokens, mask), 12)
+    got = decode.generate(model, decode.unpad(tokens, mask), 12)
     for row, keep, out in zip(tokens, mask.astype(bool), got):
         with torch.no_grad():
             want = hf.generate(torch.tensor(row[keep][None]), max_new_tokens=12, do_sample=False,
@@ -77,10 +77,10 @@ def test_default_model_greedy_equals_transformers(hf_default_model):
 
     weights = sources.load_model("default")
     tokenizer = gguf_io.load_gguf_tokenizer(gguf_io.default_model_path())
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     prompts = [tokenizer(p)["input_ids"] for p in (
         "The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.")]
-    got = sampler.generate(model, prompts, 32)
+    got = decode.generate(model, prompts, 32)
     for prompt, out in zip(prompts, got):
         with torch.no_grad():
             want = hf_default_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
@@ -96,39 +96,39 @@ def tiny(tmp_path_factory):
 
 def test_eos_stops_each_row_and_sampling_is_seeded(tiny):
     prompts = [[5, 6, 7], [9, 3]]
-    greedy = sampler.generate(tiny, prompts, 10)
+    greedy = decode.generate(tiny, prompts, 10)
     first = greedy[0][2]  # row 0 stops at its third token, row 1 goes on (unless it meets it)
-    stopped = sampler.generate(tiny, prompts, 10, eos_ids=[first, 96])
+    stopped = decode.generate(tiny, prompts, 10, eos_ids=[first, 96])
     assert stopped[0] == greedy[0][:3]
     cut = next((i for i, t in enumerate(greedy[1]) if t in (first, 96)), 9)
     assert stopped[1] == greedy[1][:cut + 1]
-    a = sampler.generate(tiny, prompts, 10, temperature=1.0, seed=3)
-    assert a == sampler.generate(tiny, prompts, 10, temperature=1.0, seed=3)
-    assert a != sampler.generate(tiny, prompts, 10, temperature=1.0, seed=4)
+    a = decode.generate(tiny, prompts, 10, temperature=1.0, seed=3)
+    assert a == decode.generate(tiny, prompts, 10, temperature=1.0, seed=3)
+    assert a != decode.generate(tiny, prompts, 10, temperature=1.0, seed=4)
     # A nucleus this small holds only the most likely token: greedy.
-    assert sampler.generate(tiny, prompts, 10, temperature=0.7, top_p=1e-6, seed=5) == greedy
+    assert decode.generate(tiny, prompts, 10, temperature=0.7, top_p=1e-6, seed=5) == greedy
 
 
 def test_top_p_draws_only_from_the_nucleus():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    draws = jax.vmap(lambda k: sampler._pick(logits, k, False, True, 1.0, 0.7))(
+    draws = jax.vmap(lambda k: decode._pick(logits, k, False, True, 1.0, 0.7))(
         jax.random.split(jax.random.key(0), 4000))[:, 0]
     counts = np.bincount(np.asarray(draws), minlength=4)
     assert counts[2] == counts[3] == 0  # 0.5 + 0.3 reaches 0.7: the rest is cut
     assert abs(counts[0] / counts[:2].sum() - 0.5 / 0.8) < 0.03
-    hot = jax.vmap(lambda k: sampler._pick(logits, k, False, False, 2.0, 1.0))(
+    hot = jax.vmap(lambda k: decode._pick(logits, k, False, False, 2.0, 1.0))(
         jax.random.split(jax.random.key(1), 4000))[:, 0]
     p = np.array([0.5, 0.3, 0.15, 0.05]) ** 0.5
     np.testing.assert_allclose(np.bincount(np.asarray(hot), minlength=4) / 4000, p / p.sum(), atol=0.03)
 
 
 def test_decode_compiles_once_per_batch_and_cache_size(tiny):
-    sampler.generate(tiny, [[1, 2, 3]], 8)
-    before = sampler._decode._cache_size()
+    decode.generate(tiny, [[1, 2, 3]], 8)
+    before = decode._decode._cache_size()
     # Other prompt lengths in the same bucket, another length, temperature and seed: no compile.
-    sampler.generate(tiny, [[4, 5, 6, 7, 8]], 5, temperature=0.0, seed=9)
-    sampler.generate(tiny, [[4]], 7, eos_ids=[3, 4])
-    assert sampler._decode._cache_size() == before
+    decode.generate(tiny, [[4, 5, 6, 7, 8]], 5, temperature=0.0, seed=9)
+    decode.generate(tiny, [[4]], 7, eos_ids=[3, 4])
+    assert decode._decode._cache_size() == before
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
@@ -137,9 +137,9 @@ def test_decode_compiles_once_per_batch_and_cache_size(tiny):
 def test_bad_sampling_arguments(tiny, kwargs, fragment):
     args = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(UserError, match=fragment):
-        sampler.generate(tiny, [[1, 2]], args.pop("max_new_tokens"), **args)
+        decode.generate(tiny, [[1, 2]], args.pop("max_new_tokens"), **args)
     with pytest.raises(UserError, match="prompt"):
-        sampler.generate(tiny, [[1, 2], []], 4)
+        decode.generate(tiny, [[1, 2], []], 4)
 
 
 def _launch(*args, timeout=600):

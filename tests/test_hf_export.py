@@ -17,7 +17,7 @@ from prunenet_jax.formats import hf as hf_format
 from prunenet_jax import sources
 from prunenet_jax.formats import safetensors as safetensors_format
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 from tests import tiny_models
 
 K = 29  # of 48 channels: not a round number
@@ -47,7 +47,7 @@ def sliced(tmp_path_factory):
 
 
 def _our_logits(weights, tokens):
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     return np.asarray(model(jnp.asarray(tokens)))
 
 

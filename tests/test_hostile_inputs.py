@@ -8,19 +8,22 @@ import math
 import os
 import struct
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from prunenet_jax import rng
 from prunenet_jax.errors import UserError, WriteError
-from prunenet_jax.evaluation.perplexity import EvalConfig
+from prunenet_jax.perplexity import EvalConfig
 from prunenet_jax.formats import hf
 from prunenet_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from prunenet_jax.launch import flags as launch_flags
-from prunenet_jax.method import train
+from prunenet_jax.method import episode, trainer
 from prunenet_jax.models.config import LlamaConfig
-from prunenet_jax.run import atomic, batch, run_dir, run_lock
+from prunenet_jax.files import atomic, output_folder, run_lock
+from prunenet_jax.run import batch
+from prunenet_jax.formats import run_dir
 
 # ----------------------------------------------------------------------------- folder names
 
@@ -229,27 +232,27 @@ def _gates(L=3, I=16, H=8, scale=1.0):
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), 1e38])
 def test_non_finite_training_stops_with_a_user_error(lr):
-    cfg = train.TrainConfig(ratio=0.5, learning_rate=lr, schedule="episode")
+    cfg = episode.TrainConfig(ratio=0.5, learning_rate=lr, schedule="episode")
     with pytest.raises(UserError, match=r"non-finite in episode \d.*lower --lr"):
-        train.train(_gates(), cfg, seed=0, num_episodes=3)
+        trainer.train(_gates(), cfg, seed=0, num_episodes=3)
 
 
 def test_gates_too_large_for_float32_are_refused():
     with pytest.raises(UserError, match="singular values are not finite"):
-        train.train(_gates(scale=3e37), train.TrainConfig(ratio=0.5), seed=0, num_episodes=1)
+        trainer.train(_gates(scale=3e37), episode.TrainConfig(ratio=0.5), seed=0, num_episodes=1)
 
 
 def test_a_non_finite_episode_is_never_the_best():
-    cfg = train.TrainConfig(ratio=0.5)
+    cfg = episode.TrainConfig(ratio=0.5)
     W = _gates()
-    ref = train.reference_singular_values(W)
-    state = train.init_state(train.initial_params(0, 16, 8), cfg)
-    episode = train.make_episode_fn(cfg)
-    state, _ = episode(state, W, ref, train.episode_key(train.jax.random.key(0), 0))
+    ref = episode.reference_singular_values(W)
+    state = episode.init_state(trainer.initial_params(0, 16, 8), cfg)
+    run_episode = episode.make_episode_fn(cfg)
+    state, _ = run_episode(state, W, ref, trainer.episode_key(jax.random.key(0), 0))
     assert int(state.best_episode) == 0
     poisoned = state._replace(params={**state.params, "b": state.params["b"].at[0].set(np.nan)},
                               best_reward=np.float32(-np.inf))
-    after, metrics = episode(poisoned, W, ref, train.episode_key(train.jax.random.key(0), 1))
+    after, metrics = run_episode(poisoned, W, ref, trainer.episode_key(jax.random.key(0), 1))
     assert int(after.best_episode) == 0 and float(after.best_reward) == -math.inf
 
 
@@ -259,14 +262,14 @@ def test_a_non_finite_episode_is_never_the_best():
 def test_the_run_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path):
     out = tmp_path / "out"
     with run_lock.hold(str(out)):
-        assert (out / atomic.LOCK_FILE).read_text().strip() == str(os.getpid())
+        assert (out / run_lock.LOCK_FILE).read_text().strip() == str(os.getpid())
         with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getpid()}"):
             with run_lock.hold(str(out)):
                 pass
-        atomic.check_out_dir(str(out), [], reuse=False)  # the lock file is not content
+        output_folder.check_out_dir(str(out), [], reuse=False)  # the lock file is not content
     assert not out.exists()  # made by the lock, empty: removed again
     out.mkdir()
-    (out / atomic.LOCK_FILE).write_text("999999999\n")  # left by a killed run: nobody holds it
+    (out / run_lock.LOCK_FILE).write_text("999999999\n")  # left by a killed run: nobody holds it
     with run_lock.hold(str(out)):
         (out / "result").write_text("x")
     assert sorted(os.listdir(out)) == ["result"]
@@ -307,8 +310,8 @@ def test_a_disk_too_small_is_refused_before_writing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
     with pytest.raises(WriteError, match="needs about"):
-        atomic.check_free_space(str(tmp_path / "x"), 2000)
-    atomic.check_free_space(str(tmp_path / "x"), 500)
+        output_folder.check_free_space(str(tmp_path / "x"), 2000)
+    output_folder.check_free_space(str(tmp_path / "x"), 500)
 
 
 def test_symlinked_outputs_are_never_swapped(tmp_path):
@@ -318,7 +321,7 @@ def test_symlinked_outputs_are_never_swapped(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(target)
     with pytest.raises(UserError, match="symbolic link"):
-        atomic.check_out_dir(str(link), [], reuse=True, name="--output", replaced=True)
+        output_folder.check_out_dir(str(link), [], reuse=True, name="--output", replaced=True)
     with pytest.raises(UserError, match="symbolic link"):
         with atomic.staged_dir(str(link)):
             pass
@@ -335,7 +338,7 @@ def test_a_failed_write_stops_a_batch_instead_of_failing_the_checkpoint(tmp_path
 
     monkeypatch.setattr(batch.sources, "load_config", full_disk)
     job = batch.BatchJob(checkpoints=("a", "b"), ratios=(0.5,),
-                         training=Training(train.TrainConfig(ratio=0.5)), outputs=OutputOptions(),
+                         training=Training(episode.TrainConfig(ratio=0.5)), outputs=OutputOptions(),
                          out_dir=str(tmp_path))
     manifest = run_dir.Manifest(str(tmp_path), {}, resume=False)
     with pytest.raises(WriteError):

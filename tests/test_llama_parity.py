@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from prunenet_jax.models import llama
+from prunenet_jax.models import decoder
 from prunenet_jax import sources
 from tests import tiny_models
 
 
 def _ours(folder):
     weights = sources.load_model(folder)
-    return weights, llama.from_named_arrays(weights.config, weights.named_arrays())
+    return weights, decoder.from_named_arrays(weights.config, weights.named_arrays())
 
 
 def _masks():
@@ -59,8 +59,8 @@ def test_per_layer_widths_run_and_equal_zeroed_channels(tmp_path):
         zeroed[p + "down_proj.weight"][:, drop] = 0.0
     import dataclasses
     cfg = dataclasses.replace(weights.config, intermediate_sizes=widths)
-    sliced = llama.from_named_arrays(cfg, named.items())
-    reference = llama.from_named_arrays(weights.config, zeroed.items())
+    sliced = decoder.from_named_arrays(cfg, named.items())
+    reference = decoder.from_named_arrays(weights.config, zeroed.items())
     tokens = jnp.asarray(rng.integers(0, 97, (2, 10)))
     np.testing.assert_allclose(np.asarray(sliced(tokens)), np.asarray(reference(tokens)), atol=1e-5)
     assert not np.allclose(np.asarray(sliced(tokens)), np.asarray(dense(tokens)), atol=1e-3)

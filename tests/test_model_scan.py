@@ -10,8 +10,8 @@ import torch
 from flax import nnx
 
 from prunenet_jax import sources
-from prunenet_jax.evaluation import perplexity as evaluate
-from prunenet_jax.models import llama
+from prunenet_jax import perplexity as evaluate
+from prunenet_jax.models import decoder
 from tests import tiny_models
 
 
@@ -32,8 +32,8 @@ def _padded_batch(seed=0):
 @pytest.mark.parametrize("name", sorted(tiny_models.CONFIGS))
 def test_scanned_logits_equal_unrolled(tmp_path, name):
     _, weights = _load(tmp_path, name)
-    scanned = llama.from_named_arrays(weights.config, weights.named_arrays())
-    unrolled = llama.from_named_arrays(weights.config, weights.named_arrays(), scan=False)
+    scanned = decoder.from_named_arrays(weights.config, weights.named_arrays())
+    unrolled = decoder.from_named_arrays(weights.config, weights.named_arrays(), scan=False)
     assert isinstance(unrolled.model.layers, nnx.List)
     assert scanned.model.layers.mlp.gate_proj.weight.shape == (3, 48, 32)
     np.testing.assert_array_equal(scanned.model.layers.mlp.gate_proj.weight[1],
@@ -45,7 +45,7 @@ def test_scanned_logits_equal_unrolled(tmp_path, name):
 
 
 def _config(layers):
-    return llama.LlamaConfig(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=24,
+    return decoder.LlamaConfig(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=24,
                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                              head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4)
 
@@ -56,7 +56,7 @@ def test_traced_program_does_not_grow_with_depth():
     tokens = jnp.zeros((1, 8), jnp.int32)
 
     def size(layers, scan):
-        graphdef, state = nnx.split(llama.LlamaForCausalLM(_config(layers), scan=scan))
+        graphdef, state = nnx.split(decoder.LlamaForCausalLM(_config(layers), scan=scan))
         return len(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state).eqns)
 
     assert size(2, None) == size(12, None)
@@ -66,9 +66,9 @@ def test_traced_program_does_not_grow_with_depth():
 def test_equal_shapes_share_one_compilation():
     """Perplexity of two different models of the same shapes compiles once."""
     tokens, mask = (np.ones((2, 8), np.int32),) * 2
-    evaluate.Scorer(llama.LlamaForCausalLM(_config(3), rngs=nnx.Rngs(1))).nll(tokens, mask, 2)
+    evaluate.Scorer(decoder.LlamaForCausalLM(_config(3), rngs=nnx.Rngs(1))).nll(tokens, mask, 2)
     before = evaluate._window_nll._cache_size()
-    evaluate.Scorer(llama.LlamaForCausalLM(_config(3), rngs=nnx.Rngs(2))).nll(tokens, mask, 2)
+    evaluate.Scorer(decoder.LlamaForCausalLM(_config(3), rngs=nnx.Rngs(2))).nll(tokens, mask, 2)
     assert evaluate._window_nll._cache_size() == before
 
 
@@ -90,23 +90,23 @@ def _reference_stats(hf, tokens, mask):
 @pytest.mark.parametrize("name", ["llama3_rope_bias", "qwen2"])
 def test_channel_stats_equal_a_reference(tmp_path, name):
     hf, weights = _load(tmp_path, name)
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     tokens, mask = _padded_batch()
     want_sq, want_peak, want_count = _reference_stats(hf, tokens, mask)
-    got = llama.channel_stats(model, tokens, mask)
+    got = decoder.channel_stats(model, tokens, mask)
     assert got.sum_sq.shape == got.peak.shape == (3, 48)
     assert int(got.tokens) == want_count == 12 + 8 + 7
     np.testing.assert_allclose(np.asarray(got.sum_sq), want_sq, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(got.peak), want_peak, rtol=1e-4)
     # Streaming over two batches gives the statistics of the whole.
-    parts = llama.channel_stats(model, tokens[:1], mask[:1]).merge(
-        llama.channel_stats(model, tokens[1:], mask[1:]))
+    parts = decoder.channel_stats(model, tokens[:1], mask[:1]).merge(
+        decoder.channel_stats(model, tokens[1:], mask[1:]))
     np.testing.assert_allclose(np.asarray(parts.sum_sq), want_sq, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(parts.peak), want_peak, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(parts.mean_sq()), want_sq / want_count, rtol=1e-4)
     # The unrolled forward gives the same statistics, per layer.
-    unrolled = llama.channel_stats(
-        llama.from_named_arrays(weights.config, weights.named_arrays(), scan=False), tokens, mask)
+    unrolled = decoder.channel_stats(
+        decoder.from_named_arrays(weights.config, weights.named_arrays(), scan=False), tokens, mask)
     np.testing.assert_allclose(np.stack(unrolled.sum_sq), want_sq, rtol=1e-4)
 
 
@@ -119,11 +119,11 @@ def test_channel_stats_with_per_layer_widths(tmp_path):
         named[p + "gate_proj.weight"] = named[p + "gate_proj.weight"][:w]
         named[p + "up_proj.weight"] = named[p + "up_proj.weight"][:w]
         named[p + "down_proj.weight"] = named[p + "down_proj.weight"][:, :w]
-    model = llama.from_named_arrays(dataclasses.replace(weights.config, intermediate_sizes=widths),
+    model = decoder.from_named_arrays(dataclasses.replace(weights.config, intermediate_sizes=widths),
                                     named.items())
     tokens, mask = _padded_batch()
-    got = llama.channel_stats(model, tokens, mask)
+    got = decoder.channel_stats(model, tokens, mask)
     assert [s.shape for s in got.sum_sq] == [(48,), (31,), (17,)]
-    dense = llama.channel_stats(llama.from_named_arrays(weights.config, weights.named_arrays()),
+    dense = decoder.channel_stats(decoder.from_named_arrays(weights.config, weights.named_arrays()),
                                 tokens, mask)
     np.testing.assert_allclose(got.sum_sq[0], dense.sum_sq[0], rtol=1e-5)  # layer 0 is unchanged

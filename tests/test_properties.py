@@ -17,7 +17,7 @@ from scipy import stats
 from prunenet_jax import prune
 from prunenet_jax import sources
 from prunenet_jax.method import spectral
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 from tests import tiny_models
 
 _SETTINGS = dict(deadline=None, database=None)  # no .hypothesis/ example database in the checkout
@@ -167,7 +167,7 @@ def tiny_weights(tmp_path_factory):
 
 
 def logits(weights, tokens) -> np.ndarray:
-    return np.asarray(llama.from_named_arrays(weights.config, weights.named_arrays())(tokens))
+    return np.asarray(decoder.from_named_arrays(weights.config, weights.named_arrays())(tokens))
 
 
 def _dense_with_dropped_zeroed(weights, keep):

@@ -8,7 +8,7 @@ from prunenet_jax import prune
 from prunenet_jax import sources
 from prunenet_jax.method import policy
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 from tests import tiny_models
 
 
@@ -34,8 +34,8 @@ def test_sliced_model_equals_dense_with_dropped_channels_zeroed(weights):
         zeroed[p + "gate_proj.bias"][drop] = 0.0  # silu(0 + 0) * up = 0: no contribution
         zeroed[p + "gate_proj.weight"][drop] = 0.0
     tokens = jnp.asarray(rng.integers(0, 97, (2, 9)))
-    got = llama.from_named_arrays(sliced.config, sliced.named_arrays())(tokens)
-    want = llama.from_named_arrays(weights.config, zeroed.items())(tokens)
+    got = decoder.from_named_arrays(sliced.config, sliced.named_arrays())(tokens)
+    want = decoder.from_named_arrays(weights.config, zeroed.items())(tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     assert sliced.num_params() < weights.num_params()
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from prunenet_jax import sources
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest "
             "to find some water before the sun goes down.")
@@ -16,7 +16,7 @@ def test_default_model_logits_match_transformers(hf_default_model):
     tokenizer = sources.load_tokenizer(weights)
     ids = tokenizer(SENTENCE)["input_ids"]
     assert len(ids) > 20
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     got = np.asarray(model(jnp.asarray([ids])))
     with torch.no_grad():
         want = hf_default_model(torch.tensor([ids])).logits.numpy()

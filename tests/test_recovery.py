@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 
 from prunenet_jax import sources
-from prunenet_jax.models import llama
+from prunenet_jax.models import decoder
 from prunenet_jax.recovery import data, lora, objectives, trainer
 from tests import tiny_models
 
@@ -24,7 +24,7 @@ TARGET_NAMES = [f"{block}.{name}" for block, name in lora.TARGETS]
 
 def _load(folder, scan=None):
     w = sources.load_model(str(folder))
-    return w, llama.from_named_arrays(w.config, w.named_arrays(), scan=scan)
+    return w, decoder.from_named_arrays(w.config, w.named_arrays(), scan=scan)
 
 
 def _tokens(vocab, rows=4, T=12, seed=1):
@@ -135,7 +135,7 @@ def test_one_step_equals_torch_reference(tmp_path, method, objective):
     else:
         loss, ref = _torch_reference_step(student_hf, teacher_hf, tokens, mask, objective, cfg.lr,
                                           cfg.clip_norm, cfg.weight_decay)
-        got = llama.named_arrays(nnx.merge(rec.graphdef, rec.params, rec.frozen))
+        got = decoder.named_arrays(nnx.merge(rec.graphdef, rec.params, rec.frozen))
         for name, want in ref.items():
             m = name.split(".")
             key = ".".join(m[3:]) if m[1] == "layers" else name
@@ -186,8 +186,8 @@ from prunenet_jax import sources
 from prunenet_jax.models import llama
 from prunenet_jax.recovery import trainer
 w = sources.load_model(sys.argv[1]); t = sources.load_model(sys.argv[2])
-model = llama.from_named_arrays(w.config, w.named_arrays())
-teacher = llama.from_named_arrays(t.config, t.named_arrays())
+model = decoder.from_named_arrays(w.config, w.named_arrays())
+teacher = decoder.from_named_arrays(t.config, t.named_arrays())
 method, shard = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 4 else ("lora", "off")
 cfg = trainer.RecoverConfig(steps=3, objective="distill", batch_size=8, grad_accum=2, lora_rank=4,
                             warmup=0, method=method, lr=1e-3 if method == "lora" else 1e-4)

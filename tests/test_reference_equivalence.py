@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from prunenet_jax.method import policy
-from prunenet_jax.method import train
+from prunenet_jax.method import episode
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "reference", "episode_fixture.npz")
 
@@ -29,14 +29,14 @@ def _inputs(ref):
     params = {"P": jnp.asarray(ref["init_P"]), "b": jnp.asarray(ref["init_b"]),
               "r": jnp.asarray(ref["init_r"])}
     W = jnp.asarray(ref["gate_w"])
-    return params, W, train.reference_singular_values(W)
+    return params, W, episode.reference_singular_values(W)
 
 
 def _episode(ref, schedule):
     params, W, sv = _inputs(ref)
-    cfg = train.TrainConfig(ratio=0.3, schedule=schedule)
-    opt_state = train.make_optimizer(cfg).init(params)
-    return train.update_from_actions(params, opt_state, W, sv, jnp.asarray(ref["idx"][0]),
+    cfg = episode.TrainConfig(ratio=0.3, schedule=schedule)
+    opt_state = episode.make_optimizer(cfg).init(params)
+    return episode.update_from_actions(params, opt_state, W, sv, jnp.asarray(ref["idx"][0]),
                                      jnp.asarray(ref["loss_u"][0]), cfg)
 
 
@@ -82,9 +82,9 @@ def _real_step(ref, clip_norm):
     by its GradScaler, so the policy and AdamW state before it are the initial ones)."""
     params, W, sv = _inputs(ref)
     e = len(ref["step_called"]) - 1
-    cfg = train.TrainConfig(ratio=0.3, schedule="episode", clip_norm=clip_norm)
-    opt_state = train.make_optimizer(cfg).init(params)
-    new, _, _ = train.update_from_actions(params, opt_state, W, sv, jnp.asarray(ref["idx"][e]),
+    cfg = episode.TrainConfig(ratio=0.3, schedule="episode", clip_norm=clip_norm)
+    opt_state = episode.make_optimizer(cfg).init(params)
+    new, _, _ = episode.update_from_actions(params, opt_state, W, sv, jnp.asarray(ref["idx"][e]),
                                           jnp.asarray(ref["loss_u"][e]), cfg)
     return max(float(np.abs(np.asarray(new[n]) - ref[f"after_{n}"]).max()) for n in ("P", "b", "r"))
 
@@ -105,11 +105,11 @@ def _episode_grads(ref, gamma):
     params, W, sv = _inputs(ref)
     idx, u = jnp.asarray(ref["idx"][0]), jnp.asarray(ref["loss_u"][0])
     rewards = jnp.asarray(ref["reward"][0], jnp.float32)
-    disc = rewards * train.discount_factors(jnp.arange(W.shape[0]), gamma)
+    disc = rewards * episode.discount_factors(jnp.arange(W.shape[0]), gamma)
 
     def loss(p):
         z = policy.policy_logits(p, W)
-        return sum(train.layer_loss(z[l], idx[l], u[l], disc[l]) for l in range(W.shape[0]))
+        return sum(episode.layer_loss(z[l], idx[l], u[l], disc[l]) for l in range(W.shape[0]))
 
     return jax.grad(loss)(params)
 
@@ -121,9 +121,9 @@ def test_gamma_alone_fails_the_parameter_comparison(ref):
     about lr * sign(gradient), so its parameters hardly see gamma: 2e-7 apart, inside 5e-7.)"""
     params, W, sv = _inputs(ref)
     for gamma, should_match in ((0.99, True), (1.0, False)):
-        cfg = train.TrainConfig(ratio=0.3, schedule="layer", gamma=gamma)
-        new, _, _ = train.update_from_actions(
-            params, train.make_optimizer(cfg).init(params), W, sv, jnp.asarray(ref["idx"][0]),
+        cfg = episode.TrainConfig(ratio=0.3, schedule="layer", gamma=gamma)
+        new, _, _ = episode.update_from_actions(
+            params, episode.make_optimizer(cfg).init(params), W, sv, jnp.asarray(ref["idx"][0]),
             jnp.asarray(ref["loss_u"][0]), cfg)
         diff = max(float(np.abs(np.asarray(new[n]) - ref[f"fp32_layer_steps_{n}"][-1]).max())
                    for n in ("P", "b", "r"))

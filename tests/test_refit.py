@@ -8,7 +8,7 @@ import pytest
 
 from prunenet_jax import prune, sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 from prunenet_jax.recovery import refit
 from tests import tiny_models
 
@@ -31,7 +31,7 @@ def _tokens(vocab, rows=8, T=40, seed=1):
 
 
 def _dense_model(w):
-    return llama.from_named_arrays(w.config, w.named_arrays())
+    return decoder.from_named_arrays(w.config, w.named_arrays())
 
 
 @pytest.mark.parametrize("name,keep", [("llama_gqa_untied", 0.75), ("llama3_rope_bias", 0.5),
@@ -43,10 +43,10 @@ def test_each_layer_is_numpys_least_squares_on_its_own_inputs(tmp_path, name, ke
     bias = registry.DOWN_BIAS in pruned.layers
     # The reference walks the refit model layer by layer with its own DecoderLayer forward (each
     # layer with its refit weights); the target at each layer is the dense MLP at the same input.
-    d = llama.from_named_arrays(dense.config, dense.named_arrays(), scan=False)
-    r = llama.from_named_arrays(fitted.config, fitted.named_arrays(), scan=False)
+    d = decoder.from_named_arrays(dense.config, dense.named_arrays(), scan=False)
+    r = decoder.from_named_arrays(fitted.config, fitted.named_arrays(), scan=False)
     valid = jnp.asarray(mask).astype(bool)
-    positions, attend = llama.padded_positions(valid)
+    positions, attend = decoder.padded_positions(valid)
     cos, sin = d.rope(positions)
     x = d.model.embed_tokens(jnp.asarray(tokens))
     on = np.asarray(mask).reshape(-1).astype(bool)

@@ -5,7 +5,7 @@ import pytest
 
 from prunenet_jax import rng
 from prunenet_jax.errors import UserError
-from prunenet_jax.method import policy, train
+from prunenet_jax.method import episode, policy, trainer
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
 
@@ -46,14 +46,14 @@ def test_rope_layouts_and_bad_configs():
 
 
 def test_named_rng_streams_are_what_training_uses():
-    """rng.POLICY_INIT/EPISODES name the streams method/train.py derives from the seed."""
+    """rng.POLICY_INIT/EPISODES name the streams method/episode.py derives from the seed."""
     import jax
 
-    init = train.initial_params(7, 12, 8)
+    init = trainer.initial_params(7, 12, 8)
     named = policy.init_params(rng.key(7, rng.POLICY_INIT), 12, 8)
     for n in ("P", "b", "r"):
         np.testing.assert_array_equal(np.asarray(init[n]), np.asarray(named[n]))
     assert len({rng.POLICY_INIT, rng.EPISODES, rng.SELECTION}) == 3
-    ep = train.episode_key(rng.key(7, rng.EPISODES), 3)
+    ep = trainer.episode_key(rng.key(7, rng.EPISODES), 3)
     assert jax.random.key_data(ep).tolist() == jax.random.key_data(
         jax.random.fold_in(jax.random.fold_in(jax.random.key(7), 1), 3)).tolist()

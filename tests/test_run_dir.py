@@ -1,4 +1,4 @@
-"""run/run_dir.py in process: the manifest's write/read/merge round trip, failed entries, old
+"""formats/run_dir.py in process: the manifest's write/read/merge round trip, failed entries, old
 manifests, and what a resumed run counts as done."""
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.run import run_dir
-from prunenet_jax.run.run_dir import Manifest, OutputEntry
+from prunenet_jax.formats import run_dir
+from prunenet_jax.formats.run_dir import Manifest, OutputEntry
 
 RECIPE = run_dir.recipe("abcd", "sample", 42, True, False)
 

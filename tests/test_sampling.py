@@ -148,11 +148,11 @@ def _check_frequencies(indices, z):
 def test_training_samples_from_keep_with_fresh_noise():
     """The assembled training sampler (train's sampling pass) keeps channels with the frequencies
     of keep = sigmoid(logit(u) + z), not of z alone or of Gumbel noise on z."""
-    from prunenet_jax.method import train
+    from prunenet_jax.method import episode
 
     z, params, W = _composition_problem()
-    cfg = train.TrainConfig(ratio=0.75)  # k = int(0.25 * 4) = 1
-    S, _ = train._sample_local(cfg, None, params, W, jax.random.key(5))
+    cfg = episode.TrainConfig(ratio=0.75)  # k = int(0.25 * 4) = 1
+    S, _ = episode.sample_local(cfg, None, params, W, jax.random.key(5))
     assert S.shape == (W.shape[0], 1)
     _check_frequencies(S, z)
 

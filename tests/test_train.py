@@ -9,7 +9,8 @@ from scipy import stats
 from prunenet_jax.method import policy as pol
 from prunenet_jax.method import sampling
 from prunenet_jax.method import sharding, spectral
-from prunenet_jax.method import train as T
+from prunenet_jax.method import episode as T
+from prunenet_jax.method import streaming, trainer
 from prunenet_jax.errors import UserError
 
 L, I, H = 4, 24, 6
@@ -224,9 +225,9 @@ def test_loss_noise_fresh_by_default_or_reused(problem):
 def test_train_loop_is_seeded_and_ratio_sets_k(problem):
     W = problem["W"]
     cfg = T.TrainConfig(ratio=0.5)
-    a = T.train(W, cfg, seed=7, num_episodes=2)
-    b = T.train(W, cfg, seed=7, num_episodes=2)
-    c = T.train(W, cfg, seed=8, num_episodes=2)
+    a = trainer.train(W, cfg, seed=7, num_episodes=2)
+    b = trainer.train(W, cfg, seed=7, num_episodes=2)
+    c = trainer.train(W, cfg, seed=8, num_episodes=2)
     assert len(a.history) == 2 and a.history[0].indices.shape == (L, I // 2)
     for x, y in zip(a.history, b.history):
         np.testing.assert_array_equal(x.indices, y.indices)
@@ -252,7 +253,7 @@ def test_per_layer_rewards_differ_and_match_scipy(I, H, ratio):
     k = sampling.num_kept(I, ratio)
     idx = np.stack([np.sort(np.argsort(-np.linalg.norm(W[l], axis=1))[min(2 * l, I - k):][:k])
                     for l in range(L)]).astype(np.int32)
-    params = T.initial_params(0, I, H)
+    params = trainer.initial_params(0, I, H)
     u = rng.uniform(0.01, 0.99, size=(L, I)).astype(np.float32)
     ref_sv = T.reference_singular_values(jnp.asarray(W))
     _, _, m = T.update_from_actions(params, T.make_optimizer(cfg).init(params), jnp.asarray(W), ref_sv,
@@ -276,7 +277,7 @@ def test_episode_with_downdated_grams_equals_direct():
     G = T.layer_grams(W)
     ref_sv = T.reference_singular_values(W, grams=G)
     np.testing.assert_allclose(ref_sv, T.reference_singular_values(W), rtol=1e-5)
-    state = T.init_state(T.initial_params(0, I, H), cfg)
+    state = T.init_state(trainer.initial_params(0, I, H), cfg)
     step = T.make_episode_fn(cfg)
     for e in range(3):
         key = jax.random.key(e)
@@ -292,9 +293,9 @@ def test_bf16_gate_matrices_train_like_their_fp32_values():
     rng = np.random.default_rng(12)
     Wb = rng.standard_normal((3, 40, 12)).astype(jnp.bfloat16)
     cfg = T.TrainConfig(ratio=0.3)
-    rb = T.train(Wb, cfg, seed=3, num_episodes=2)
-    r32 = T.train(Wb.astype(np.float32), cfg, seed=3, num_episodes=2)
-    assert T.device_dtype(Wb.dtype) == jnp.bfloat16
+    rb = trainer.train(Wb, cfg, seed=3, num_episodes=2)
+    r32 = trainer.train(Wb.astype(np.float32), cfg, seed=3, num_episodes=2)
+    assert sharding.device_dtype(Wb.dtype) == jnp.bfloat16
     for mb, m32 in zip(rb.history, r32.history):
         np.testing.assert_array_equal(mb.indices, m32.indices)
         np.testing.assert_array_equal(mb.ks, m32.ks)
@@ -309,10 +310,10 @@ def test_streamed_episodes_equal_resident_ones(schedule):
     W = rng.standard_normal((L, I, H)).astype(np.float32)
     cfg = T.TrainConfig(ratio=0.3, schedule=schedule)
     budget = 2 * 2 * I * H * 4  # two layers per chunk: chunks [0, 2), [2, 4), [4, 5)
-    assert T.stream_chunk(W.shape, W.dtype, cfg, budget) == 2
-    assert T.stream_chunk(W.shape, W.dtype, cfg, 10**9) is None
-    whole = T.train(W, cfg, seed=5, num_episodes=3)
-    streamed = T.train(W, cfg, seed=5, num_episodes=3, device_budget_bytes=budget)
+    assert streaming.stream_chunk(W.shape, W.dtype, cfg, budget) == 2
+    assert streaming.stream_chunk(W.shape, W.dtype, cfg, 10**9) is None
+    whole = trainer.train(W, cfg, seed=5, num_episodes=3)
+    streamed = trainer.train(W, cfg, seed=5, num_episodes=3, device_budget_bytes=budget)
     for a, b in zip(whole.history, streamed.history):
         np.testing.assert_array_equal(a.indices, b.indices)
         np.testing.assert_array_equal(a.ks, b.ks)

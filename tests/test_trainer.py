@@ -6,7 +6,7 @@ import pytest
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import trainer
-from prunenet_jax.method.train import TrainConfig
+from prunenet_jax.method.episode import TrainConfig
 from prunenet_jax.models.config import LlamaConfig
 
 L, I, H = 3, 16, 4

@@ -12,8 +12,9 @@ from absl import logging
 
 from prunenet_jax import sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.evaluation import lm_eval, perplexity, report
-from prunenet_jax.run import run_dir
+from prunenet_jax.evaluation import lm_eval, report
+from prunenet_jax import perplexity
+from prunenet_jax.formats import run_dir
 
 
 @dataclasses.dataclass

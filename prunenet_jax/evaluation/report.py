@@ -20,7 +20,7 @@ import numpy as np
 from prunenet_jax.errors import UserError
 from prunenet_jax.method import spectral
 from prunenet_jax.models import registry
-from prunenet_jax.run import atomic
+from prunenet_jax.files import atomic, output_folder
 from prunenet_jax.weights import ModelWeights
 
 JSON, MARKDOWN = "report.json", "report.md"
@@ -103,13 +103,13 @@ CONTINUATION_TOKENS = 24
 
 def continuation(weights: ModelWeights, tokenizer) -> str:
     """The model's greedy continuation of PROMPT (CONTINUATION_TOKENS tokens at most)."""
-    from prunenet_jax.models import llama, sampler
+    from prunenet_jax.models import decoder, decode
 
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     ids = list(tokenizer(PROMPT)["input_ids"])
     eos = weights.hf_config.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    out = sampler.generate(model, [ids], CONTINUATION_TOKENS, eos_ids=eos)[0]
+    out = decode.generate(model, [ids], CONTINUATION_TOKENS, eos_ids=eos)[0]
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
@@ -344,7 +344,7 @@ def plot_ppl(path: str, models: list[dict], title: str, summary: Optional[dict] 
 def check_report_dir(report_dir: str, inputs: Sequence[str], overwrite: bool) -> None:
     """Refuses a report_dir inside an input (or holding one), a non-empty one without
     `overwrite`, and one that cannot be created. Creates nothing."""
-    atomic.check_out_dir(report_dir, inputs, reuse=overwrite, name=f"--report_dir={report_dir}",
+    output_folder.check_out_dir(report_dir, inputs, reuse=overwrite, name=f"--report_dir={report_dir}",
                           fix="pass --overwrite to replace it, or choose a new folder", replaced=True)
 
 

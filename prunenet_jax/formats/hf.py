@@ -28,7 +28,7 @@ from prunenet_jax.formats.layer_stack import LazyLayerStack
 from prunenet_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
-from prunenet_jax.run import atomic
+from prunenet_jax.files import atomic, output_folder
 from prunenet_jax.weights import DTYPES, ModelWeights, check_shape
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def export_hf(weights: ModelWeights, out_dir: str, *, model_card: Optional[dict]
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out_dir} ({e.strerror}); choose a writable folder") from None
-    atomic.check_free_space(out_dir, (1 + torch_format) * sum(
+    output_folder.check_free_space(out_dir, (1 + torch_format) * sum(
         t.size * np.dtype(dtype).itemsize for t in tensors.values()) + 2**16)
     with atomic.staged_dir(out_dir) as tmp:  # renamed to out_dir only once complete
         _write_tokenizer(weights, tmp)  # first: a source without a usable tokenizer fails fast
@@ -212,7 +212,7 @@ def export_hf(weights: ModelWeights, out_dir: str, *, model_card: Optional[dict]
         _write_generation_config(weights, config, tmp)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(render_model_card(config, weights.num_params(), model_card or {}))
-        _fsync_tree(tmp)
+        atomic.fsync_tree(tmp)
     log.info("exported %s (%s) to %s", weights.source, _dtype_name(dtype), out_dir)
     return out_dir
 
@@ -256,7 +256,7 @@ def _check_target(weights: ModelWeights, out_dir: str, overwrite: bool) -> None:
             raise UserError(f"{out_dir} exists and is not a folder; remove it or choose another path")
     # An input inside out_dir would be deleted by --overwrite; out_dir inside an input folder
     # would write into the input checkpoint.
-    atomic.check_out_dir(out_dir, [weights.tokenizer_dir, weights.gguf_file, weights.source],
+    output_folder.check_out_dir(out_dir, [weights.tokenizer_dir, weights.gguf_file, weights.source],
                           name=out_dir, replaced=True)
 
 
@@ -394,14 +394,3 @@ def _write_generation_config(weights: ModelWeights, config: dict, folder: str) -
     if ids:
         atomic.write_json(os.path.join(folder, "generation_config.json"),
                           {"_from_model_config": True, **ids}, sort_keys=True)
-
-
-def _fsync_tree(folder: str) -> None:
-    """Everything on disk before the folder is renamed into place."""
-    for root, dirs, files in os.walk(folder):
-        for name in files + [""]:  # "" syncs the folder itself (its entries)
-            fd = os.open(os.path.join(root, name) if name else root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prunenet_jax.run import atomic
+from prunenet_jax.files import atomic, output_folder
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
@@ -64,7 +64,7 @@ def _save(path: str, items: dict[str, Any], meta: dict, overwrite: bool) -> None
                         "another --out_dir")
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args["meta"] = ocp.args.JsonSave(meta)
-    atomic.check_free_space(path, _nbytes(items) + 2**16)  # + metadata
+    output_folder.check_free_space(path, _nbytes(items) + 2**16)  # + metadata
     with atomic.staged_dir(path, create=False) as tmp:  # orbax creates tmp; we swap it into path
         _checkpointer().save(tmp, args=ocp.args.Composite(**args))
 
@@ -166,7 +166,7 @@ class TrainCheckpoints:
     def save(self, episodes_done: int, state, history: dict[str, np.ndarray]) -> None:
         """Asynchronous: returns once the arrays are copied; `wait` before relying on the files.
         A full disk or lost permission (here or from the previous save) is a WriteError."""
-        atomic.check_free_space(self.directory, _nbytes((state, history)) + 2**16)
+        output_folder.check_free_space(self.directory, _nbytes((state, history)) + 2**16)
         with atomic.write_errors(self.directory):
             self._manager.save(episodes_done, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), history=ocp.args.StandardSave(history),

@@ -15,7 +15,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from prunenet_jax.run import atomic
+from prunenet_jax.files import atomic
 from prunenet_jax.errors import UserError
 
 DTYPES = {

@@ -3,7 +3,7 @@ or cut from the user's text (`--calibration=PATH_OR_GLOB`).
 
 Self-generation: N sequences of T tokens at temperature 1 from one start token (the model's BOS;
 where it has none, the first token of its chat template; else a seeded uniform token), all N in one
-batched KV-cache decode (models/sampler.py). The decode does not stop at EOS: after an end-of-turn
+batched KV-cache decode (models/decode.py). The decode does not stop at EOS: after an end-of-turn
 token the model starts its next turn, which is text it would write too, and every row is T long.
 
 The tokens are saved in the run folder (`calibration.npz`, with what made them), so a rerun or a
@@ -22,9 +22,9 @@ import numpy as np
 
 from prunenet_jax import rng
 from prunenet_jax.errors import UserError
-from prunenet_jax.evaluation import texts
-from prunenet_jax.models import llama, sampler
-from prunenet_jax.run import atomic
+from prunenet_jax.formats import texts
+from prunenet_jax.models import decoder, decode
+from prunenet_jax.files import atomic
 from prunenet_jax.weights import ModelWeights
 
 SELF = "self"
@@ -79,13 +79,13 @@ def start_token(weights: ModelWeights, tokenizer_fn, seed: int) -> int:
 
 
 def self_generated(weights: ModelWeights, cal: Calibration, tokenizer_fn=lambda: None,
-                   model: Optional[llama.LlamaForCausalLM] = None) -> np.ndarray:
+                   model: Optional[decoder.LlamaForCausalLM] = None) -> np.ndarray:
     """(sequences, seq_len) int32: the start token then seq_len - 1 tokens sampled at temperature 1."""
     start = start_token(weights, tokenizer_fn, cal.seed)
     if model is None:
-        model = llama.from_named_arrays(weights.config, weights.named_arrays())
+        model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     seed = int(jax.random.randint(rng.key(cal.seed, rng.CALIBRATION), (), 0, 2**31 - 1))
-    rows = sampler.generate(model, [[start]] * cal.sequences, cal.seq_len - 1, temperature=1.0,
+    rows = decode.generate(model, [[start]] * cal.sequences, cal.seq_len - 1, temperature=1.0,
                             seed=seed, eos_ids=())
     return np.array([[start] + row for row in rows], np.int32)
 
@@ -123,7 +123,7 @@ def _save(path: str, tokens: np.ndarray, meta: dict) -> None:
 
 
 def tokens_for(weights: ModelWeights, cal: Calibration, tokenizer_fn, folder: Optional[str] = None,
-               model: Optional[llama.LlamaForCausalLM] = None) -> tuple[np.ndarray, bool]:
+               model: Optional[decoder.LlamaForCausalLM] = None) -> tuple[np.ndarray, bool]:
     """(tokens, reused): the calibration tokens of `weights`; with `folder`, those saved there by an
     earlier run of the same calibration and model are reused, and new ones are saved there."""
     meta = {**cal.describe(), "model": weights.source,

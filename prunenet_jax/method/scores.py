@@ -26,7 +26,7 @@ from prunenet_jax.errors import UserError
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import calibration as calibration_lib
 from prunenet_jax.method import statistics
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 from prunenet_jax.weights import ModelWeights
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def measure(weights: ModelWeights, cal: calibration_lib.Calibration, tokenizer_f
             folder: Optional[str] = None, batch_size: int = 8, mesh=None) -> Scores:
     """Calibrate (tokens reused from `folder` when saved there) and measure the statistics."""
     t0 = time.time()
-    model = llama.from_named_arrays(weights.config, weights.named_arrays())
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     tokens, reused = calibration_lib.tokens_for(weights, cal, tokenizer_fn, folder, model)
     t1 = time.time()
     stats = statistics.collect(model, tokens, batch_size=batch_size, mesh=mesh)

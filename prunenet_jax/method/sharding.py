@@ -125,3 +125,10 @@ def to_host(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def device_dtype(dtype) -> np.dtype:
+    """The dtype gate matrices are kept in on the device: their own when fp32, bf16 or fp16
+    (spectra and logits are accumulated in fp32 anyway), else fp32."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.name in ("float32", "bfloat16", "float16") else np.dtype(np.float32)

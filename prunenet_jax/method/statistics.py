@@ -1,5 +1,5 @@
 """Per-channel MLP statistics over calibration tokens, streamed: E[h_j^2] and the peak |h_j| of every
-layer's down_proj input h, from the model's one jitted statistics forward (`llama.channel_stats`)
+layer's down_proj input h, from the model's one jitted statistics forward (`decoder.channel_stats`)
 run batch by batch and merged (`ChannelStats.merge`), so memory is O(L * I) whatever the number of
 tokens. With a mesh, the model's stacked layers are split over its layer axis (as the policy's
 layer axis is in training), so each device holds only its layers' weights."""
@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from prunenet_jax.method import sharding
-from prunenet_jax.models import llama
+from prunenet_jax.models import decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Stats:
     tokens: int  # tokens seen
 
 
-def shard_layers(model: llama.LlamaForCausalLM, mesh) -> llama.LlamaForCausalLM:
+def shard_layers(model: decoder.LlamaForCausalLM, mesh) -> decoder.LlamaForCausalLM:
     """The model with its stacked (scanned) layer parameters split over the mesh's layer axis and
     everything else replicated; unchanged when the layers are not stacked or the mesh size does
     not divide their number (padding layers is not free for a forward pass)."""
@@ -39,7 +39,7 @@ def shard_layers(model: llama.LlamaForCausalLM, mesh) -> llama.LlamaForCausalLM:
     return model
 
 
-def collect(model: llama.LlamaForCausalLM, tokens: np.ndarray, batch_size: int = 8,
+def collect(model: decoder.LlamaForCausalLM, tokens: np.ndarray, batch_size: int = 8,
             mask: Optional[np.ndarray] = None, mesh=None) -> Stats:
     """Statistics of `model` over tokens (N, T) (mask: 1 for real tokens), batch_size rows per
     forward; the last batch is padded with masked rows so one shape compiles once."""
@@ -52,7 +52,7 @@ def collect(model: llama.LlamaForCausalLM, tokens: np.ndarray, batch_size: int =
         if len(t) < batch_size and start > 0:
             pad = ((0, batch_size - len(t)), (0, 0))
             t, m = np.pad(t, pad), np.pad(m, pad)
-        s = llama.channel_stats(model, t, m)
+        s = decoder.channel_stats(model, t, m)
         total = s if total is None else total.merge(s)
     stack = lambda x: np.stack(x) if isinstance(x, (tuple, list)) else np.asarray(x)
     return Stats(stack(total.mean_sq()), stack(total.peak), int(total.tokens))

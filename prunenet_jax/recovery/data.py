@@ -10,8 +10,9 @@ import numpy as np
 
 from prunenet_jax import progress
 from prunenet_jax.errors import UserError
-from prunenet_jax.evaluation import perplexity, texts
-from prunenet_jax.models import sampler
+from prunenet_jax import perplexity
+from prunenet_jax.formats import texts
+from prunenet_jax.models import decode
 
 
 def generated_pool(model, bos_id: int, eos_ids, rows: int, seq_len: int, *, seed: int,
@@ -25,7 +26,7 @@ def generated_pool(model, bos_id: int, eos_ids, rows: int, seq_len: int, *, seed
     for start in progress.over(range(0, rows, batch), "sampling distillation text", "batch"):
         n = min(batch, rows - start)
         # A fixed batch size (padded with extra prompts) compiles the decoder once.
-        outs = sampler.generate(model, [[bos_id]] * batch, seq_len - 1, temperature=temperature,
+        outs = decode.generate(model, [[bos_id]] * batch, seq_len - 1, temperature=temperature,
                                 top_p=top_p, seed=seed * 1_000_003 + start, eos_ids=eos_ids)[:n]
         for r, out in enumerate(outs):
             row = [bos_id] + out[:seq_len - 1]

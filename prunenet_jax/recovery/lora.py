@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama
+from prunenet_jax.models import decoder
 
 TARGETS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
            ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -26,7 +26,7 @@ class LoraParam(nnx.Param):
 
 
 class LoraLinear(nnx.Module):
-    def __init__(self, base: llama.Linear, rank: int, alpha: float, key: jax.Array):
+    def __init__(self, base: decoder.Linear, rank: int, alpha: float, key: jax.Array):
         *lead, out, inp = base.weight.shape  # lead: (L,) in a scanned model
         self.base = base
         # A as in the LoRA paper (random, ~1/sqrt(in)); B zero, so training starts at the model.
@@ -46,7 +46,7 @@ class LoraLinear(nnx.Module):
         return (w.astype(jnp.float32) + self.scale * delta).astype(w.dtype)
 
 
-def _layers(model: llama.LlamaForCausalLM) -> list:
+def _layers(model: decoder.LlamaForCausalLM) -> list:
     layers = model.model.layers
     return list(layers) if isinstance(layers, nnx.List) else [layers]
 
@@ -64,7 +64,7 @@ def check_rank(rank: int, cfg) -> None:
                         "of the adapted matrices; use a smaller rank (8 to 64 is typical)")
 
 
-def add_lora(model: llama.LlamaForCausalLM, rank: int, alpha: float, seed: int) -> None:
+def add_lora(model: decoder.LlamaForCausalLM, rank: int, alpha: float, seed: int) -> None:
     """Wraps every target projection of `model` (in place) in a LoraLinear."""
     check_rank(rank, model.config)
     key = jax.random.key(seed)
@@ -75,7 +75,7 @@ def add_lora(model: llama.LlamaForCausalLM, rank: int, alpha: float, seed: int) 
             setattr(parent, name, LoraLinear(getattr(parent, name), rank, alpha, sub))
 
 
-def merge_lora(model: llama.LlamaForCausalLM) -> None:
+def merge_lora(model: decoder.LlamaForCausalLM) -> None:
     """Folds every LoraLinear of `model` (in place) back into a plain Linear."""
     for layer in _layers(model):
         for block, name in TARGETS:

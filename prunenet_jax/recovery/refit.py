@@ -29,7 +29,7 @@ import scipy.linalg
 from flax import nnx
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 from prunenet_jax.weights import ModelWeights
 
 RIDGE = 1e-4  # relative to the mean diagonal of G: keeps rarely active channels' weights bounded
@@ -72,7 +72,7 @@ def _residual(G, B, yy, coef) -> float:
     return float(yy - 2 * np.sum(coef * B) + np.sum(coef * (G @ coef)))
 
 
-def _layer(model: llama.LlamaForCausalLM, l: int):
+def _layer(model: decoder.LlamaForCausalLM, l: int):
     """(graphdef, state) of decoder layer l, whether the layers are stacked (scanned) or a list."""
     layers = model.model.layers
     if isinstance(layers, nnx.List):
@@ -81,7 +81,7 @@ def _layer(model: llama.LlamaForCausalLM, l: int):
     return graphdef, jax.tree.map(lambda a: a[l], state)
 
 
-def refit_down(pruned: ModelWeights, dense_model: llama.LlamaForCausalLM, tokens: np.ndarray,
+def refit_down(pruned: ModelWeights, dense_model: decoder.LlamaForCausalLM, tokens: np.ndarray,
                mask: np.ndarray, batch_size: int = 8, ridge: float = RIDGE
                ) -> tuple[ModelWeights, dict]:
     """`pruned` with every layer's down_proj (and its bias, if any) refit to `dense_model` (its
@@ -95,12 +95,12 @@ def refit_down(pruned: ModelWeights, dense_model: llama.LlamaForCausalLM, tokens
         raise UserError(f"--train_seq_len={tokens.shape[1]} exceeds the sliding window of {window} "
                         f"of the model; use --train_seq_len <= {window}")
     bias = registry.DOWN_BIAS in pruned.layers
-    pruned_model = llama.from_named_arrays(cfg, pruned.named_arrays())
+    pruned_model = decoder.from_named_arrays(cfg, pruned.named_arrays())
     batches = []  # per batch: the refit path's hidden states, rope, attention mask, valid tokens
     for start in range(0, len(tokens), batch_size):
         t = jnp.asarray(tokens[start:start + batch_size])
         valid = jnp.asarray(mask[start:start + batch_size]).astype(bool)
-        positions, attend = llama.padded_positions(valid)
+        positions, attend = decoder.padded_positions(valid)
         cos, sin = dense_model.rope(positions)
         x = dense_model.model.embed_tokens(t)
         batches.append([x, cos, sin, attend, valid])

@@ -17,13 +17,14 @@ from absl import logging
 
 from prunenet_jax import progress, sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.evaluation import perplexity
+from prunenet_jax import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.generation import eos_ids
-from prunenet_jax.models import llama, registry
+from prunenet_jax.models import decoder, registry
 from prunenet_jax.recovery import data, lora, refit, trainer
 from prunenet_jax.recovery.trainer import Recovery, RecoverConfig
-from prunenet_jax.run import atomic, run_dir
+from prunenet_jax.files import output_folder
+from prunenet_jax.formats import run_dir
 from prunenet_jax.weights import ModelWeights
 
 
@@ -53,9 +54,9 @@ def check_parent(pruned: ModelWeights, dense: ModelWeights, pruned_name: str, de
                             "differ (pruning leaves it unchanged); pass its source model with --dense")
 
 
-def to_weights(model: llama.LlamaForCausalLM, like: ModelWeights) -> ModelWeights:
+def to_weights(model: decoder.LlamaForCausalLM, like: ModelWeights) -> ModelWeights:
     """`like` with every tensor replaced by the model's (host arrays, like's dtypes)."""
-    arrays = llama.named_arrays(model)
+    arrays = decoder.named_arrays(model)
     cast = lambda name, old: np.asarray(arrays[name]).astype(old.dtype)
     return dataclasses.replace(
         like, globals={n: cast(n, a) for n, a in like.globals.items()},
@@ -102,7 +103,7 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
     cfg.check()
     lora.check_rank(cfg.lora_rank, pruned.config) if cfg.method == "lora" else None
     ppl_before = ppl(pruned)
-    teacher = llama.from_named_arrays(dense.config, dense.named_arrays())
+    teacher = decoder.from_named_arrays(dense.config, dense.named_arrays())
     started = time.time()
     ckpts = None
     if state_dir:
@@ -127,7 +128,7 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, cfg: RecoverConfi
     # A teacher too big to keep beside the student: its top-k over the pool, then it is freed.
     cache = trainer.should_cache_teacher(cfg, 4 * pruned.num_params(),
                                          dense.num_params() * np.dtype(cfg.dtype()).itemsize)
-    student = llama.from_named_arrays(start.config, start.named_arrays())
+    student = decoder.from_named_arrays(start.config, start.named_arrays())
     rec = Recovery(student, teacher if cfg.objective == "distill" and not cache else None, cfg,
                    mesh, shard_params)
     if resuming:
@@ -229,14 +230,14 @@ def run(job: RecoverJob, make_mesh: Callable = lambda n: None) -> list:
     if job.config.objective == "lm" and not job.train_text:
         raise UserError("--objective=lm trains on text: pass --train_text (a path or glob)")
     inputs = pruned_inputs(job.input)
-    atomic.check_out_dir(job.out_dir, [job.input] + ([job.dense] if job.dense else []),
+    output_folder.check_out_dir(job.out_dir, [job.input] + ([job.dense] if job.dense else []),
                          reuse=job.resume or job.overwrite)
     configs = [(p.path, orbax.load_config(p.path)) for p in inputs]
     if job.config.method == "lora":
         for _, config in configs:
             lora.check_rank(job.config.lora_rank, config)
     if job.train_text:  # an empty or missing text fails before any weights load
-        from prunenet_jax.evaluation import texts
+        from prunenet_jax.formats import texts
         texts.read_texts(job.train_text, flag="--train_text")
     dense_name = _dense_source(job, inputs[0].path)
     dense_config = sources.load_config(dense_name)

@@ -21,17 +21,18 @@ from absl import logging
 
 from prunenet_jax import progress, sources
 from prunenet_jax.errors import UserError, WriteError
-from prunenet_jax.evaluation import perplexity
+from prunenet_jax import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import calibration as calibration_lib
 from prunenet_jax.method import scores as scores_lib
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import trainer
 from prunenet_jax.models import registry
-from prunenet_jax.run import atomic, run_dir
+from prunenet_jax.files import output_folder
+from prunenet_jax.formats import run_dir
 from prunenet_jax.run.prune_run import (Measure, OutputOptions, Selection, Training, check_ratios_fit,
                                         prune_at_ratios)
-from prunenet_jax.run.run_dir import Manifest, OutputEntry
+from prunenet_jax.formats.run_dir import Manifest, OutputEntry
 
 _MAX_LIST_BYTES = 16 * 2**20  # a checkpoint list is a text file, not a model
 
@@ -61,7 +62,7 @@ class BatchJob:
             raise UserError("several shards need one shared --policy: train it once with "
                             "launch.prune --out_dir=... and pass --policy=<that out_dir>/policy")
         # Rerunning into the same --out_dir resumes, so an existing folder is fine.
-        atomic.check_out_dir(self.out_dir, list(self.checkpoints) + ([self.policy] if self.policy else []))
+        output_folder.check_out_dir(self.out_dir, list(self.checkpoints) + ([self.policy] if self.policy else []))
         for name in output_names(list(self.checkpoints)):
             run_dir.check_inside(self.out_dir, os.path.join(self.out_dir, name))
 

@@ -1,7 +1,7 @@
 """One pruning run (launch.prune): load a model, train (or reuse) a policy and/or measure channel
 scores (energy), prune at several ratios with every mode asked for, write each sliced model as an
 orbax checkpoint (and optionally an HF folder) into the run folder, and record it in the manifest
-(run/run_dir.py). With an eval text, every output gets perplexity and top-1 accuracy (and its
+(formats/run_dir.py). With an eval text, every output gets perplexity and top-1 accuracy (and its
 retention against the dense model), and each ratio a uniform-random baseline (one seeded draw).
 
 `prune_at_ratios` is shared with run/batch.py (many models, one policy). Every output folder is
@@ -19,16 +19,16 @@ from absl import logging
 
 from prunenet_jax import prune, sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.evaluation import perplexity
+from prunenet_jax import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import calibration as calibration_lib
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import sampling, trainer
 from prunenet_jax.method import scores as scores_lib
-from prunenet_jax.method.train import TrainConfig
+from prunenet_jax.method.episode import TrainConfig
 from prunenet_jax.models import registry
-from prunenet_jax.run import run_dir
-from prunenet_jax.run.run_dir import Manifest, OutputEntry
+from prunenet_jax.formats import run_dir
+from prunenet_jax.formats.run_dir import Manifest, OutputEntry
 from prunenet_jax.weights import ModelWeights
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama
+from prunenet_jax.models import decoder
 
 
 # Upper bounds of the eval flags: beyond them an array shape overflows or memory runs out.
@@ -140,7 +140,7 @@ def perplexity_fn(tokenizer, cfg: EvalConfig) -> Callable:
     with `tokenizer` (the dense model's: pruning keeps the vocabulary)."""
 
     def measure(weights) -> dict:
-        model = llama.from_named_arrays(weights.config, weights.named_arrays(), dtype=cfg.dtype)
+        model = decoder.from_named_arrays(weights.config, weights.named_arrays(), dtype=cfg.dtype)
         return perplexity(model, tokenizer, cfg.texts, seq_len=cfg.seq_len,
                           batch_size=cfg.batch_size, max_tokens=cfg.max_tokens or None)
 

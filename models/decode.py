@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.models import llama
+from prunenet_jax.models import decoder
 
 BUCKET = 16
 
@@ -59,14 +59,14 @@ def _prefill(graphdef, size: int, state, tokens, pad):
     """The prompt's keys/values in a fresh cache of `size` slots, and the next-token logits."""
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
-    cache = llama.KVCache.zeros(model.config, B, size, model.model.embed_tokens.weight.dtype)
+    cache = decoder.KVCache.zeros(model.config, B, size, model.model.embed_tokens.weight.dtype)
     q_pos = jnp.arange(P)[None, :] - pad[:, None]
     mask = _attention_mask(q_pos, pad, size, model.config.sliding_window)
     x, cache, _ = model.hidden_states(tokens, jnp.maximum(q_pos, 0), mask, cache)
     return model.logits(x[:, -1:])[:, 0], dataclasses.replace(cache, index=jnp.int32(P))
 
 
-def decode_step(model: llama.LlamaForCausalLM, cache: llama.KVCache, token, pad):
+def decode_step(model: decoder.LlamaForCausalLM, cache: decoder.KVCache, token, pad):
     """Runs token (B,) at slot cache.index of left-padded rows: the next-token logits (B, V) and
     the cache with that slot filled."""
     q_pos = (cache.index - pad)[:, None]
@@ -113,7 +113,7 @@ def unpad(tokens, mask) -> list[list[int]]:
     return [row[keep].tolist() for row, keep in zip(tokens, mask)]
 
 
-def prefill(model: llama.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+def prefill(model: decoder.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int):
     """Left-pads the prompts into a (B, S) token buffer and runs them through a fresh cache.
     Returns (tokens (B, S), pad (B,), next-token logits (B, V), cache with index P)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -136,7 +136,7 @@ def prefill(model: llama.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max
     return tokens, pad, logits, cache
 
 
-def generate(model: llama.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate(model: decoder.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              eos_ids: Sequence[int] = ()) -> list[list[int]]:
     """The tokens generated after each prompt (token-id lists; `unpad` turns a padded batch into

@@ -6,7 +6,7 @@ layers have the same MLP width they are stacked on a leading layer axis and the 
 them (`model.layers.mlp.gate_proj.weight` is `(L, I, H)`, row i is HF's layer i), so compile time
 does not grow with depth; a model pruned to different widths per layer keeps a list of layers and
 runs unrolled. The same forward serves perplexity, KV-cache decoding (`KVCache`, see
-models/sampler.py) and the MLP channel statistics (`channel_stats`).
+models/decode.py) and the MLP channel statistics (`channel_stats`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""REINFORCE training of the shared policy (SPEC.md, "Learning").
-
-One episode, all layers at once:
+"""One REINFORCE episode of the shared policy (docs/algorithm.md, "Learning"), jitted, all layers
+at once (streaming.py: the same episode for a stack too big for the device; trainer.py: the loop):
   1. z_l = policy logits; u ~ U(0,1); S_l = k rows drawn w/o replacement proportionally to
      keep_l = sigmoid(logit(u) + z_l)                                   (all layers, old params)
   2. R_l = 1 / KS(s_l, s'(W_l[S_l])), R^_l = gamma^l R_l                 (all layers in parallel)
@@ -26,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -40,9 +38,7 @@ from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import sampling
 from prunenet_jax.method import sharding
 from prunenet_jax.method import spectral
-from prunenet_jax import rng
 from prunenet_jax.errors import UserError
-from prunenet_jax.formats.layer_stack import layer_range
 
 SCHEDULES = ("layer", "episode")
 _HIGHEST = lax.Precision.HIGHEST
@@ -183,7 +179,7 @@ def _masked(cond, new, old):
 
 # ----------------------------------------------------------------------------- update schedules
 
-def _layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss, disc, first=0):
+def layer_schedule(cfg, opt, num_layers, axis, params, opt_state, W, S, u_loss, disc, first=0):
     """One optimiser step per layer, in global layer order (lax.scan). Inputs are this device's
     block of layers; at step l the device that owns layer l computes the pulled-back gradient
     (H + 1 numbers + the loss) and a psum hands it to every device, which all apply the same
@@ -227,7 +223,7 @@ def _layer_logits(params, W):
     return lax.map(lambda w: policy_lib.logits_from_projection(w, v, c), W)
 
 
-def _episode_grads(cfg, valid, axis, params, W, S, u_loss, disc):
+def episode_grads(cfg, valid, axis, params, W, S, u_loss, disc):
     """(dL/dv, dL/dc, per-layer losses) of sum_l loss_l over the (valid) layers of W."""
     z = _layer_logits(params, W)  # (L_loc, I)
     losses, g = jax.vmap(jax.value_and_grad(layer_loss), in_axes=(0, 0, 0, 0, None))(
@@ -240,15 +236,15 @@ def _episode_grads(cfg, valid, axis, params, W, S, u_loss, disc):
     return dv, dc, losses
 
 
-def _episode_step(opt, params, opt_state, dv, dc):
+def episode_step(opt, params, opt_state, dv, dc):
     updates, opt_state = opt.update(_param_grads(params, dv, dc), opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
 
 def _episode_schedule(cfg, opt, valid, axis, params, opt_state, W, S, u_loss, disc):
     """One optimiser step on sum_l loss_l (the optimiser chain clips the global grad norm)."""
-    dv, dc, losses = _episode_grads(cfg, valid, axis, params, W, S, u_loss, disc)
-    params, opt_state = _episode_step(opt, params, opt_state, dv, dc)
+    dv, dc, losses = episode_grads(cfg, valid, axis, params, W, S, u_loss, disc)
+    params, opt_state = episode_step(opt, params, opt_state, dv, dc)
     return params, opt_state, losses
 
 
@@ -263,7 +259,7 @@ def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u
     disc = rewards * discount_factors(ids, cfg.gamma)
     total = _psum(jnp.sum(rewards), axis)
     if cfg.schedule == "layer":
-        params, opt_state, losses = _layer_schedule(cfg, opt, num_layers, axis, params,
+        params, opt_state, losses = layer_schedule(cfg, opt, num_layers, axis, params,
                                                     opt_state, W, S, u_loss, disc)
     else:
         params, opt_state, losses = _episode_schedule(cfg, opt, valid, axis, params, opt_state,
@@ -273,7 +269,7 @@ def _update_local(cfg, opt, num_layers, axis, params, opt_state, W, ref_sv, S, u
     return params, opt_state, metrics
 
 
-def _sample_local(cfg, axis, params, W, key, first=0):
+def sample_local(cfg, axis, params, W, key, first=0):
     """Actions and loss-pass noise for this device's layers: (S, u_loss)."""
     L_loc, I, _ = W.shape
     k = sampling.num_kept(I, cfg.ratio)
@@ -365,7 +361,7 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
         nl = _num_layers(num_layers, W.shape[0])
 
         def body(axis, params, opt_state, W, ref_sv, key, grams=None):
-            S, u_loss = _sample_local(cfg, axis, params, W, key)
+            S, u_loss = sample_local(cfg, axis, params, W, key)
             return _update_local(cfg, opt, nl, axis, params, opt_state, W, ref_sv, S, u_loss,
                                  grams)
 
@@ -373,12 +369,12 @@ def make_episode_fn(cfg: TrainConfig, *, num_layers: Optional[int] = None,
                                   (P(), P(), lay, lay, P()), grams)
         params, opt_state, metrics = _distribute(body, mesh, specs,
                                                  (P(), P(), _METRIC_SPECS))(*args)
-        return _advance(state, params, opt_state, metrics.total_reward), metrics
+        return advance(state, params, opt_state, metrics.total_reward), metrics
 
     return jax.jit(episode)
 
 
-def _advance(state: TrainState, params, opt_state, total_reward) -> TrainState:
+def advance(state: TrainState, params, opt_state, total_reward) -> TrainState:
     """The state after an episode: new params, and the best-episode bookkeeping."""
     # A non-finite episode (or one sampled by non-finite params) is never the best.
     better = (total_reward > state.best_reward) & jnp.isfinite(total_reward) & all_finite(state.params)
@@ -397,14 +393,14 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-_all_finite_fn = jax.jit(all_finite)
+all_finite_fn = jax.jit(all_finite)
 
 
 def check_finite_episode(episode: int, metrics: "EpisodeMetrics", params, cfg: TrainConfig) -> None:
     """Stops training when an episode's losses or rewards, or the params after its update (a
     non-finite gradient makes them non-finite), are NaN or Inf: what follows would be garbage."""
     bad = [f"the {f}" for f in ("losses", "rewards") if not np.isfinite(getattr(metrics, f)).all()]
-    if not bool(sharding.to_host(_all_finite_fn(params))):
+    if not bool(sharding.to_host(all_finite_fn(params))):
         bad.append("the updated policy (a non-finite gradient)")
     if bad:
         raise UserError(f"training became non-finite in episode {episode}: {' and '.join(bad)} "
@@ -444,208 +440,5 @@ def _cached_gram_fn(mesh):
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_episode_fn(cfg, num_layers, mesh):
+def cached_episode_fn(cfg, num_layers, mesh):
     return make_episode_fn(cfg, num_layers=num_layers, mesh=mesh)
-
-
-# ----------------------------------------------------------------------------- streamed episodes
-
-def stream_chunk(shape: tuple, dtype, cfg: TrainConfig,
-                 device_budget_bytes: Optional[int] = None) -> Optional[int]:
-    """Layers per chunk when the gate stack (and its Grams) would not fit in the device budget,
-    else None (the whole stack stays on the device). Budget: `device_budget_bytes`, else 70% of
-    what the device's allocator reports as its limit (GPU/TPU); CPU reports none: no streaming."""
-    L, I, H = shape
-    if device_budget_bytes is None:
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-        device_budget_bytes = None if limit is None else int(0.7 * limit)
-    if device_budget_bytes is None:
-        return None
-    layer = I * H * device_dtype(dtype).itemsize
-    grams = H * H * 4 if spectral.uses_downdate(I, H, sampling.num_kept(I, cfg.ratio),
-                                                cfg.sv_method) else 0
-    if L * (layer + grams) <= device_budget_bytes:
-        return None
-    return max(1, int(device_budget_bytes) // (2 * layer))  # a chunk and its successor in flight
-
-
-@functools.lru_cache(maxsize=8)
-def _chunk_fns(cfg: TrainConfig, num_layers: int):
-    """Jitted pieces of an episode over a chunk of layers starting at global layer `first`."""
-    opt = make_optimizer(cfg)
-
-    def actions(params, W, ref_sv, key, first):
-        S, u_loss = _sample_local(cfg, None, params, W, key, first)
-        ks, rewards = spectral.layer_rewards(W, ref_sv, S, cfg.sv_method)
-        return S, u_loss, ks, rewards
-
-    def layer_steps(params, opt_state, W, S, u_loss, disc, first):
-        return _layer_schedule(cfg, opt, num_layers, None, params, opt_state, W, S, u_loss, disc,
-                               first)
-
-    def grads(params, W, S, u_loss, disc):
-        return _episode_grads(cfg, jnp.ones(W.shape[0], bool), None, params, W, S, u_loss, disc)
-
-    step = functools.partial(_episode_step, opt)
-    return tuple(jax.jit(f) for f in (actions, layer_steps, grads, step))
-
-
-def _chunks(num_layers: int, chunk: int) -> list[tuple[int, int]]:
-    return [(a, min(a + chunk, num_layers)) for a in range(0, num_layers, chunk)]
-
-
-def _place_chunk(W, start: int, stop: int) -> jax.Array:
-    return sharding.place_stacked(layer_range(W, start, stop), sharding.make_mesh(1),
-                                  dtype=device_dtype(W.dtype))
-
-
-def streamed_reference_singular_values(W, chunk: int, method: str) -> jax.Array:
-    return jnp.concatenate([reference_singular_values(_place_chunk(W, a, b), method=method)
-                            for a, b in _chunks(W.shape[0], chunk)])
-
-
-def streamed_episode(cfg: TrainConfig, state: TrainState, W, ref_sv, key, chunk: int):
-    """One episode on one device with the gate stack W (host array or LazyLayerStack) streamed
-    to it `chunk` layers at a time, twice (actions and rewards with the episode's initial policy;
-    then the updates). Same draws and updates as `make_episode_fn` (rewards from the kept rows'
-    Grams directly: a full Gram costs more than the kept rows' when it is not kept)."""
-    L = W.shape[0]
-    actions, layer_steps, grads, step = _chunk_fns(cfg, L)
-    ranges = _chunks(L, chunk)
-    params, opt_state = state.params, state.opt_state
-    parts = [actions(params, _place_chunk(W, a, b), ref_sv[a:b], key, a) for a, b in ranges]
-    S, u_loss, ks, rewards = (jnp.concatenate(x) for x in zip(*parts))
-    disc = rewards * discount_factors(jnp.arange(L), cfg.gamma)
-    losses, dv, dc = [], 0.0, 0.0
-    for a, b in ranges:
-        Wc = _place_chunk(W, a, b)
-        if cfg.schedule == "layer":
-            params, opt_state, lc = layer_steps(params, opt_state, Wc, S[a:b], u_loss[a:b],
-                                                disc[a:b], a)
-        else:
-            g_v, g_c, lc = grads(params, Wc, S[a:b], u_loss[a:b], disc[a:b])
-            dv, dc = dv + g_v, dc + g_c
-        losses.append(lc)
-    if cfg.schedule == "episode":
-        params, opt_state = step(params, opt_state, dv, dc)
-    metrics = EpisodeMetrics(indices=S, ks=ks, rewards=rewards, discounted_rewards=disc,
-                             losses=jnp.concatenate(losses), total_reward=jnp.sum(rewards))
-    return _advance(state, params, opt_state, metrics.total_reward), metrics
-
-
-# ----------------------------------------------------------------------------- host loop
-
-@dataclasses.dataclass
-class TrainResult:
-    state: TrainState  # final state (params after the last episode, best_params, ...)
-    history: list  # per episode: EpisodeMetrics as host numpy arrays, cut to num_layers
-    setup_seconds: float  # placing W and the reference spectra
-    episode_seconds: list  # wall time per episode (the first includes compilation)
-
-
-def episode_key(key: jax.Array, episode: int) -> jax.Array:
-    """The key of episode `episode` of a run seeded with `key`."""
-    return jax.random.fold_in(key, episode)
-
-
-def initial_params(seed: int, intermediate_size: int, hidden_size: int) -> policy_lib.Params:
-    """The policy a run seeded with `seed` starts from."""
-    return policy_lib.init_params(rng.key(seed, rng.POLICY_INIT), intermediate_size, hidden_size)
-
-
-def history_arrays(history: list) -> dict[str, np.ndarray]:
-    """Per-episode host metrics stacked on a leading episode axis, one array per field."""
-    return {f: np.stack([getattr(m, f) for m in history]) for f in EpisodeMetrics._fields}
-
-
-def history_from_arrays(arrays: dict[str, np.ndarray]) -> list:
-    n = len(arrays["total_reward"])
-    return [EpisodeMetrics(**{f: np.asarray(arrays[f][e]) for f in EpisodeMetrics._fields})
-            for e in range(n)]
-
-
-def history_template(num_episodes: int, num_layers: int, k: int) -> dict[str, np.ndarray]:
-    """Zero arrays shaped like `history_arrays` of `num_episodes` episodes (for restoring)."""
-    E, L = num_episodes, num_layers
-    per_layer = lambda: np.zeros((E, L), np.float32)
-    return {"indices": np.zeros((E, L, k), np.int32), "ks": per_layer(), "rewards": per_layer(),
-            "discounted_rewards": per_layer(), "losses": per_layer(),
-            "total_reward": np.zeros((E,), np.float32)}
-
-
-def device_dtype(dtype) -> np.dtype:
-    """The dtype gate matrices are kept in on the device: their own when fp32, bf16 or fp16
-    (spectra and logits are accumulated in fp32 anyway), else fp32."""
-    dtype = np.dtype(dtype)
-    return dtype if dtype.name in ("float32", "bfloat16", "float16") else np.dtype(np.float32)
-
-
-def train(W: np.ndarray, cfg: TrainConfig, *, params: Optional[policy_lib.Params] = None,
-          seed: int = 42, num_episodes: int = 20, mesh: Optional[Mesh] = None,
-          callback: Optional[Callable[[int, EpisodeMetrics], None]] = None,
-          resume_from: Optional[tuple[TrainState, list]] = None,
-          on_state: Optional[Callable[[int, TrainState, list], None]] = None,
-          device_budget_bytes: Optional[int] = None) -> TrainResult:
-    """Trains the policy on host gate matrices W (L, I, H) for `num_episodes` episodes.
-
-    `seed` fixes everything: key = jax.random.key(seed); the policy (when `params` is None) is
-    initialised from fold_in(key, 0), episode e uses fold_in(fold_in(key, 1), e).
-    `callback(episode, metrics)` is called after each episode with host metrics.
-    `resume_from=(state, history)` (host arrays, e.g. restored from a checkpoint after
-    `state.episode` episodes) continues that run: the result equals an uninterrupted run's.
-    `on_state(episodes_done, state, history)` is called after each episode (for checkpointing).
-    Without a mesh, a stack that does not fit `device_budget_bytes` (default: see `stream_chunk`)
-    is streamed to the device in chunks of layers every episode (`streamed_episode`).
-    """
-    if num_episodes < 1:
-        raise UserError(f"num_episodes={num_episodes}: train for at least one episode")
-    L, I, H = W.shape
-    start = time.perf_counter()
-    ep_key = rng.key(seed, rng.EPISODES)
-    if resume_from is not None:
-        state, history = resume_from[0], list(resume_from[1])
-    else:
-        state = init_state(initial_params(seed, I, H) if params is None else params, cfg)
-        history = []
-    first = int(np.asarray(state.episode))
-    if first != len(history):
-        raise ValueError(f"resume state is after {first} episodes but history has {len(history)}")
-    # W (an array or a LazyLayerStack) goes to the device(s) a layer at a time, in its stored
-    # dtype (bf16 stays bf16); no host copy of the stack is made or kept.
-    # Without a mesh: a 1-device one, so that W, the state and the episode's outputs all have the
-    # same sharding and the episode compiles once.
-    place_on = mesh if mesh is not None else sharding.make_mesh(1)
-    state = sharding.replicate(state, place_on)
-    chunk = None if mesh is not None else stream_chunk(W.shape, W.dtype, cfg, device_budget_bytes)
-    if chunk is not None:
-        ref_sv = jax.block_until_ready(streamed_reference_singular_values(W, chunk, cfg.sv_method))
-        run_episode = lambda state, key: streamed_episode(cfg, state, W, ref_sv, key, chunk)
-    else:
-        W_dev = sharding.place_stacked(W, place_on, dtype=device_dtype(W.dtype))
-        grams = None
-        if spectral.uses_downdate(I, H, sampling.num_kept(I, cfg.ratio), cfg.sv_method):
-            grams = layer_grams(W_dev, mesh=mesh)  # once per run: every episode downdates them
-        ref_sv = jax.block_until_ready(reference_singular_values(
-            W_dev, mesh=mesh, method=cfg.sv_method, grams=grams))
-        episode_fn = _cached_episode_fn(cfg, L, mesh)
-        run_episode = lambda state, key: episode_fn(state, W_dev, ref_sv, key, grams)
-    if not bool(sharding.to_host(_all_finite_fn(ref_sv))):
-        raise UserError("the gate matrices' singular values are not finite (weights too large for "
-                        "float32); the model cannot be pruned by its spectra")
-    setup_seconds = time.perf_counter() - start
-    seconds = []
-    for e in range(first, num_episodes):
-        t0 = time.perf_counter()
-        state, metrics = run_episode(state, episode_key(ep_key, e))
-        host = EpisodeMetrics(*(sharding.to_host(m) for m in metrics))
-        host = host._replace(**{f: host_f[:L] for f, host_f in host._asdict().items()
-                                if f != "total_reward"})
-        check_finite_episode(e, host, state.params, cfg)
-        history.append(host)
-        seconds.append(time.perf_counter() - t0)  # to_host above waited for the episode
-        if callback is not None:
-            callback(e, host)
-        if on_state is not None:
-            on_state(e + 1, state, history)
-    return TrainResult(state=state, history=history, setup_seconds=setup_seconds,
-                       episode_seconds=seconds)

@@ -12,7 +12,7 @@ from absl import logging
 from prunenet_jax import sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import orbax
-from prunenet_jax.run import atomic
+from prunenet_jax.files import output_folder
 from prunenet_jax.weights import dtype_by_name
 
 
@@ -37,7 +37,7 @@ def convert(job: ConvertJob) -> dict:
     if job.dtype and to != "hf":
         raise UserError("--dtype applies to HF output only (orbax keeps the source dtypes)")
     dtype = None if job.dtype is None else dtype_by_name(job.dtype)
-    atomic.check_out_dir(job.output, [job.input, path], reuse=job.overwrite,
+    output_folder.check_out_dir(job.output, [job.input, path], reuse=job.overwrite,
                          name=f"--output={job.output}", replaced=True, must_not_exist=True,
                          fix="pass --overwrite to replace it, or choose a new folder")
 

@@ -17,9 +17,9 @@ from typing import Optional
 from absl import logging
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.run import atomic
+from prunenet_jax.files import atomic
 
-LOCK_FILE = atomic.LOCK_FILE
+LOCK_FILE = ".prunenet.lock"  # not counted as content of a run folder (output_folder.py)
 
 
 def lock_path(folder: str, name: str = LOCK_FILE) -> str:

@@ -19,7 +19,7 @@ import os
 from typing import Any, Optional
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.run import atomic
+from prunenet_jax.files import atomic, run_lock
 
 MANIFEST = "manifest.json"
 POLICY = "policy"
@@ -230,8 +230,8 @@ def shard_manifest_name(index: int, count: int) -> str:
 
 
 def lock_name(index: int, count: int) -> str:
-    """The run lock of one batch shard (run/run_lock.py); one shard locks the whole folder."""
-    return atomic.LOCK_FILE if count == 1 else f"{atomic.LOCK_FILE}.shard-{index:05d}-of-{count:05d}"
+    """The run lock of one batch shard (files/run_lock.py); one shard locks the whole folder."""
+    return run_lock.LOCK_FILE if count == 1 else f"{run_lock.LOCK_FILE}.shard-{index:05d}-of-{count:05d}"
 
 
 def merge_manifests(out_dir: str, count: int) -> dict:
