@@ -114,10 +114,11 @@ def time_gguf_tokenizer() -> float:
     """hf_export rebuilds the tokenizer from the GGUF file on every export of a GGUF source: the
     seconds of that rebuild alone (part of each hf_export time of a GGUF source)."""
     from prunenet_jax.formats import gguf as gguf_format
+    from prunenet_jax.formats import gguf_tokenizer
     from prunenet_jax import sources
 
     t0 = time.perf_counter()
-    gguf_format.load_gguf_tokenizer(sources.resolve_source("default")[1])
+    gguf_tokenizer.load_gguf_tokenizer(sources.resolve_source("default")[1])
     return time.perf_counter() - t0
 
 
@@ -264,7 +265,7 @@ def main() -> None:
         if any(row["kind"] == "gguf" for row in rows):
             result["gguf_tokenizer_build_seconds"] = tok = time_gguf_tokenizer()
             print(f"of each GGUF hf_export: rebuilding the tokenizer from the .gguf takes {tok:.2f} s "
-                  "(gguf_format.load_gguf_tokenizer, timed once more on its own)")
+                  "(gguf_tokenizer.load_gguf_tokenizer, timed once more on its own)")
         if args.launcher:
             result["launcher"] = launch = time_launcher(ratios, os.path.join(out_dir, "launcher"), args.seed)
             print(f"launcher end to end: {launch['wall_seconds']:.2f} s, peak RSS "

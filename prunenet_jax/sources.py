@@ -109,7 +109,9 @@ def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[LlamaC
 def load_tokenizer(weights: ModelWeights):
     """The tokenizer that belongs to the loaded model (HF folder files, or built from GGUF)."""
     if weights.gguf_file:
-        return _gguf().load_gguf_tokenizer(weights.gguf_file)
+        from prunenet_jax.formats import gguf_tokenizer
+
+        return gguf_tokenizer.load_gguf_tokenizer(weights.gguf_file)
     from transformers import AutoTokenizer
 
     try:

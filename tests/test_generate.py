@@ -74,9 +74,10 @@ def test_greedy_equals_transformers_on_tiny_models(tmp_path, name, overrides):
 def test_default_model_greedy_equals_transformers(hf_default_model):
     """32 greedy tokens from two prompts of different lengths, batched, token for token."""
     from prunenet_jax.formats import gguf as gguf_io
+    from prunenet_jax.formats import gguf_tokenizer
 
     weights = sources.load_model("default")
-    tokenizer = gguf_io.load_gguf_tokenizer(gguf_io.default_model_path())
+    tokenizer = gguf_tokenizer.load_gguf_tokenizer(gguf_io.default_model_path())
     model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     prompts = [tokenizer(p)["input_ids"] for p in (
         "The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.")]
@@ -165,9 +166,10 @@ def test_launcher_user_errors(args, fragment):
 
 def test_launcher_chat_without_template_is_refused(tmp_path):
     from prunenet_jax.formats import gguf as gguf_io
+    from prunenet_jax.formats import gguf_tokenizer
 
     folder = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_tied"), tmp_path / "m")
-    tokenizer = gguf_io.load_gguf_tokenizer(gguf_io.default_model_path())
+    tokenizer = gguf_tokenizer.load_gguf_tokenizer(gguf_io.default_model_path())
     tokenizer.chat_template = None
     tokenizer.save_pretrained(folder)
     proc = _launch(f"--model={folder}", "--prompt=hi", "--chat")

@@ -13,7 +13,9 @@ from gguf import quants
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import LlamaConfig
 from prunenet_jax.formats import gguf as gguf_format
+from prunenet_jax.formats import gguf_config, gguf_tokenizer
 from prunenet_jax.errors import UserError
+from tests.machine import require_module
 
 # ---------------------------------------------------------------------------------------------
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1) against transformers
@@ -106,7 +108,7 @@ def test_default_model_config_equals_transformers(ours, hf_model):
 
 
 def test_default_model_tokenizer(default_path, ours):
-    tok = gguf_format.load_gguf_tokenizer(default_path)
+    tok = gguf_tokenizer.load_gguf_tokenizer(default_path)
     assert len(tok) == ours.config.vocab_size
     assert tok.eos_token_id == ours.hf_config["eos_token_id"]
     assert tok.bos_token_id == ours.hf_config["bos_token_id"]
@@ -300,7 +302,7 @@ def test_synthetic_qwen2_is_not_permuted(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_synthetic_matches_transformers(tmp_path, arch):
     """transformers' own GGUF loader (its own un-permutation) agrees with ours, config included."""
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     from transformers import AutoModelForCausalLM
 
     tensors = make_tensors(seed=7, arch=arch)
@@ -352,13 +354,13 @@ def llama_cpp_rope_factors(theta, dim, factor, low, high, old_ctx):
     (10000.0, 64, 16.0, 2.0, 8.0, 2048),     # made up: not the Llama 3 defaults
 ])
 def test_llama3_rope_recovered_from_rope_freqs(theta, dim, factor, low, high, ctx):
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     factors = llama_cpp_rope_factors(theta, dim, factor, low, high, ctx)
     assert factors.min() == 1 and factors.max() == factor  # all three regions present
-    params = gguf_format.llama3_from_rope_factors(factors, theta, dim)
+    params = gguf_config.llama3_from_rope_factors(factors, theta, dim)
     assert params and params["factor"] == factor
 
     def inv_freq(p):
@@ -429,7 +431,7 @@ def test_missing_file_folder_and_not_gguf(tmp_path):
     with pytest.raises(UserError, match="not a GGUF file"):
         gguf_format.load_gguf(str(empty))
     with pytest.raises(UserError, match="no such file"):
-        gguf_format.load_gguf_tokenizer(str(tmp_path / "nope.gguf"))
+        gguf_tokenizer.load_gguf_tokenizer(str(tmp_path / "nope.gguf"))
 
 
 def test_unsupported_architecture(tmp_path):
@@ -467,8 +469,8 @@ def test_tokenizer_errors_are_user_errors(tiny_file, tmp_path):
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(open(tiny_file, "rb").read()[:300])
     with pytest.raises(UserError) as e:
-        gguf_format.load_gguf_tokenizer(str(bad))
+        gguf_tokenizer.load_gguf_tokenizer(str(bad))
     assert str(bad) in str(e.value)
     with pytest.raises(UserError) as e:  # metadata without a tokenizer model
-        gguf_format.load_gguf_tokenizer(tiny_file)
+        gguf_tokenizer.load_gguf_tokenizer(tiny_file)
     assert tiny_file in str(e.value)

@@ -51,19 +51,19 @@ def load_gguf_tokenizer(path: str):
     """The fast tokenizer described by the GGUF file's metadata (built once per file version:
     every export of a batch needs it, and reading 50k+ tokens takes a second). Each caller gets
     its own copy (0.1 s), so changing one (a chat template, added tokens) never changes another's."""
-    from prunenet_jax.formats import gguf as gguf_io
+    from prunenet_jax.formats import gguf_file
 
     path = os.fspath(path)
-    gguf_io.open_gguf(path)  # clear errors for a missing, non-GGUF or truncated file
+    gguf_file.open_gguf(path)  # clear errors for a missing, non-GGUF or truncated file
     stat = os.stat(path)
     return copy.deepcopy(_cached_tokenizer(os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=2)
 def _cached_tokenizer(path: str, size: int, mtime_ns: int):
-    from prunenet_jax.formats import gguf as gguf_io
+    from prunenet_jax.formats import gguf_file
 
-    return build_tokenizer(_tokenizer_metadata(gguf_io.open_gguf(path), path), path)
+    return build_tokenizer(_tokenizer_metadata(gguf_file.open_gguf(path), path), path)
 
 
 def _tokenizer_metadata(reader, path: str) -> dict[str, Any]:

@@ -366,9 +366,9 @@ def _torch_save(torch, path: str, shard: dict, dtype: np.dtype) -> None:
 
 def _write_tokenizer(weights: ModelWeights, folder: str) -> None:
     if weights.gguf_file:  # built from the file's metadata, saved as tokenizer.json & co
-        from prunenet_jax.formats import gguf
+        from prunenet_jax.formats import gguf_tokenizer
 
-        gguf.load_gguf_tokenizer(weights.gguf_file).save_pretrained(folder)
+        gguf_tokenizer.load_gguf_tokenizer(weights.gguf_file).save_pretrained(folder)
         return
     src = weights.tokenizer_dir
     if not src or not os.path.isdir(src):
