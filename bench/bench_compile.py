@@ -21,11 +21,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from prunenet_jax.models import decoder
-from prunenet_jax.models.config import LlamaConfig  # noqa: E402
+from prunenet_jax.models.config import ModelConfig  # noqa: E402
 
 
-def config(layers: int, args) -> LlamaConfig:
-    return LlamaConfig(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
+def config(layers: int, args) -> ModelConfig:
+    return ModelConfig(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
                        intermediate_size=args.intermediate, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
                        rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -44,7 +44,7 @@ def main() -> None:
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)))
     mask = jnp.ones_like(tokens)
     for layers in (int(x) for x in args.layers.split(",")):
-        model = decoder.LlamaForCausalLM(config(layers, args), scan=False if args.unrolled else None)
+        model = decoder.CausalLM(config(layers, args), scan=False if args.unrolled else None)
         graphdef, state = nnx.split(model)
         forward = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, m))
         t0 = time.perf_counter()

@@ -105,16 +105,16 @@ def timed_training(W, episodes: int, deadline: float) -> dict:
 def ppl_throughput() -> dict:
     from flax import nnx
 
-    from models.config import LlamaConfig
-    from models.llama import LlamaForCausalLM
+    from prunenet_jax.models.config import ModelConfig
+    from prunenet_jax.models.decoder import CausalLM
     from prunenet_jax.perplexity import Scorer
 
-    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-    cfg = LlamaConfig(**{k: v for k, v in DEFAULT_CONFIG.items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in DEFAULT_CONFIG.items() if k in fields})
     if TINY:
         cfg = dataclasses.replace(cfg, num_hidden_layers=2, vocab_size=512)
     seq, batch, windows = (64, 2, 4) if TINY else (512, 8, 64)
-    scorer = Scorer(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    scorer = Scorer(CausalLM(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (windows, seq)).astype(np.int32)
     mask = np.ones_like(tokens)
@@ -132,8 +132,8 @@ def ppl_throughput() -> dict:
 def recovery_throughput(steps: int = 5) -> dict:
     from flax import nnx
 
-    from models.config import LlamaConfig
-    from models.llama import LlamaForCausalLM
+    from prunenet_jax.models.config import ModelConfig
+    from prunenet_jax.models.decoder import CausalLM
     from prunenet_jax.recovery import trainer
 
     shape = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
@@ -143,15 +143,15 @@ def recovery_throughput(steps: int = 5) -> dict:
     if TINY:
         shape.update(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-    dense_cfg = LlamaConfig(**{k: v for k, v in shape.items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    dense_cfg = ModelConfig(**{k: v for k, v in shape.items() if k in fields})
     pruned_cfg = dataclasses.replace(dense_cfg, intermediate_size=sampling.num_kept(
         dense_cfg.intermediate_size, 0.3))
     batch, seq = (2, 32) if TINY else (8, 512)
     cfg = trainer.RecoverConfig(steps=steps + 1, method="lora", objective="distill",
                                 batch_size=batch, seq_len=seq, compute_dtype="bfloat16")
-    rec = trainer.Recovery(LlamaForCausalLM(pruned_cfg, rngs=nnx.Rngs(1)),
-                           LlamaForCausalLM(dense_cfg, rngs=nnx.Rngs(0)), cfg)
+    rec = trainer.Recovery(CausalLM(pruned_cfg, rngs=nnx.Rngs(1)),
+                           CausalLM(dense_cfg, rngs=nnx.Rngs(0)), cfg)
     tokens = np.random.default_rng(0).integers(0, dense_cfg.vocab_size, (batch, seq)).astype(np.int32)
     mask = np.ones_like(tokens)
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ _REQUIRED = object()
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class ModelConfig:
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -40,7 +40,7 @@ class LlamaConfig:
         return self.intermediate_size
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Builds the config from a `config.json` dict (transformers v4 or v5 layout); every field
         it reads is checked for type and range first (`_checked`)."""
         if not isinstance(cfg, dict):

@@ -66,7 +66,7 @@ def _prefill(graphdef, size: int, state, tokens, pad):
     return model.logits(x[:, -1:])[:, 0], dataclasses.replace(cache, index=jnp.int32(P))
 
 
-def decode_step(model: decoder.LlamaForCausalLM, cache: decoder.KVCache, token, pad):
+def decode_step(model: decoder.CausalLM, cache: decoder.KVCache, token, pad):
     """Runs token (B,) at slot cache.index of left-padded rows: the next-token logits (B, V) and
     the cache with that slot filled."""
     q_pos = (cache.index - pad)[:, None]
@@ -113,7 +113,7 @@ def unpad(tokens, mask) -> list[list[int]]:
     return [row[keep].tolist() for row, keep in zip(tokens, mask)]
 
 
-def prefill(model: decoder.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+def prefill(model: decoder.CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int):
     """Left-pads the prompts into a (B, S) token buffer and runs them through a fresh cache.
     Returns (tokens (B, S), pad (B,), next-token logits (B, V), cache with index P)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -136,7 +136,7 @@ def prefill(model: decoder.LlamaForCausalLM, prompts: Sequence[Sequence[int]], m
     return tokens, pad, logits, cache
 
 
-def generate(model: decoder.LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate(model: decoder.CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              eos_ids: Sequence[int] = ()) -> list[list[int]]:
     """The tokens generated after each prompt (token-id lists; `unpad` turns a padded batch into

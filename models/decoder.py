@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.errors import UserError
 
 _INIT_STD = 0.02
@@ -61,7 +61,7 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * h.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse frequencies of the rotary embedding, with llama3 scaling when configured."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
@@ -97,7 +97,7 @@ class KVCache:
     index: jax.Array  # int32 scalar
 
     @classmethod
-    def zeros(cls, cfg: LlamaConfig, batch: int, size: int, dtype) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype) -> "KVCache":
         shape = (cfg.num_hidden_layers, batch, size, cfg.num_key_value_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
@@ -110,7 +110,7 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         H, D = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, D
         self.q_proj = Linear(H, self.num_heads * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
@@ -160,7 +160,7 @@ def channel_moments(h, valid):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, width: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, width: int, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
@@ -186,7 +186,7 @@ class LlamaModel(nnx.Module):
     """`layers` is one DecoderLayer with stacked (L, ...) parameters, scanned, when every layer has
     the same MLP width (compile time independent of depth); else a list, unrolled."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs, scan: bool):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, scan: bool):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         layers = [DecoderLayer(cfg, cfg.mlp_width(i), dtype=dtype, rngs=rngs)
                   for i in range(cfg.num_hidden_layers)]
@@ -221,13 +221,13 @@ class LlamaModel(nnx.Module):
         return x, cache, stats
 
 
-def uniform_widths(cfg: LlamaConfig) -> bool:
+def uniform_widths(cfg: ModelConfig) -> bool:
     """Whether every layer has the same MLP width, so the layers can be stacked and scanned."""
     return len({cfg.mlp_width(i) for i in range(cfg.num_hidden_layers)}) == 1
 
 
-class LlamaForCausalLM(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None,
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None,
                  scan: Optional[bool] = None):
         """scan: stack and scan the layers (None: when the MLP widths are uniform; False unrolls)."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -308,7 +308,7 @@ def _channel_stats(graphdef, state, tokens, mask) -> ChannelStats:
     return ChannelStats(sum_sq, peak, jnp.sum(valid, dtype=jnp.int32))
 
 
-def channel_stats(model: LlamaForCausalLM, tokens, mask=None) -> ChannelStats:
+def channel_stats(model: CausalLM, tokens, mask=None) -> ChannelStats:
     """One jitted forward over tokens (B, T) (mask: 1 for real tokens) that returns only the MLP
     channel statistics of every layer: memory O(L * I) whatever the number of tokens, so a caller
     streams over batches with `ChannelStats.merge`. Compiled once per shape."""
@@ -317,7 +317,7 @@ def channel_stats(model: LlamaForCausalLM, tokens, mask=None) -> ChannelStats:
     return _channel_stats(graphdef, state, jnp.asarray(tokens), mask)
 
 
-def named_arrays(model: LlamaForCausalLM) -> dict[str, jax.Array]:
+def named_arrays(model: CausalLM) -> dict[str, jax.Array]:
     """Every parameter under its HF name (a scanned parameter as its (L, ...) stack under the
     layer suffix, e.g. `mlp.gate_proj.weight`; an unrolled one per layer, full name): the inverse
     of `from_named_arrays` for models without adapters."""
@@ -333,11 +333,11 @@ def named_arrays(model: LlamaForCausalLM) -> dict[str, jax.Array]:
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def from_named_arrays(cfg: LlamaConfig, named: Iterable[tuple[str, np.ndarray]],
-                      dtype=jnp.float32, scan: Optional[bool] = None) -> LlamaForCausalLM:
+def from_named_arrays(cfg: ModelConfig, named: Iterable[tuple[str, np.ndarray]],
+                      dtype=jnp.float32, scan: Optional[bool] = None) -> CausalLM:
     """Builds the model from (HF name, array) pairs without allocating a random init first.
     In a scanned model, layer i's tensor is row i of the stacked parameter."""
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, scan=scan))
+    model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, scan=scan))
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     scanned, L = not isinstance(model.model.layers, nnx.List), cfg.num_hidden_layers
     rows: dict[tuple, list] = {}  # stacked parameter -> its L layers' arrays

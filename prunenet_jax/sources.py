@@ -13,7 +13,7 @@ from prunenet_jax.errors import UserError
 from prunenet_jax.formats import hf
 from prunenet_jax.formats.layer_stack import LazyLayerStack
 from prunenet_jax.models import registry
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.weights import ModelWeights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,7 +34,7 @@ def load_model(source: str, dtype=np.float32, revision: Optional[str] = None) ->
     return weights
 
 
-def load_config(source: str, revision: Optional[str] = None) -> LlamaConfig:
+def load_config(source: str, revision: Optional[str] = None) -> ModelConfig:
     """The model's config without reading its weights: what launchers validate flags against
     before the heavy load (a hub id is still downloaded)."""
     kind, path = resolve_source(source, revision)
@@ -93,7 +93,7 @@ def download(repo_id: str, revision: Optional[str] = None) -> str:
                         "check the name and revision, the network, or pass a local folder") from None
 
 
-def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[LlamaConfig, LazyLayerStack]:
+def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[ModelConfig, LazyLayerStack]:
     """The config and the gate matrices (L, I, H) as a stack read layer by layer on use, in the
     stored dtype of an HF checkpoint (fp32 for a dequantised GGUF): training streams it to the
     devices a layer at a time, and each host of a multi-host run reads only its own layers."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 
 # The floating dtypes weights are computed in and exported as, by the name config.json and
 # --dtype use (numpy dtypes; JAX takes them as they are).
@@ -39,7 +39,7 @@ def check_shape(source: str, name: str, found: tuple, expected: tuple, implied_b
 
 @dataclasses.dataclass
 class ModelWeights:
-    config: LlamaConfig
+    config: ModelConfig
     hf_config: dict[str, Any]  # the source `config.json` (built from metadata for GGUF)
     globals: dict[str, np.ndarray]  # registry.EMBED, FINAL_NORM, and LM_HEAD unless tied
     layers: dict[str, np.ndarray]  # registry layer suffix -> stacked (L, ...) array

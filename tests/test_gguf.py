@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from prunenet_jax.models import registry
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.formats import gguf as gguf_format
 from prunenet_jax.formats import gguf_config, gguf_tokenizer
 from prunenet_jax.errors import UserError
@@ -84,7 +84,7 @@ def test_default_model_weights_equal_transformers(ours, hf_model):
         assert arr.dtype == np.float32 and arr.flags.writeable and arr.flags.c_contiguous
 
 
-def _assert_configs_equal(ours_cfg: LlamaConfig, theirs: LlamaConfig):
+def _assert_configs_equal(ours_cfg: ModelConfig, theirs: ModelConfig):
     a, b = dataclasses.asdict(ours_cfg), dataclasses.asdict(theirs)
     assert a.keys() == b.keys()
     for key in a:
@@ -96,7 +96,7 @@ def _assert_configs_equal(ours_cfg: LlamaConfig, theirs: LlamaConfig):
 
 def test_default_model_config_equals_transformers(ours, hf_model):
     theirs = hf_model.config.to_dict()
-    _assert_configs_equal(ours.config, LlamaConfig.from_hf(theirs))
+    _assert_configs_equal(ours.config, ModelConfig.from_hf(theirs))
     assert ours.config.num_hidden_layers == 30 and ours.config.num_key_value_heads == 3
     assert ours.hf_config["architectures"] == ["LlamaForCausalLM"]
     assert ours.hf_config["rms_norm_eps"] == 1e-5  # not 9.999999747378752e-06
@@ -311,7 +311,7 @@ def test_synthetic_matches_transformers(tmp_path, arch):
                                               dtype=torch.float32)
     weights = gguf_format.load_gguf(path)
     assert _compare_state_dict(weights, hf.state_dict(), atol=1e-6) == 0.0
-    _assert_configs_equal(weights.config, LlamaConfig.from_hf(hf.config.to_dict()))
+    _assert_configs_equal(weights.config, ModelConfig.from_hf(hf.config.to_dict()))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -20,7 +20,7 @@ from prunenet_jax.formats import hf
 from prunenet_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from prunenet_jax.launch import flags as launch_flags
 from prunenet_jax.method import episode, trainer
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.files import atomic, output_folder, run_lock
 from prunenet_jax.run import batch
 from prunenet_jax.formats import run_dir
@@ -119,13 +119,13 @@ GOOD = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediat
 ])
 def test_config_fields_are_checked_by_schema(change, field):
     with pytest.raises(UserError, match=f"field '{field}'") as e:
-        LlamaConfig.from_hf({**GOOD, **change}, source="x/config.json")
+        ModelConfig.from_hf({**GOOD, **change}, source="x/config.json")
     assert str(e.value).startswith("x/config.json")
 
 
 def test_config_json_of_the_wrong_shape(tmp_path):
-    assert LlamaConfig.from_hf(dict(GOOD)).head_dim == 8
-    assert LlamaConfig.from_hf({**GOOD, "hidden_size": 32.0}).hidden_size == 32
+    assert ModelConfig.from_hf(dict(GOOD)).head_dim == 8
+    assert ModelConfig.from_hf({**GOOD, "hidden_size": 32.0}).hidden_size == 32
     for content in ("[1, 2, 3]", '"llama"', "null", "[" * 100000, "{\"a\": NaN"):
         (tmp_path / "config.json").write_text(content)
         with pytest.raises(UserError, match="config.json"):
@@ -217,7 +217,7 @@ def test_seeds_and_eval_settings_in_range():
                          ("batch_size", 10**9), ("max_tokens", -1), ("max_tokens", 10**20)):
         with pytest.raises(UserError, match=f"--{field}"):
             EvalConfig(texts={}, **{field: value}).check()
-    mistral = LlamaConfig.from_hf({**GOOD, "model_type": "mistral", "sliding_window": 16})
+    mistral = ModelConfig.from_hf({**GOOD, "model_type": "mistral", "sliding_window": 16})
     with pytest.raises(UserError, match="sliding window of 16"):
         EvalConfig(texts={}, seq_len=17).check_model(mistral, "m")
     EvalConfig(texts={}, seq_len=16).check_model(mistral, "m")

@@ -45,7 +45,7 @@ def test_scanned_logits_equal_unrolled(tmp_path, name):
 
 
 def _config(layers):
-    return decoder.LlamaConfig(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=24,
+    return decoder.ModelConfig(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=24,
                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                              head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4)
 
@@ -56,7 +56,7 @@ def test_traced_program_does_not_grow_with_depth():
     tokens = jnp.zeros((1, 8), jnp.int32)
 
     def size(layers, scan):
-        graphdef, state = nnx.split(decoder.LlamaForCausalLM(_config(layers), scan=scan))
+        graphdef, state = nnx.split(decoder.CausalLM(_config(layers), scan=scan))
         return len(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state).eqns)
 
     assert size(2, None) == size(12, None)
@@ -66,9 +66,9 @@ def test_traced_program_does_not_grow_with_depth():
 def test_equal_shapes_share_one_compilation():
     """Perplexity of two different models of the same shapes compiles once."""
     tokens, mask = (np.ones((2, 8), np.int32),) * 2
-    evaluate.Scorer(decoder.LlamaForCausalLM(_config(3), rngs=nnx.Rngs(1))).nll(tokens, mask, 2)
+    evaluate.Scorer(decoder.CausalLM(_config(3), rngs=nnx.Rngs(1))).nll(tokens, mask, 2)
     before = evaluate._window_nll._cache_size()
-    evaluate.Scorer(decoder.LlamaForCausalLM(_config(3), rngs=nnx.Rngs(2))).nll(tokens, mask, 2)
+    evaluate.Scorer(decoder.CausalLM(_config(3), rngs=nnx.Rngs(2))).nll(tokens, mask, 2)
     assert evaluate._window_nll._cache_size() == before
 
 

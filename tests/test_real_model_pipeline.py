@@ -14,7 +14,7 @@ from prunenet_jax import prune
 from prunenet_jax.formats import orbax as orbax_format
 from prunenet_jax.formats import hf as hf_format
 from prunenet_jax import sources
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 from tests.test_hf_export import _assert_close, _hf_load, _hf_logits, _our_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def test_batch_of_three_real_checkpoints_two_ratios(pruned_run, tmp_path):
     other = sources.load_model("default")
     other.layers = {n: a[:3] for n, a in other.layers.items()}  # another shape: 3 layers
     other.hf_config = {**other.hf_config, "num_hidden_layers": 3, "intermediate_size": 1536}
-    other.config = LlamaConfig.from_hf(other.hf_config)
+    other.config = ModelConfig.from_hf(other.hf_config)
     other = prune.slice_weights(other, np.tile(np.arange(1000), (3, 1)))  # I = 1000
     copies.append(hf_format.export_hf(other, str(tmp_path / "narrow")))
 

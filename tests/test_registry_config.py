@@ -7,7 +7,7 @@ from prunenet_jax import rng
 from prunenet_jax.errors import UserError
 from prunenet_jax.method import episode, policy, trainer
 from prunenet_jax.models import registry
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 
 BASE = {"vocab_size": 32, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 1}
@@ -15,7 +15,7 @@ BASE = {"vocab_size": 32, "hidden_size": 8, "intermediate_size": 12, "num_hidden
 
 @pytest.mark.parametrize("model_type,qkv_bias", [("llama", False), ("mistral", False), ("qwen2", True)])
 def test_config_and_tensor_names(model_type, qkv_bias):
-    cfg = LlamaConfig.from_hf({**BASE, "model_type": model_type})
+    cfg = ModelConfig.from_hf({**BASE, "model_type": model_type})
     assert (cfg.head_dim, cfg.qkv_bias, cfg.o_bias) == (4, qkv_bias, False)
     shapes = registry.expected_shapes(cfg)
     assert shapes[registry.GATE] == (2, 12, 8) and shapes[registry.DOWN] == (2, 8, 12)
@@ -23,25 +23,25 @@ def test_config_and_tensor_names(model_type, qkv_bias):
     assert (registry.Q_BIAS in shapes) == qkv_bias and registry.LM_HEAD in shapes
     for name in registry.layer_tensor_names(cfg):  # every tensor has a GGUF name
         assert name in registry.GGUF_LAYER
-    tied = LlamaConfig.from_hf({**BASE, "model_type": model_type, "tie_word_embeddings": True})
+    tied = ModelConfig.from_hf({**BASE, "model_type": model_type, "tie_word_embeddings": True})
     assert registry.LM_HEAD not in registry.expected_shapes(tied)
 
 
 def test_rope_layouts_and_bad_configs():
-    v4 = LlamaConfig.from_hf({**BASE, "model_type": "llama", "rope_theta": 5e5, "rope_scaling": {
+    v4 = ModelConfig.from_hf({**BASE, "model_type": "llama", "rope_theta": 5e5, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}})
-    v5 = LlamaConfig.from_hf({**BASE, "model_type": "llama", "rope_parameters": {
+    v5 = ModelConfig.from_hf({**BASE, "model_type": "llama", "rope_parameters": {
         "rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
     assert v4 == v5 and v4.rope_theta == 5e5 and dict(v4.rope_scaling)["factor"] == 8.0
     with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
-        LlamaConfig.from_hf({**BASE, "model_type": "gpt2"})
+        ModelConfig.from_hf({**BASE, "model_type": "gpt2"})
     with pytest.raises(UserError, match="field 'hidden_size' is missing"):
-        LlamaConfig.from_hf({k: v for k, v in BASE.items() if k != "hidden_size"} | {"model_type": "llama"})
+        ModelConfig.from_hf({k: v for k, v in BASE.items() if k != "hidden_size"} | {"model_type": "llama"})
     with pytest.raises(UserError, match="rope type 'yarn' is not supported"):
-        LlamaConfig.from_hf({**BASE, "model_type": "llama", "rope_scaling": {"rope_type": "yarn"}})
-    window = LlamaConfig.from_hf({**BASE, "model_type": "mistral", "sliding_window": 16})
+        ModelConfig.from_hf({**BASE, "model_type": "llama", "rope_scaling": {"rope_type": "yarn"}})
+    window = ModelConfig.from_hf({**BASE, "model_type": "mistral", "sliding_window": 16})
     assert window.sliding_window == 16
 
 

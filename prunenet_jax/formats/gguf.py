@@ -21,7 +21,7 @@ from prunenet_jax.errors import UserError
 from prunenet_jax.formats.gguf_config import ROPE_FREQS, gguf_hf_config
 from prunenet_jax.formats.gguf_file import dequantize, open_gguf
 from prunenet_jax.models import registry
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.weights import ModelWeights, check_shape
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     hf_config = gguf_hf_config(reader, path, tensors)
-    config = LlamaConfig.from_hf(hf_config, source=path)
+    config = ModelConfig.from_hf(hf_config, source=path)
 
     def tensor(gguf_name: str, expected: tuple) -> np.ndarray:
         if gguf_name not in tensors:
@@ -111,11 +111,11 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     return weights
 
 
-def load_gguf_config(path: str) -> LlamaConfig:
+def load_gguf_config(path: str) -> ModelConfig:
     """The config from the file's metadata, without dequantising anything."""
     path = os.fspath(path)
     reader = open_gguf(path)
-    return LlamaConfig.from_hf(gguf_hf_config(reader, path, {t.name: t for t in reader.tensors}),
+    return ModelConfig.from_hf(gguf_hf_config(reader, path, {t.name: t for t in reader.tensors}),
                                source=path)
 
 
@@ -126,7 +126,7 @@ def gguf_gate_stack(path: str):
     path = os.fspath(path)
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
-    config = LlamaConfig.from_hf(gguf_hf_config(reader, path, tensors), source=path)
+    config = ModelConfig.from_hf(gguf_hf_config(reader, path, tensors), source=path)
     shape = registry.expected_shapes(config)[registry.GATE]
     names = [f"blk.{i}.{registry.GGUF_LAYER[registry.GATE]}" for i in range(config.num_hidden_layers)]
     for n in names:

@@ -27,7 +27,7 @@ from prunenet_jax.errors import UserError
 from prunenet_jax.formats.layer_stack import LazyLayerStack
 from prunenet_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from prunenet_jax.models import registry
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.files import atomic, output_folder
 from prunenet_jax.weights import DTYPES, ModelWeights, check_shape
 
@@ -118,7 +118,7 @@ def open_shards(folder: str) -> dict[str, SafetensorsFile]:
 def load_folder(folder: str, dtype=np.float32, source: Optional[str] = None) -> ModelWeights:
     source = source or folder
     hf_config = read_config(folder)
-    cfg = LlamaConfig.from_hf(hf_config, source=os.path.join(folder, "config.json"))
+    cfg = ModelConfig.from_hf(hf_config, source=os.path.join(folder, "config.json"))
     where = open_shards(folder)
     shapes = registry.expected_shapes(cfg)
     for name in where:  # layers beyond the config mean config and weights disagree
@@ -150,11 +150,11 @@ def load_folder(folder: str, dtype=np.float32, source: Optional[str] = None) -> 
                         source=source, tokenizer_dir=folder)
 
 
-def load_config(folder: str) -> LlamaConfig:
-    return LlamaConfig.from_hf(read_config(folder), source=os.path.join(folder, "config.json"))
+def load_config(folder: str) -> ModelConfig:
+    return ModelConfig.from_hf(read_config(folder), source=os.path.join(folder, "config.json"))
 
 
-def load_gate_stack(folder: str) -> tuple[LlamaConfig, LazyLayerStack]:
+def load_gate_stack(folder: str) -> tuple[ModelConfig, LazyLayerStack]:
     """The config and the gate matrices (L, I, H) read layer by layer on use, in their stored
     dtype when it is fp32, bf16 or fp16 (a bf16 checkpoint stays bf16 on the device), else fp32."""
     cfg = load_config(folder)

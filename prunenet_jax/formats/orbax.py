@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from prunenet_jax.files import atomic, output_folder
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.weights import ModelWeights
 
 POLICY_KIND = "prunenet_jax.policy"
@@ -132,7 +132,7 @@ def load_policy(path: str) -> tuple[dict, dict]:
     return _to_numpy(_restore(path, {"params": target})["params"]), meta
 
 
-def check_policy_fits(meta: dict, config: LlamaConfig, source: str, policy_path: str) -> None:
+def check_policy_fits(meta: dict, config: ModelConfig, source: str, policy_path: str) -> None:
     """The policy maps an (I, H) gate matrix to I logits: it prunes only models of that shape."""
     want = (meta["intermediate_size"], meta["hidden_size"])
     have = (config.intermediate_size, config.hidden_size)
@@ -252,7 +252,7 @@ def load_kept(path: str) -> np.ndarray:
     meta = _expect_kind(path, MODEL_KIND, "a sliced-model orbax folder", "ratio_<r>/orbax")
     if not meta.get("has_kept"):
         raise UserError(f"{path} does not record its kept channels (it was converted, not pruned)")
-    config = LlamaConfig.from_hf(meta["hf_config"])
+    config = ModelConfig.from_hf(meta["hf_config"])
     target = {"indices": np.zeros((config.num_hidden_layers, config.intermediate_size), np.int32)}
     return _restore(path, {"kept": target})["kept"]["indices"]
 
@@ -273,8 +273,8 @@ def model_shardings(shapes: dict[str, tuple], mesh: Mesh) -> dict[str, NamedShar
     return out
 
 
-def _model_templates(meta: dict, path: str) -> tuple[LlamaConfig, dict]:
-    config = LlamaConfig.from_hf(meta["hf_config"], source=os.path.join(path, "meta"))
+def _model_templates(meta: dict, path: str) -> tuple[ModelConfig, dict]:
+    config = ModelConfig.from_hf(meta["hf_config"], source=os.path.join(path, "meta"))
     shapes = registry.expected_shapes(config)
     dtypes = meta["dtypes"]
     globals_ = {n: jax.ShapeDtypeStruct(shapes[n], np.dtype(dtypes[n]))
@@ -284,10 +284,10 @@ def _model_templates(meta: dict, path: str) -> tuple[LlamaConfig, dict]:
     return config, {"globals": globals_, "layers": layers}
 
 
-def load_config(path: str) -> LlamaConfig:
+def load_config(path: str) -> ModelConfig:
     """A sliced model checkpoint's config, without reading its tensors."""
     meta = _expect_kind(path, MODEL_KIND, "a sliced-model orbax folder", "or an HF folder")
-    return LlamaConfig.from_hf(meta["hf_config"], source=os.path.join(path, "meta"))
+    return ModelConfig.from_hf(meta["hf_config"], source=os.path.join(path, "meta"))
 
 
 def restore_model_arrays(path: str, mesh: Optional[Mesh] = None) -> tuple[dict, dict]:

@@ -79,7 +79,7 @@ def start_token(weights: ModelWeights, tokenizer_fn, seed: int) -> int:
 
 
 def self_generated(weights: ModelWeights, cal: Calibration, tokenizer_fn=lambda: None,
-                   model: Optional[decoder.LlamaForCausalLM] = None) -> np.ndarray:
+                   model: Optional[decoder.CausalLM] = None) -> np.ndarray:
     """(sequences, seq_len) int32: the start token then seq_len - 1 tokens sampled at temperature 1."""
     start = start_token(weights, tokenizer_fn, cal.seed)
     if model is None:
@@ -123,7 +123,7 @@ def _save(path: str, tokens: np.ndarray, meta: dict) -> None:
 
 
 def tokens_for(weights: ModelWeights, cal: Calibration, tokenizer_fn, folder: Optional[str] = None,
-               model: Optional[decoder.LlamaForCausalLM] = None) -> tuple[np.ndarray, bool]:
+               model: Optional[decoder.CausalLM] = None) -> tuple[np.ndarray, bool]:
     """(tokens, reused): the calibration tokens of `weights`; with `folder`, those saved there by an
     earlier run of the same calibration and model are reused, and new ones are saved there."""
     meta = {**cal.describe(), "model": weights.source,

@@ -23,7 +23,7 @@ class Stats:
     tokens: int  # tokens seen
 
 
-def shard_layers(model: decoder.LlamaForCausalLM, mesh) -> decoder.LlamaForCausalLM:
+def shard_layers(model: decoder.CausalLM, mesh) -> decoder.CausalLM:
     """The model with its stacked (scanned) layer parameters split over the mesh's layer axis and
     everything else replicated; unchanged when the layers are not stacked or the mesh size does
     not divide their number (padding layers is not free for a forward pass)."""
@@ -39,7 +39,7 @@ def shard_layers(model: decoder.LlamaForCausalLM, mesh) -> decoder.LlamaForCausa
     return model
 
 
-def collect(model: decoder.LlamaForCausalLM, tokens: np.ndarray, batch_size: int = 8,
+def collect(model: decoder.CausalLM, tokens: np.ndarray, batch_size: int = 8,
             mask: Optional[np.ndarray] = None, mesh=None) -> Stats:
     """Statistics of `model` over tokens (N, T) (mask: 1 for real tokens), batch_size rows per
     forward; the last batch is padded with masked rows so one shape compiles once."""

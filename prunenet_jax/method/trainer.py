@@ -26,7 +26,7 @@ from prunenet_jax.errors import Interrupted, UserError
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import episode, sampling, sharding, spectral, streaming
-from prunenet_jax.models.config import LlamaConfig
+from prunenet_jax.models.config import ModelConfig
 
 
 @dataclasses.dataclass
@@ -171,7 +171,7 @@ class _StopOnCtrlC:
             self._restore()
 
 
-def _restore(ckpts, config: LlamaConfig, cfg: episode.TrainConfig, seed: int, episodes: int):
+def _restore(ckpts, config: ModelConfig, cfg: episode.TrainConfig, seed: int, episodes: int):
     I, H = config.intermediate_size, config.hidden_size
     template = episode.init_state(initial_params(seed, I, H), cfg)
     k = sampling.num_kept(I, cfg.ratio)
@@ -184,7 +184,7 @@ def _restore(ckpts, config: LlamaConfig, cfg: episode.TrainConfig, seed: int, ep
     return state, history_from_arrays(history)
 
 
-def train_policy(W, config: LlamaConfig, cfg: episode.TrainConfig, *, seed: int, episodes: int,
+def train_policy(W, config: ModelConfig, cfg: episode.TrainConfig, *, seed: int, episodes: int,
                  mesh: Optional[Mesh], state_dir: Optional[str], policy_dir: Optional[str],
                  resume: bool, source: str, checkpoint_every: int = 1) -> tuple[dict, dict]:
     """Trains on every process (W may be a LazyLayerStack); returns (host params of the best

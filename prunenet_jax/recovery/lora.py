@@ -46,7 +46,7 @@ class LoraLinear(nnx.Module):
         return (w.astype(jnp.float32) + self.scale * delta).astype(w.dtype)
 
 
-def _layers(model: decoder.LlamaForCausalLM) -> list:
+def _layers(model: decoder.CausalLM) -> list:
     layers = model.model.layers
     return list(layers) if isinstance(layers, nnx.List) else [layers]
 
@@ -64,7 +64,7 @@ def check_rank(rank: int, cfg) -> None:
                         "of the adapted matrices; use a smaller rank (8 to 64 is typical)")
 
 
-def add_lora(model: decoder.LlamaForCausalLM, rank: int, alpha: float, seed: int) -> None:
+def add_lora(model: decoder.CausalLM, rank: int, alpha: float, seed: int) -> None:
     """Wraps every target projection of `model` (in place) in a LoraLinear."""
     check_rank(rank, model.config)
     key = jax.random.key(seed)
@@ -75,7 +75,7 @@ def add_lora(model: decoder.LlamaForCausalLM, rank: int, alpha: float, seed: int
             setattr(parent, name, LoraLinear(getattr(parent, name), rank, alpha, sub))
 
 
-def merge_lora(model: decoder.LlamaForCausalLM) -> None:
+def merge_lora(model: decoder.CausalLM) -> None:
     """Folds every LoraLinear of `model` (in place) back into a plain Linear."""
     for layer in _layers(model):
         for block, name in TARGETS:

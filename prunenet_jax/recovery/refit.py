@@ -72,7 +72,7 @@ def _residual(G, B, yy, coef) -> float:
     return float(yy - 2 * np.sum(coef * B) + np.sum(coef * (G @ coef)))
 
 
-def _layer(model: decoder.LlamaForCausalLM, l: int):
+def _layer(model: decoder.CausalLM, l: int):
     """(graphdef, state) of decoder layer l, whether the layers are stacked (scanned) or a list."""
     layers = model.model.layers
     if isinstance(layers, nnx.List):
@@ -81,7 +81,7 @@ def _layer(model: decoder.LlamaForCausalLM, l: int):
     return graphdef, jax.tree.map(lambda a: a[l], state)
 
 
-def refit_down(pruned: ModelWeights, dense_model: decoder.LlamaForCausalLM, tokens: np.ndarray,
+def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.ndarray,
                mask: np.ndarray, batch_size: int = 8, ridge: float = RIDGE
                ) -> tuple[ModelWeights, dict]:
     """`pruned` with every layer's down_proj (and its bias, if any) refit to `dense_model` (its

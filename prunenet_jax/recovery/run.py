@@ -54,7 +54,7 @@ def check_parent(pruned: ModelWeights, dense: ModelWeights, pruned_name: str, de
                             "differ (pruning leaves it unchanged); pass its source model with --dense")
 
 
-def to_weights(model: decoder.LlamaForCausalLM, like: ModelWeights) -> ModelWeights:
+def to_weights(model: decoder.CausalLM, like: ModelWeights) -> ModelWeights:
     """`like` with every tensor replaced by the model's (host arrays, like's dtypes)."""
     arrays = decoder.named_arrays(model)
     cast = lambda name, old: np.asarray(arrays[name]).astype(old.dtype)

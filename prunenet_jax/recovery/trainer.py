@@ -197,7 +197,7 @@ def should_cache_teacher(cfg: RecoverConfig, student_bytes: int, teacher_bytes: 
     return bool(limit) and 4 * student_bytes + teacher_bytes > 0.7 * limit
 
 
-def pool_teacher_topk(teacher: decoder.LlamaForCausalLM, tokens: np.ndarray, mask: np.ndarray, k: int,
+def pool_teacher_topk(teacher: decoder.CausalLM, tokens: np.ndarray, mask: np.ndarray, k: int,
                  batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The teacher's top-k next-token log-probs (bf16) and ids of every pool row, on the host."""
     graphdef, state = nnx.split(teacher)
@@ -245,7 +245,7 @@ class Recovery:
     arguments. `params` are trainable (fp32), `frozen` the rest, `teacher` the dense model in the
     compute dtype (distill only; None when its top-k is cached and passed with each batch)."""
 
-    def __init__(self, student: decoder.LlamaForCausalLM, teacher: Optional[decoder.LlamaForCausalLM],
+    def __init__(self, student: decoder.CausalLM, teacher: Optional[decoder.CausalLM],
                  cfg: RecoverConfig, mesh: Optional[Mesh] = None, shard_params: str = "off"):
         cfg.check()
         if cfg.method == "lora":
@@ -304,7 +304,7 @@ class Recovery:
         self.params = self.place(state["params"])
         self.opt_state = self.place(state["opt_state"])
 
-    def merged_model(self) -> decoder.LlamaForCausalLM:
+    def merged_model(self) -> decoder.CausalLM:
         """The trained student as a plain fp32 model (LoRA factors merged into the weights)."""
         model = nnx.merge(self.graphdef, self.params, self.frozen)
         model.model.remat = False
