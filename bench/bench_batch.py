@@ -8,7 +8,7 @@ Seconds per phase and peak RSS per checkpoint, to show where the time goes; agai
 
 Ours runs in this process, phase by phase as launch/batch_prune.py does (prune_run.prune_at_ratios,
 without perplexity): sources.load_model, then per ratio prune.select_kept, prune.slice_weights,
-orbax_format.save_model, hf_format.export_hf (with the tokenizer). The policy is the untrained
+orbax_format.save_model, hf_export.export_hf (with the tokenizer). The policy is the untrained
 trainer.initial_params(seed, I, H): pruning time does not depend on training. The real launcher is
 also timed end to end once (--launcher), and the reference's `batch` mode
 (bench/reference/time_reference.py) on the converted HF folder (--reference).
@@ -58,7 +58,7 @@ def reset_peak() -> bool:
 
 def time_ours(checkpoints: list[str], ratios: list[float], out_dir: str, seed: int, mode: str) -> list[dict]:
     from prunenet_jax import prune, sources
-    from prunenet_jax.formats import hf as hf_format
+    from prunenet_jax.formats import hf_export
     from prunenet_jax.formats import orbax as orbax_format
     from prunenet_jax.method import policy as policy_lib
     from prunenet_jax.method import trainer
@@ -94,7 +94,7 @@ def time_ours(checkpoints: list[str], ratios: list[float], out_dir: str, seed: i
                     "params_after": pruned.num_params()}
             orbax_format.save_model(orbax_dir, pruned, meta, kept=kept, overwrite=True)
             t.append(time.perf_counter())
-            hf_format.export_hf(pruned, hf_dir,
+            hf_export.export_hf(pruned, hf_dir,
                                 model_card=orbax_format.model_card_fields(meta), overwrite=True)
             t.append(time.perf_counter())
             row["ratios"].append({"ratio": r, "kept": int(kept.shape[1]),

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from prunenet_jax import prune
-from prunenet_jax.formats import hf as hf_format
+from prunenet_jax.formats import hf_export
 from prunenet_jax import sources
 from prunenet_jax.formats import safetensors as safetensors_format
 from prunenet_jax.errors import UserError
@@ -97,7 +97,7 @@ def _tensor_dtypes(folder):
 @pytest.mark.parametrize("name", sorted(tiny_models.CONFIGS))
 def test_transformers_loads_export_with_our_logits(tmp_path, sliced, name):
     weights = sliced(name)
-    out = hf_format.export_hf(weights, str(tmp_path / "export"), torch_format=True)
+    out = hf_export.export_hf(weights, str(tmp_path / "export"), torch_format=True)
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["intermediate_size"] == K and config["dtype"] == "float32"
     assert config["architectures"] == weights.hf_config["architectures"]
@@ -129,7 +129,7 @@ def test_transformers_loads_export_with_our_logits(tmp_path, sliced, name):
 
 def test_sharded_export(tmp_path, sliced):
     weights = sliced("llama_gqa_untied")
-    out = hf_format.export_hf(weights, str(tmp_path / "export"), max_shard_bytes=20_000)
+    out = hf_export.export_hf(weights, str(tmp_path / "export"), max_shard_bytes=20_000)
     files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     n = len(files)
     assert n >= 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -147,7 +147,7 @@ def test_sharded_export(tmp_path, sliced):
 
 def test_sharded_torch_format_loads_without_safetensors(tmp_path, sliced):
     weights = sliced("llama_tied")
-    out = hf_format.export_hf(weights, str(tmp_path / "export"), torch_format=True, max_shard_bytes=20_000)
+    out = hf_export.export_hf(weights, str(tmp_path / "export"), torch_format=True, max_shard_bytes=20_000)
     index = json.load(open(os.path.join(out, "pytorch_model.bin.index.json")))
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and shards[0] == f"pytorch_model-00001-of-{len(shards):05d}.bin"
@@ -176,7 +176,7 @@ def bf16_source(tmp_path_factory):
 
 
 def test_bf16_source_stays_bf16(tmp_path, bf16_source):
-    out = hf_format.export_hf(bf16_source, str(tmp_path / "export"), torch_format=True)
+    out = hf_export.export_hf(bf16_source, str(tmp_path / "export"), torch_format=True)
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
     assert set(_tensor_dtypes(out).values()) == {"BF16"}
     back = sources.load_model(out, dtype=None)
@@ -195,7 +195,7 @@ def test_bf16_source_stays_bf16(tmp_path, bf16_source):
 @pytest.mark.parametrize("dtype,config_name,st_name", [
     (np.float32, "float32", "F32"), ("float32", "float32", "F32"), (np.float16, "float16", "F16")])
 def test_dtype_override(tmp_path, bf16_source, dtype, config_name, st_name):
-    out = hf_format.export_hf(bf16_source, str(tmp_path / "export"), dtype=dtype)
+    out = hf_export.export_hf(bf16_source, str(tmp_path / "export"), dtype=dtype)
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == config_name
     assert set(_tensor_dtypes(out).values()) == {st_name}
     back = sources.load_model(out)
@@ -204,7 +204,7 @@ def test_dtype_override(tmp_path, bf16_source, dtype, config_name, st_name):
 
 def test_float32_to_bf16_rounds_like_torch(tmp_path, sliced):
     weights = sliced("qwen2")
-    out = hf_format.export_hf(weights, str(tmp_path / "export"), dtype=ml_dtypes.bfloat16)
+    out = hf_export.export_hf(weights, str(tmp_path / "export"), dtype=ml_dtypes.bfloat16)
     back = sources.load_model(out, dtype=None)
     for name, arr in weights.named_arrays():
         want = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.bfloat16).float().numpy()
@@ -216,7 +216,7 @@ def test_v4_torch_dtype_key_is_kept_and_quantization_config_dropped(tmp_path, sl
     weights = sliced("llama_tied")
     hf_config = {k: v for k, v in weights.hf_config.items() if k != "dtype"}
     hf_config.update(torch_dtype="bfloat16", quantization_config={"quant_method": "gguf"})
-    out = hf_format.export_hf(dataclasses.replace(weights, hf_config=hf_config), str(tmp_path / "e"))
+    out = hf_export.export_hf(dataclasses.replace(weights, hf_config=hf_config), str(tmp_path / "e"))
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["torch_dtype"] == "bfloat16" and "dtype" not in config
     assert "quantization_config" not in config
@@ -225,7 +225,7 @@ def test_v4_torch_dtype_key_is_kept_and_quantization_config_dropped(tmp_path, sl
 
 def test_bad_dtype_is_a_user_error(tmp_path, sliced):
     with pytest.raises(UserError, match="int8"):
-        hf_format.export_hf(sliced("llama_tied"), str(tmp_path / "e"), dtype=np.int8)
+        hf_export.export_hf(sliced("llama_tied"), str(tmp_path / "e"), dtype=np.int8)
     assert not os.path.exists(tmp_path / "e")
 
 
@@ -235,10 +235,10 @@ def test_existing_out_dir(tmp_path, sliced):
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(UserError) as e:
-        hf_format.export_hf(weights, str(out))
+        hf_export.export_hf(weights, str(out))
     assert str(out) in str(e.value) and "--overwrite" in str(e.value)
     assert os.listdir(out) == ["keep.txt"]
-    hf_format.export_hf(weights, str(out), overwrite=True)
+    hf_export.export_hf(weights, str(out), overwrite=True)
     assert "keep.txt" not in os.listdir(out) and "config.json" in os.listdir(out)
     assert os.listdir(tmp_path) == ["export"]  # no temp or old folder left behind
     _assert_same_weights(sources.load_model(str(out)), weights)
@@ -250,7 +250,7 @@ def test_out_dir_overlapping_the_input_is_refused(sliced):
     for target in (weights.tokenizer_dir, os.path.join(weights.tokenizer_dir, "sub"),
                    os.path.dirname(weights.tokenizer_dir)):
         with pytest.raises(UserError, match="input checkpoint"):
-            hf_format.export_hf(weights, target, overwrite=True)
+            hf_export.export_hf(weights, target, overwrite=True)
     assert sorted(os.listdir(weights.tokenizer_dir)) == before
 
 
@@ -272,7 +272,7 @@ def test_failure_midway_leaves_nothing(tmp_path, sliced, monkeypatch, existing):
 
     monkeypatch.setattr(safetensors_format, "_write_tensor", fail_after_first)
     with pytest.raises(RuntimeError, match="disk full"):
-        hf_format.export_hf(weights, str(out), overwrite=True)
+        hf_export.export_hf(weights, str(out), overwrite=True)
     assert calls
     assert os.listdir(tmp_path) == (["export"] if existing else [])
     if existing:
@@ -282,7 +282,7 @@ def test_failure_midway_leaves_nothing(tmp_path, sliced, monkeypatch, existing):
 def test_exports_are_byte_identical(tmp_path, sliced):
     weights = sliced("llama_tied")
     card = {"source": "tiny", "ratio": 0.4, "k": K, "seed": 0, "command": "python -m launch.prune"}
-    a, b = (hf_format.export_hf(weights, str(tmp_path / n), model_card=card, torch_format=True,
+    a, b = (hf_export.export_hf(weights, str(tmp_path / n), model_card=card, torch_format=True,
                                 max_shard_bytes=30_000) for n in ("a", "b"))
     files = sorted(os.listdir(a))
     assert files == sorted(os.listdir(b)) and len(files) > 6
@@ -307,7 +307,7 @@ def test_tokenizer_generation_config_and_card_from_an_hf_source(tmp_path, sliced
     weights = dataclasses.replace(weights, tokenizer_dir=str(source), source=str(source))
     card = {"zeta": [1, 2], "ratio": 0.4, "source": "org/model", "policy_fingerprint": "abc",
             "command": "python -m launch.prune --ratio=0.4"}
-    out = hf_format.export_hf(weights, str(tmp_path / "export"), model_card=card)
+    out = hf_export.export_hf(weights, str(tmp_path / "export"), model_card=card)
     for f in os.listdir(source):
         if f != "config.json":
             assert filecmp.cmp(source / f, os.path.join(out, f), shallow=False), f
@@ -325,7 +325,7 @@ def test_generation_config_derived_from_config_ids(tmp_path, sliced):
     weights = sliced("llama_tied")  # its source folder has transformers' generation_config.json
     weights = dataclasses.replace(weights, tokenizer_dir=None,
                                   hf_config={**weights.hf_config, "bos_token_id": 1, "eos_token_id": 2})
-    out = hf_format.export_hf(weights, str(tmp_path / "export"))
+    out = hf_export.export_hf(weights, str(tmp_path / "export"))
     gen = json.load(open(os.path.join(out, "generation_config.json")))
     assert gen == {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2}
 
@@ -342,7 +342,7 @@ def test_torch_missing_is_a_user_error(tmp_path, sliced, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
     with pytest.raises(UserError, match="pip install torch"):
-        hf_format.export_hf(sliced("llama_tied"), str(tmp_path / "e"), torch_format=True)
+        hf_export.export_hf(sliced("llama_tied"), str(tmp_path / "e"), torch_format=True)
     assert not os.path.exists(tmp_path / "e")
 
 
@@ -353,7 +353,7 @@ def test_default_model_export(tmp_path):
     k = int(0.8 * weights.config.intermediate_size)
     sliced = _slice(weights, k)
     del weights
-    out = hf_format.export_hf(sliced, str(tmp_path / "smollm2-pruned"),
+    out = hf_export.export_hf(sliced, str(tmp_path / "smollm2-pruned"),
                               model_card={"source": "default", "ratio": 0.2, "k": k})
     source_tok = sources.load_tokenizer(sliced)
     ids = source_tok(SENTENCE)["input_ids"]

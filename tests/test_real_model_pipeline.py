@@ -12,7 +12,7 @@ import transformers
 
 from prunenet_jax import prune
 from prunenet_jax.formats import orbax as orbax_format
-from prunenet_jax.formats import hf as hf_format
+from prunenet_jax.formats import hf_export
 from prunenet_jax import sources
 from prunenet_jax.models.config import ModelConfig
 from tests.test_hf_export import _assert_close, _hf_load, _hf_logits, _our_logits
@@ -86,13 +86,13 @@ def test_batch_of_three_real_checkpoints_two_ratios(pruned_run, tmp_path):
             lambda a: a + np.float32(1e-3) * rng.standard_normal(a.shape, np.float32))
         modified = base.astype(np.float32)
         modified.layers = {n: change(a) for n, a in modified.layers.items()}
-        copies.append(hf_format.export_hf(modified, str(tmp_path / name)))
+        copies.append(hf_export.export_hf(modified, str(tmp_path / name)))
     other = sources.load_model("default")
     other.layers = {n: a[:3] for n, a in other.layers.items()}  # another shape: 3 layers
     other.hf_config = {**other.hf_config, "num_hidden_layers": 3, "intermediate_size": 1536}
     other.config = ModelConfig.from_hf(other.hf_config)
     other = prune.slice_weights(other, np.tile(np.arange(1000), (3, 1)))  # I = 1000
-    copies.append(hf_format.export_hf(other, str(tmp_path / "narrow")))
+    copies.append(hf_export.export_hf(other, str(tmp_path / "narrow")))
 
     batch_out = tmp_path / "batch"
     proc = _launch("launch.batch_prune", f"--checkpoints=default,{','.join(copies)}",

@@ -164,7 +164,7 @@ def not_hf(source: str) -> dict:
     return {"available": False, "tasks": {}, "average": None,
             "reason": f"{source} is not a Hugging Face folder, which lm-eval needs: export it as "
                       "one (pruned models: `python -m launch.prune ... --export_hf`; any weights: "
-                      "prunenet_jax.formats.hf.export_hf) and pass that folder"}
+                      "prunenet_jax.formats.hf_export.export_hf) and pass that folder"}
 
 
 def evaluate(tasks: Tasks, hf_dir: str, limit: int = 0, batch_size: int = 1) -> dict:
