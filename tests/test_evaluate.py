@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from prunenet_jax.evaluation import perplexity
-from prunenet_jax.evaluation import texts
+from prunenet_jax import perplexity
+from prunenet_jax.formats import texts
 from prunenet_jax.errors import UserError
+from tests.machine import machine_skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"
@@ -70,7 +71,7 @@ def test_launcher_user_errors(tmp_path, args, fragment):
 def test_default_model_perplexity_matches_transformers(hf_default_model):
     """launch.evaluate on the tutorial text (16,384 tokens, windows of 512) within 0.5% of torch."""
     if not any(True for _ in __import__("glob").iglob(TUTORIAL)):
-        pytest.skip("Python tutorial text missing: apt-get install -y python3.11-doc")
+        machine_skip("Python tutorial text missing: apt-get install -y python3.11-doc")
     proc = _launch("--model=default", f"--eval_text={TUTORIAL}", "--max_tokens=16384",
                    "--seq_len=512", "--batch_size=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,8 +79,9 @@ def test_default_model_perplexity_matches_transformers(hf_default_model):
 
     import torch
     from prunenet_jax.formats import gguf as gguf_format
+    from prunenet_jax.formats import gguf_tokenizer
 
-    tokenizer = gguf_format.load_gguf_tokenizer(gguf_format.default_model_path())
+    tokenizer = gguf_tokenizer.load_gguf_tokenizer(gguf_format.default_model_path())
     ids = perplexity.tokenize(tokenizer, "".join(texts.read_texts(TUTORIAL).values()), 16384)
     tokens, mask = perplexity.windows(ids, 512)
     nll, count = 0.0, 0

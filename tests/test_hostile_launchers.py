@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from prunenet_jax.run import run_lock
+from prunenet_jax.files import run_lock
 from tests import tiny_models
+from tests.machine import machine_skip
 from tests.test_user_errors import ENV, ROOT, _assert_user_error, _run, tree_hash
 
 
@@ -139,12 +140,12 @@ def test_ctrl_c_stops_after_an_episode_and_resume_continues(models, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs (needs root); skipped where it cannot be mounted."""
+    """A 2 MiB tmpfs (needs root); skipped where it cannot be mounted (fails under CI=true)."""
     mount = tmp_path / "disk"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
+        machine_skip("cannot mount a tmpfs here (not root)")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
 
