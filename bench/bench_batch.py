@@ -113,7 +113,6 @@ def time_ours(checkpoints: list[str], ratios: list[float], out_dir: str, seed: i
 def time_gguf_tokenizer() -> float:
     """hf_export rebuilds the tokenizer from the GGUF file on every export of a GGUF source: the
     seconds of that rebuild alone (part of each hf_export time of a GGUF source)."""
-    from prunenet_jax.formats import gguf as gguf_format
     from prunenet_jax.formats import gguf_tokenizer
     from prunenet_jax import sources
 

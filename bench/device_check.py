@@ -134,7 +134,8 @@ def recovery_throughput(steps: int = 5) -> dict:
 
     from prunenet_jax.models.config import ModelConfig
     from prunenet_jax.models.decoder import CausalLM
-    from prunenet_jax.recovery import trainer
+    from prunenet_jax.recovery.config import RecoverConfig
+    from prunenet_jax.recovery.fine_tune import Recovery
 
     shape = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
                  num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -148,10 +149,9 @@ def recovery_throughput(steps: int = 5) -> dict:
     pruned_cfg = dataclasses.replace(dense_cfg, intermediate_size=sampling.num_kept(
         dense_cfg.intermediate_size, 0.3))
     batch, seq = (2, 32) if TINY else (8, 512)
-    cfg = trainer.RecoverConfig(steps=steps + 1, method="lora", objective="distill",
-                                batch_size=batch, seq_len=seq, compute_dtype="bfloat16")
-    rec = trainer.Recovery(CausalLM(pruned_cfg, rngs=nnx.Rngs(1)),
-                           CausalLM(dense_cfg, rngs=nnx.Rngs(0)), cfg)
+    cfg = RecoverConfig(steps=steps + 1, method="lora", objective="distill",
+                        batch_size=batch, seq_len=seq, compute_dtype="bfloat16")
+    rec = Recovery(CausalLM(pruned_cfg, rngs=nnx.Rngs(1)), CausalLM(dense_cfg, rngs=nnx.Rngs(0)), cfg)
     tokens = np.random.default_rng(0).integers(0, dense_cfg.vocab_size, (batch, seq)).astype(np.int32)
     mask = np.ones_like(tokens)
     t0 = time.perf_counter()

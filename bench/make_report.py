@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from prunenet_jax import prune  # noqa: E402
 from prunenet_jax import perplexity
 from prunenet_jax import sources  # noqa: E402
-from prunenet_jax.evaluation import report  # noqa: E402
+from prunenet_jax.evaluation import measures, report, tables  # noqa: E402
 from prunenet_jax.formats import texts
 from prunenet_jax.method import episode, trainer
 from prunenet_jax.models import registry  # noqa: E402
@@ -58,21 +58,21 @@ def main() -> None:
     print(f"policy: best episode {int(result.state.best_episode)}, total reward "
           f"{float(result.state.best_reward):.2f}", flush=True)
 
-    layers = report.plotted_layers(weights.config.num_hidden_layers)
-    dense_sv = report.gate_spectra(weights)
+    layers = measures.plotted_layers(weights.config.num_hidden_layers)
+    dense_sv = measures.gate_spectra(weights)
     dense_ppl = measure(weights)
-    models = [report.model_record("dense", args.model, weights, 0.0,
-                                  report.gate_ks(dense_sv, dense_sv), dense_ppl)]
+    models = [measures.model_record("dense", args.model, weights, 0.0,
+                                  measures.gate_ks(dense_sv, dense_sv), dense_ppl)]
     spectra = [dense_sv[layers]]
     for mode in ("sample", "random"):
         for r in ratios:
             kept = prune.select_kept(params, W, r, mode, args.seed)  # as launch.prune
             pruned = prune.slice_weights(weights, kept)
-            sv = report.gate_spectra(pruned)
+            sv = measures.gate_spectra(pruned)
             name = f"{'policy' if mode == 'sample' else 'random'} {r:g}"
-            models.append(report.model_record(name, f"{args.model} pruned in memory (mode {mode}, "
+            models.append(measures.model_record(name, f"{args.model} pruned in memory (mode {mode}, "
                                               f"seed {args.seed})", pruned, r,
-                                              report.gate_ks(dense_sv, sv), measure(pruned)))
+                                              measures.gate_ks(dense_sv, sv), measure(pruned)))
             spectra.append(sv[layers])
             print(f"{name}: mean KS {models[-1]['mean_ks']:.4f}, ppl {models[-1]['ppl']:.2f}", flush=True)
 
@@ -82,7 +82,7 @@ def main() -> None:
                "policy": {"episodes": args.episodes, "train_ratio": max(ratios), "seed": args.seed,
                           "best_episode": int(result.state.best_episode)}}
     report.write_report(args.out, summary, spectra, overwrite=True)
-    print(report.format_table(models))
+    print(tables.format_table(models))
     print(f"report: {args.out}")
 
 

@@ -23,14 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 from absl import app, flags
 
-from prunenet_jax import sources
+from prunenet_jax import sources, special_tokens
 from prunenet_jax import perplexity
 from prunenet_jax.formats import texts
-from prunenet_jax.generation import eos_ids
 from prunenet_jax.models import decoder
 from prunenet_jax.recovery import data, refit
-from prunenet_jax.recovery.run import to_weights
-from prunenet_jax.recovery.trainer import RecoverConfig, Recovery
+from prunenet_jax.recovery.config import RecoverConfig
+from prunenet_jax.recovery.fine_tune import Recovery
+from prunenet_jax.recovery.recover import to_weights
 
 TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"
 flags.DEFINE_string("pruned", None, "The pruned model's orbax folder", required=True)
@@ -71,7 +71,8 @@ def load_pool(dense, tokenizer) -> tuple[np.ndarray, np.ndarray]:
             return f["tokens"], f["mask"]
     teacher = decoder.from_named_arrays(dense.config, dense.named_arrays())
     t0 = time.time()
-    tokens, mask = data.generated_pool(teacher, int(tokenizer.bos_token_id), eos_ids(dense),
+    tokens, mask = data.generated_pool(teacher, special_tokens.bos_id(dense, lambda: tokenizer),
+                                       special_tokens.eos_ids(dense, lambda: tokenizer),
                                        FLAGS.pool_rows, FLAGS.seq_len, seed=0,
                                        temperature=FLAGS.pool_temperature, top_p=FLAGS.pool_top_p)
     print(f"pool: {FLAGS.pool_rows} x {FLAGS.seq_len} sampled in {time.time() - t0:.1f} s", flush=True)

@@ -29,9 +29,6 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing --output")
 
 
 def main(argv) -> None:
-    if not FLAGS.input or not FLAGS.output:
-        raise common.UserError("--input and --output are required, e.g. --input=run/ratio_0.2/orbax "
-                               "--output=pruned-hf")
     job = convert.ConvertJob(input=FLAGS.input, output=FLAGS.output, to=FLAGS.to,
                              revision=FLAGS.revision, dtype=FLAGS.dtype,
                              torch_format=FLAGS.torch_format, overwrite=FLAGS.overwrite,

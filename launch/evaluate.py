@@ -14,7 +14,7 @@ import json
 
 from absl import flags
 
-from prunenet_jax.evaluation import comparison, lm_eval, report
+from prunenet_jax.evaluation import comparison
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 
@@ -34,48 +34,19 @@ flags.DEFINE_integer("lm_eval_limit", 0, "Examples per lm-eval task (0: all)")
 flags.DEFINE_integer("lm_eval_batch_size", 1, "lm-eval batch size")
 
 
-def print_table(result: dict) -> None:
-    width = max(len("text"), *(len(n) for n in result["files"]))
-    print(f"{'text':<{width}}  {'tokens':>8}  {'ppl':>10}")
-    for name, r in result["files"].items():
-        print(f"{name:<{width}}  {r['tokens']:>8}  {r['ppl']:>10.4f}")
-    print(f"{'all':<{width}}  {result['tokens']:>8}  {result['ppl']:>10.4f}")
-
-
 def compare_job() -> comparison.CompareJob:
-    """The job the flags ask for; every cheap check first (flags, installs, texts)."""
-    if not FLAGS.eval_text and not (FLAGS.pruned or FLAGS.report_dir or FLAGS.lm_eval_tasks):
-        raise common.UserError("--eval_text is required (unless --pruned, --report_dir or "
-                               "--lm_eval_tasks is given); pass one or more text files")
-    settings = launch_flags.eval_settings(FLAGS.dtype)
-    if FLAGS.lm_eval_limit < 0:
-        raise common.UserError(f"--lm_eval_limit={FLAGS.lm_eval_limit} must be >= 0 (0 means all)")
-    if FLAGS.lm_eval_batch_size < 1:
-        raise common.UserError(f"--lm_eval_batch_size={FLAGS.lm_eval_batch_size} must be at least 1")
-    if lm_eval.parse_tasks(FLAGS.lm_eval_tasks):
-        lm_eval.check_installed()
-    if FLAGS.report_dir:
-        report.check_plotting()
+    """The job the flags ask for (checked by the library, before anything is loaded)."""
     return comparison.CompareJob(
         model=FLAGS.model, revision=FLAGS.revision, pruned=FLAGS.pruned,
-        eval=launch_flags.with_texts(settings), report_dir=FLAGS.report_dir,
-        overwrite=FLAGS.overwrite, lm_eval_tasks=FLAGS.lm_eval_tasks,
+        eval=launch_flags.with_texts(launch_flags.eval_settings(FLAGS.dtype)),
+        report_dir=FLAGS.report_dir, overwrite=FLAGS.overwrite, lm_eval_tasks=FLAGS.lm_eval_tasks,
         lm_eval_limit=FLAGS.lm_eval_limit, lm_eval_batch_size=FLAGS.lm_eval_batch_size)
 
 
 def main(argv) -> None:
-    job = compare_job()
-    if not (job.pruned or job.report_dir or job.lm_eval_tasks):  # the plain perplexity run
-        result = comparison.dense_perplexity(job)
-        print_table(result)
-        print(json.dumps(result))
-        return
-    summary, dense_ppl = comparison.run(job)
-    if dense_ppl:
-        print_table(dense_ppl)
-        print()
-    print(report.format_table(summary["models"], summary))
-    print(json.dumps(report.json_safe(summary)))
+    text, result = comparison.evaluate(compare_job())
+    print(text)
+    print(json.dumps(result))
 
 
 def run():

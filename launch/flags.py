@@ -5,18 +5,17 @@ itself never reads FLAGS."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 from absl import flags
 
-from prunenet_jax import prune, rng, weights
+from prunenet_jax import prune, weights
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import texts
 from prunenet_jax.perplexity import EvalConfig
 from prunenet_jax.method import calibration, episode
 from prunenet_jax.formats import run_dir
-from prunenet_jax.run.prune_run import OutputOptions, Training
+from prunenet_jax.run.prune_run import OutputOptions, Training, train_ratio
 
 FLAGS = flags.FLAGS
 
@@ -103,33 +102,10 @@ def parse_ratios(spec: str) -> list[float]:
     return ratios
 
 
-def check_pruning_flags() -> None:
-    """Refuses bad values of the pruning flags, before anything is loaded (the eval flags:
-    EvalConfig.check)."""
-    if FLAGS.episodes < 1:
-        raise UserError(f"--episodes={FLAGS.episodes}: train for at least 1 episode")
-    if FLAGS.checkpoint_every < 1:
-        raise UserError(f"--checkpoint_every={FLAGS.checkpoint_every} must be at least 1")
-    if FLAGS.torch_format and not FLAGS.export_hf:
-        raise UserError("--torch_format adds pytorch_model.bin to the HF export; pass "
-                        "--export_hf too")
-    if FLAGS.export_hf and not FLAGS.out_dir:
-        raise UserError("--export_hf needs --out_dir")
-    if not (math.isfinite(FLAGS.lr) and FLAGS.lr > 0):
-        raise UserError(f"--lr={FLAGS.lr} must be a finite number > 0, e.g. 1e-3")
-    if not 0.0 <= FLAGS.gamma <= 1.0:  # also refuses nan
-        raise UserError(f"--gamma={FLAGS.gamma} must be a discount in [0, 1], e.g. 0.99")
-    if FLAGS.train_ratio is not None and not 0.0 <= FLAGS.train_ratio < 1.0:
-        raise UserError(f"--train_ratio={FLAGS.train_ratio} is outside [0, 1); pass a ratio "
-                        "such as 0.3, or omit it (the largest of --ratios)")
-    rng.check_seed(FLAGS.seed)
-
-
 def training(ratios: list[float]) -> Training:
-    ratio = max(ratios) if FLAGS.train_ratio is None else FLAGS.train_ratio
-    cfg = episode.TrainConfig(ratio=ratio, gamma=FLAGS.gamma, schedule=FLAGS.update_schedule,
-                            learning_rate=FLAGS.lr, use_kl=FLAGS.use_kl,
-                            reuse_noise=FLAGS.reuse_noise)
+    cfg = episode.TrainConfig(ratio=train_ratio(ratios, FLAGS.train_ratio), gamma=FLAGS.gamma,
+                              schedule=FLAGS.update_schedule, learning_rate=FLAGS.lr,
+                              use_kl=FLAGS.use_kl, reuse_noise=FLAGS.reuse_noise)
     return Training(cfg, episodes=FLAGS.episodes, checkpoint_every=FLAGS.checkpoint_every)
 
 
@@ -140,13 +116,10 @@ def output_options(resume: bool = False) -> OutputOptions:
                          guard=FLAGS.guard, recover=recover_spec(resume))
 
 
-def calibration_config(options: OutputOptions) -> calibration.Calibration:
-    """energy's calibration, checked (texts read) when a mode uses it."""
-    cal = calibration.Calibration(FLAGS.calibration, FLAGS.calibration_sequences,
-                                  FLAGS.calibration_seq_len, FLAGS.seed)
-    if options.needs_scores:
-        cal.check()
-    return cal
+def calibration_config() -> calibration.Calibration:
+    """energy's calibration (checked by the job, when a mode uses it)."""
+    return calibration.Calibration(FLAGS.calibration, FLAGS.calibration_sequences,
+                                   FLAGS.calibration_seq_len, FLAGS.seed)
 
 
 def eval_settings(dtype_name: str = "float32") -> EvalConfig:
@@ -171,7 +144,7 @@ def eval_config() -> Optional[EvalConfig]:
 
 def define_recovery_flags(default_steps: int) -> None:
     """Recovery fine-tuning (launch.recover; launch.prune/batch_prune with --recover_steps)."""
-    from prunenet_jax.recovery.trainer import RecoverConfig, METHODS
+    from prunenet_jax.recovery.config import RecoverConfig, METHODS
     from prunenet_jax.recovery.objectives import OBJECTIVES
 
     d = RecoverConfig()
@@ -213,10 +186,12 @@ def define_recovery_flags(default_steps: int) -> None:
                          "steps (with an output folder; 0: never)")
 
 
-def recover_config() -> "RecoverConfig":
-    from prunenet_jax.recovery.trainer import RecoverConfig
+def recover_config():
+    """The recovery flags as a recovery.config.RecoverConfig (checked with the RecoverSpec that
+    holds it)."""
+    from prunenet_jax.recovery.config import RecoverConfig
 
-    cfg = RecoverConfig(
+    return RecoverConfig(
         steps=FLAGS.recover_steps, method=FLAGS.method, objective=FLAGS.objective,
         lr=FLAGS.recover_lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay,
         clip_norm=FLAGS.clip_norm, batch_size=FLAGS.train_batch, grad_accum=FLAGS.grad_accum,
@@ -224,22 +199,15 @@ def recover_config() -> "RecoverConfig":
         pool_rows=FLAGS.pool_rows, seed=FLAGS.recover_seed, compute_dtype=FLAGS.compute_dtype,
         teacher_cache=FLAGS.teacher_cache, teacher_topk=FLAGS.teacher_topk, refit=FLAGS.refit,
         refit_rows=FLAGS.refit_rows)
-    if FLAGS.recover_checkpoint_every < 0:
-        raise UserError(f"--recover_checkpoint_every={FLAGS.recover_checkpoint_every} must be >= 0")
-    cfg.check()
-    return cfg
 
 
-def recover_spec(resume: bool):
-    """--recover_steps on launch.prune/batch_prune: the recovery step, or None (0 steps, or a
-    launcher without the recovery flags)."""
-    if "recover_steps" not in FLAGS or not FLAGS.recover_steps:
+def recover_spec(resume: bool, optional: bool = True):
+    """The recovery the flags ask for (its job checks it: RecoverSpec.check, before anything is
+    loaded).
+    `optional` (launch.prune/batch_prune, --recover_steps): None at 0 steps, or on a launcher
+    without the recovery flags; launch.recover always recovers (0 steps: the refit alone)."""
+    if optional and ("recover_steps" not in FLAGS or not FLAGS.recover_steps):
         return None
-    from prunenet_jax.recovery.run import RecoverSpec
+    from prunenet_jax.recovery.recover import RecoverSpec
 
-    cfg = recover_config()
-    if cfg.objective == "lm" and not FLAGS.train_text:
-        raise UserError("--objective=lm trains on text: pass --train_text (a path or glob)")
-    if FLAGS.train_text:
-        texts.read_texts(FLAGS.train_text, flag="--train_text")
-    return RecoverSpec(cfg, FLAGS.train_text, FLAGS.recover_checkpoint_every, resume)
+    return RecoverSpec(recover_config(), FLAGS.train_text, FLAGS.recover_checkpoint_every, resume)

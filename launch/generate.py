@@ -30,8 +30,6 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or flo
 
 
 def main(argv) -> None:
-    if FLAGS.prompt is None:
-        raise common.UserError("--prompt is required, e.g. --prompt='Once upon a time'")
     result = generation.generate(generation.GenerateJob(
         model=FLAGS.model, prompt=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
         temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed, chat=FLAGS.chat,

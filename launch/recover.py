@@ -12,8 +12,7 @@ from absl import flags
 
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
-from prunenet_jax.recovery import run as recovery
-from prunenet_jax.formats import run_dir
+from prunenet_jax.recovery import job as recovery
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "A pruned model's orbax folder (<run>/ratio_<r>/orbax) or a "
@@ -34,28 +33,18 @@ launch_flags.define_eval_flags()
 
 
 def recover_job() -> recovery.RecoverJob:
-    if FLAGS.resume and FLAGS.overwrite:
-        raise common.UserError("--resume continues the run in --out_dir and --overwrite replaces "
-                               "it; pass only one")
+    """The job the flags ask for (checked by recovery.run, before anything is loaded)."""
     return recovery.RecoverJob(
-        input=FLAGS.input, out_dir=FLAGS.out_dir, config=launch_flags.recover_config(),
-        dense=FLAGS.dense, train_text=FLAGS.train_text, export_hf=FLAGS.export_hf,
-        overwrite=FLAGS.overwrite, resume=FLAGS.resume,
-        checkpoint_every=FLAGS.recover_checkpoint_every, eval=launch_flags.eval_config(),
+        input=FLAGS.input, out_dir=FLAGS.out_dir,
+        recovery=launch_flags.recover_spec(FLAGS.resume, optional=False), dense=FLAGS.dense,
+        export_hf=FLAGS.export_hf, overwrite=FLAGS.overwrite, eval=launch_flags.eval_config(),
         data_devices=FLAGS.data_devices, shard_params=FLAGS.shard_params,
         command=common.command_line())
 
 
 def main(argv) -> None:
-    entries = recovery.run(recover_job(), recovery.data_mesh_or_error)
-    fmt = lambda p: "-" if p is None else f"{p:.3f}"
-    print(f"{'ratio':>6}  {'steps':>6}  {'tokens':>8}  {'ppl before':>10}  {'after refit':>11}  "
-          f"{'ppl after':>10}")
-    for e in entries:
-        r = e.extra[run_dir.RECOVERY]
-        refit_ppl = (r.get("refit") or {}).get("ppl")
-        print(f"{e.ratio:>6}  {r['steps']:>6}  {r['tokens_seen']:>8}  {fmt(r['ppl_before']):>10}  "
-              f"{fmt(refit_ppl):>11}  {fmt(r['ppl_after']):>10}")
+    entries = recovery.run(recover_job())
+    print(recovery.format_table(entries))
     print(json.dumps({"outputs": [e.to_json() for e in entries]}))
 
 

@@ -1,4 +1,6 @@
-"""Sampling from the Flax model: KV-cache prefill, then decoding in one jitted loop.
+"""Sampling from the Flax model: KV-cache prefill, then decoding in one jitted loop (`generate`);
+texts sampled from a start token in batches (`sample_rows`: energy's calibration, recovery's
+distillation text).
 
 Prompts of different lengths are left-padded to a common length P (rounded up to a multiple of
 `BUCKET`, so few lengths compile); row b's real tokens sit in cache slots `[pad_b, P)` with
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prunenet_jax import progress
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import decoder
 
@@ -162,3 +165,29 @@ def generate(model: decoder.CausalLM, prompts: Sequence[Sequence[int]], max_new_
         stop = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
         completions.append(row[:stop + 1])
     return completions
+
+
+def sample_rows(model: decoder.CausalLM, start_token: int, rows: int, seq_len: int, *,
+                seed_of_batch: Callable[[int], int], batch: Optional[int] = None,
+                eos_ids: Sequence[int] = (), temperature: float = 1.0, top_p: float = 1.0,
+                desc: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` texts of `seq_len` tokens sampled from `model` after `start_token`: (tokens, mask),
+    each (rows, seq_len) int32; a row that ends at an EOS id early is padded (mask 0).
+
+    Drawn in equal batches, the fewest of at most `batch` rows (default: all rows in one); the
+    batch starting at row `start` is drawn with seed `seed_of_batch(start)`. Every batch has the
+    same size (the last one padded with extra prompts), so the decoder compiles once. `desc`
+    names a progress bar over the batches (none without)."""
+    batch = -(-rows // -(-rows // (batch or rows)))
+    tokens = np.zeros((rows, seq_len), np.int32)
+    mask = np.zeros((rows, seq_len), np.int32)
+    starts = range(0, rows, batch)
+    for start in (starts if desc is None else progress.over(starts, desc, "batch")):
+        n = min(batch, rows - start)
+        outs = generate(model, [[start_token]] * batch, seq_len - 1, temperature=temperature,
+                        top_p=top_p, seed=seed_of_batch(start), eos_ids=eos_ids)[:n]
+        for r, out in enumerate(outs):
+            row = [start_token] + out[:seq_len - 1]
+            tokens[start + r, :len(row)] = row
+            mask[start + r, :len(row)] = 1
+    return tokens, mask

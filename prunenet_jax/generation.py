@@ -6,16 +6,14 @@ asked, samples, and returns {"prompt", "completion", "tokens"}.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from typing import Optional
 
-from prunenet_jax import rng, sources
+from prunenet_jax import rng, sources, special_tokens
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import decoder, decode
-from prunenet_jax.weights import ModelWeights, dtype_by_name
+from prunenet_jax.weights import dtype_by_name
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +31,9 @@ class GenerateJob:
     revision: Optional[str] = None
 
     def check(self) -> None:
+        """Refuses bad flags, before the model is loaded."""
+        if self.prompt is None:
+            raise UserError("--prompt is required, e.g. --prompt='Once upon a time'")
         checks = [(not 1 <= self.max_new_tokens <= 2**20,
                    f"--max_new_tokens={self.max_new_tokens} must be in [1, {2**20}]"),
                   (not 0 <= self.temperature < math.inf,
@@ -43,19 +44,6 @@ class GenerateJob:
                 raise UserError(message)
         dtype_by_name(self.dtype)
         rng.check_seed(self.seed)
-
-
-def eos_ids(weights: ModelWeights) -> list[int]:
-    """The EOS ids of config.json and, in an HF folder, generation_config.json (either may list several)."""
-    found = [weights.hf_config.get("eos_token_id")]
-    path = os.path.join(weights.tokenizer_dir or "", "generation_config.json")
-    if weights.tokenizer_dir and os.path.isfile(path):
-        with open(path) as f:
-            found.append(json.load(f).get("eos_token_id"))
-    ids = []
-    for e in found:
-        ids += e if isinstance(e, list) else [] if e is None else [e]
-    return sorted(set(int(i) for i in ids))
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool, model: str) -> list[int]:
@@ -77,7 +65,7 @@ def generate(job: GenerateJob) -> dict:
     if not ids:
         raise UserError("--prompt is empty after tokenisation; pass some text")
     model = decoder.from_named_arrays(weights.config, weights.named_arrays(), dtype=dtype_by_name(job.dtype))
-    eos = eos_ids(weights)
+    eos = special_tokens.eos_ids(weights, lambda: tokenizer)
     del weights
     log.info("prompt of %d tokens, EOS ids %s", len(ids), eos)
     tokens = decode.generate(model, [ids], job.max_new_tokens, temperature=job.temperature,

@@ -1,5 +1,5 @@
-"""Perplexity and top-1 next-token accuracy in JAX: non-overlapping windows, jitted, batched with
-a padding mask."""
+"""Perplexity and top-1 next-token accuracy in JAX: non-overlapping windows (formats/texts.py),
+jitted, batched with a padding mask."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,26 +13,12 @@ import numpy as np
 from flax import nnx
 
 from prunenet_jax.errors import UserError
+from prunenet_jax.formats.texts import tokenize, windows
 from prunenet_jax.models import decoder
 
 
 # Upper bounds of the eval flags: beyond them an array shape overflows or memory runs out.
 MAX_SEQ_LEN, MAX_BATCH, MAX_TOKENS = 2**20, 2**16, 2**40
-
-
-def windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cuts ids into non-overlapping windows of seq_len; the last one is padded (mask 0)."""
-    if seq_len < 2:
-        raise UserError(f"--seq_len={seq_len} is too short; use at least 2 (512 is typical)")
-    count = -(-len(ids) // seq_len)
-    tokens = np.zeros((count, seq_len), np.int32)
-    mask = np.zeros((count, seq_len), np.int32)
-    for w in range(count):
-        chunk = ids[w * seq_len:(w + 1) * seq_len]
-        tokens[w, :len(chunk)] = chunk
-        mask[w, :len(chunk)] = 1
-    keep = mask.sum(1) >= 2  # a window of one token predicts nothing
-    return tokens[keep], mask[keep]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -73,11 +59,6 @@ class Scorer:
             count += int(c)
             hits += int(h)
         return total, count, hits
-
-
-def tokenize(tokenizer, text: str, max_tokens: Optional[int] = None) -> np.ndarray:
-    ids = np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
-    return ids[:max_tokens] if max_tokens else ids
 
 
 def perplexity(model: nnx.Module, tokenizer, texts: dict[str, str], seq_len: int = 512,

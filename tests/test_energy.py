@@ -90,7 +90,7 @@ def test_statistics_with_layers_sharded_over_devices(tiny):
 import numpy as np, jax
 from prunenet_jax import sources
 from prunenet_jax.method import sharding, statistics
-from prunenet_jax.models import llama
+from prunenet_jax.models import decoder
 w = sources.load_model({folder!r})
 model = decoder.from_named_arrays(w.config, w.named_arrays())
 tokens = np.random.default_rng(0).integers(0, 97, (4, 10)).astype(np.int32)
@@ -376,15 +376,15 @@ def test_batch_prune_measures_scores_per_checkpoint(tiny, tmp_path):
 def test_report_lines_per_mode_and_continuations(tiny, tmp_path):
     """The report's ppl plot draws one line per mode plus the dense level; report.md shows every
     model's greedy continuation of the fixed prompt (from the sampler: the dense one is checked)."""
-    from prunenet_jax.evaluation import report
+    from prunenet_jax.evaluation import measures, plots, tables
     from prunenet_jax.models import decode
 
     folder, weights = tiny
     tokenizer = sources.load_tokenizer(weights)
-    text = report.continuation(weights, tokenizer)
+    text = measures.continuation(weights, tokenizer)
     model = decoder.from_named_arrays(weights.config, weights.named_arrays())
-    ids = list(tokenizer(report.PROMPT)["input_ids"])
-    want = decode.generate(model, [ids], report.CONTINUATION_TOKENS,
+    ids = list(tokenizer(measures.PROMPT)["input_ids"])
+    want = decode.generate(model, [ids], measures.CONTINUATION_TOKENS,
                             eos_ids=[weights.hf_config["eos_token_id"]])[0]
     assert text == tokenizer.decode(want, skip_special_tokens=True)
     row = lambda name, ratio, ppl, mode=None: {
@@ -392,8 +392,8 @@ def test_report_lines_per_mode_and_continuations(tiny, tmp_path):
         "mean_ks": 0.0, "ks": [0.0], "mode": mode, "continuation": f"{name} says | hi\nthere"}
     models = [row("dense", 0.0, 10.0), row("s1", 0.1, 30.0, "sample"), row("s2", 0.2, 90.0, "sample"),
               row("e1", 0.1, 20.0, "energy"), row("e2", 0.2, 40.0, "energy")]
-    md = report.markdown({"models": models})
-    assert f'## Greedy continuation of "{report.PROMPT}"' in md
+    md = tables.markdown({"models": models})
+    assert f'## Greedy continuation of "{measures.PROMPT}"' in md
     assert "| e2 | e2 says \\| hi ⏎ there |" in md
     import matplotlib
     matplotlib.use("Agg")
@@ -410,7 +410,7 @@ def test_report_lines_per_mode_and_continuations(tiny, tmp_path):
 
     import unittest.mock
     with unittest.mock.patch.object(plt.Figure, "savefig", capture):
-        report.plot_ppl(str(tmp_path / "p.png"), models, "t")
+        plots.plot_ppl(str(tmp_path / "p.png"), models, "t")
     assert drawn["log"] == "log" and os.path.isfile(tmp_path / "p.png")
     assert drawn["lines"]["sample"] == [(0.1, 30.0), (0.2, 90.0)]
     assert drawn["lines"]["energy"] == [(0.1, 20.0), (0.2, 40.0)]

@@ -15,7 +15,9 @@ from flax import nnx
 
 from prunenet_jax import sources
 from prunenet_jax.models import decoder
-from prunenet_jax.recovery import data, lora, objectives, trainer
+from prunenet_jax.recovery import data, lora, objectives, placement, teacher_cache
+from prunenet_jax.recovery.config import RecoverConfig
+from prunenet_jax.recovery.fine_tune import Recovery
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +50,7 @@ def _randomise_lora_b(rec, seed=3):
 def test_merged_lora_equals_unmerged_logits(tmp_path, scan):
     folder = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_gqa_untied"), tmp_path / "m")
     _, model = _load(folder, scan=scan)
-    rec = trainer.Recovery(model, None, trainer.RecoverConfig(objective="lm", lora_rank=4, remat=False))
+    rec = Recovery(model, None, RecoverConfig(objective="lm", lora_rank=4, remat=False))
     _randomise_lora_b(rec)
     tokens, mask = _tokens(97)
     unmerged = nnx.merge(rec.graphdef, rec.params, rec.frozen)
@@ -107,10 +109,10 @@ def test_one_step_equals_torch_reference(tmp_path, method, objective):
     t_dir = tiny_models.save_hf_model(teacher_hf, tmp_path / "t")
     _, student = _load(s_dir)
     _, teacher = _load(t_dir)
-    cfg = trainer.RecoverConfig(steps=10, method=method, objective=objective, lr=1e-2, warmup=0,
-                                clip_norm=0.5, weight_decay=0.1, batch_size=2, grad_accum=2,
-                                lora_rank=4, lora_alpha=8.0)
-    rec = trainer.Recovery(student, teacher, cfg)
+    cfg = RecoverConfig(steps=10, method=method, objective=objective, lr=1e-2, warmup=0,
+                        clip_norm=0.5, weight_decay=0.1, batch_size=2, grad_accum=2,
+                        lora_rank=4, lora_alpha=8.0)
+    rec = Recovery(student, teacher, cfg)
     if method == "lora":
         _randomise_lora_b(rec)
     before = jax.tree.map(np.asarray, rec.params)
@@ -154,7 +156,7 @@ def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
     losses = {}
     for dtype in ("float32", "bfloat16"):
         _, model = _load(folder)
-        rec = trainer.Recovery(model, None, trainer.RecoverConfig(
+        rec = Recovery(model, None, RecoverConfig(
             objective="lm", lora_rank=4, compute_dtype=dtype, batch_size=4))
         losses[dtype] = float(rec.step(tokens, mask)["loss"])
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(rec.params))
@@ -183,15 +185,17 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, ".")
 from prunenet_jax import sources
-from prunenet_jax.models import llama
-from prunenet_jax.recovery import trainer
+from prunenet_jax.models import decoder
+from prunenet_jax.recovery import placement
+from prunenet_jax.recovery.config import RecoverConfig
+from prunenet_jax.recovery.fine_tune import Recovery
 w = sources.load_model(sys.argv[1]); t = sources.load_model(sys.argv[2])
 model = decoder.from_named_arrays(w.config, w.named_arrays())
 teacher = decoder.from_named_arrays(t.config, t.named_arrays())
 method, shard = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 4 else ("lora", "off")
-cfg = trainer.RecoverConfig(steps=3, objective="distill", batch_size=8, grad_accum=2, lora_rank=4,
-                            warmup=0, method=method, lr=1e-3 if method == "lora" else 1e-4)
-rec = trainer.Recovery(model, teacher, cfg, trainer.data_mesh(int(sys.argv[3])), shard)
+cfg = RecoverConfig(steps=3, objective="distill", batch_size=8, grad_accum=2, lora_rank=4,
+                    warmup=0, method=method, lr=1e-3 if method == "lora" else 1e-4)
+rec = Recovery(model, teacher, cfg, placement.data_mesh(int(sys.argv[3])), shard)
 rng = np.random.default_rng(0)
 losses = []
 for s in range(3):
@@ -253,11 +257,11 @@ def test_shard_params_auto_is_off_without_a_memory_limit():
 
     from prunenet_jax.errors import UserError
 
-    mesh = Mesh(np.asarray(jax.devices()[:1]), (trainer.DATA_AXIS,))  # CPU: no memory limit
-    assert trainer.should_shard("on", mesh, {}, {}, None) is True
-    assert trainer.should_shard("auto", mesh, {"w": np.zeros((8, 8))}, {}, None) is False
+    mesh = Mesh(np.asarray(jax.devices()[:1]), (placement.DATA_AXIS,))  # CPU: no memory limit
+    assert placement.should_shard("on", mesh, {}, {}, None) is True
+    assert placement.should_shard("auto", mesh, {"w": np.zeros((8, 8))}, {}, None) is False
     with pytest.raises(UserError, match="--shard_params=sometimes is unknown"):
-        trainer.should_shard("sometimes", mesh, {}, {}, None)
+        placement.should_shard("sometimes", mesh, {}, {}, None)
 
 
 def test_cached_teacher_topk_trains_as_the_live_teacher(tmp_path):
@@ -268,21 +272,21 @@ def test_cached_teacher_topk_trains_as_the_live_teacher(tmp_path):
     tokens, mask = _tokens(97)
     _, teacher = _load(t)
     logits = np.asarray(teacher(jnp.asarray(tokens), jnp.asarray(mask)))
-    vals, ids = trainer.pool_teacher_topk(teacher, tokens, mask, k=1000, batch=3)  # k clamped to V=97
+    vals, ids = teacher_cache.pool_teacher_topk(teacher, tokens, mask, k=1000, batch=3)  # k clamped to V=97
     assert vals.shape == ids.shape == (4, 12, 97) and vals.dtype == jnp.bfloat16
     student_logits = np.asarray(_load(s)[1](jnp.asarray(tokens), jnp.asarray(mask)))
     live = float(objectives.distill_sum(student_logits, logits, mask))
     cached = float(objectives.distill_topk_sum(student_logits, vals, ids, mask))
     assert cached == pytest.approx(live, rel=1e-2) and cached != live  # bf16: close, not equal
-    v8, i8 = trainer.pool_teacher_topk(teacher, tokens, mask, k=8)
+    v8, i8 = teacher_cache.pool_teacher_topk(teacher, tokens, mask, k=8)
     np.testing.assert_array_equal(i8, np.argsort(-logits, axis=-1, kind="stable")[..., :8])
 
     losses, params = {}, {}
     for name in ("live", "cached"):
-        cfg = trainer.RecoverConfig(objective="distill", method="full", lr=1e-4, warmup=0,
-                                    batch_size=4, teacher_cache="on" if name == "cached" else "off")
+        cfg = RecoverConfig(objective="distill", method="full", lr=1e-4, warmup=0,
+                            batch_size=4, teacher_cache="on" if name == "cached" else "off")
         _, model = _load(s)
-        rec = trainer.Recovery(model, None if name == "cached" else _load(t)[1], cfg)
+        rec = Recovery(model, None if name == "cached" else _load(t)[1], cfg)
         losses[name] = [float(rec.step(tokens, mask, (vals, ids) if name == "cached" else ())["loss"])
                         for _ in range(3)]
         params[name] = jax.tree.leaves(rec.params)
@@ -296,11 +300,11 @@ def test_cached_teacher_topk_trains_as_the_live_teacher(tmp_path):
 
 
 def test_teacher_cache_auto_is_off_on_cpu_and_bad_values_are_refused():
-    cfg = trainer.RecoverConfig()
-    assert trainer.should_cache_teacher(cfg, 10**12, 10**12) is False  # CPU: no memory limit
-    assert trainer.should_cache_teacher(dataclasses.replace(cfg, teacher_cache="on"), 1, 1) is True
-    assert trainer.should_cache_teacher(dataclasses.replace(cfg, objective="lm", teacher_cache="on"),
-                                        1, 1) is False
+    cfg = RecoverConfig()
+    assert teacher_cache.should_cache_teacher(cfg, 10**12, 10**12) is False  # CPU: no memory limit
+    assert teacher_cache.should_cache_teacher(dataclasses.replace(cfg, teacher_cache="on"), 1, 1) is True
+    assert teacher_cache.should_cache_teacher(dataclasses.replace(cfg, objective="lm", teacher_cache="on"),
+                                              1, 1) is False
     from prunenet_jax.errors import UserError
 
     for bad, message in ((dict(teacher_cache="always"), "--teacher_cache=always is unknown"),

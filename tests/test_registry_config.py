@@ -5,7 +5,7 @@ import pytest
 
 from prunenet_jax import rng
 from prunenet_jax.errors import UserError
-from prunenet_jax.method import episode, policy, trainer
+from prunenet_jax.method import policy, trainer
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import ModelConfig
 

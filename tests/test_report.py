@@ -11,11 +11,12 @@ from PIL import Image
 from prunenet_jax import prune
 from prunenet_jax import sources
 from prunenet_jax.evaluation import lm_eval
-from prunenet_jax.evaluation import report
+from prunenet_jax.evaluation import measures, plots, report, tables
 from prunenet_jax.method import spectral
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from tests import tiny_models
+from tests.machine import require_module
 
 TOKENIZER_TEXT = ["The quick brown fox jumps over the lazy dog. Pruning keeps the spectrum. " * 20]
 
@@ -69,19 +70,19 @@ def dense(tmp_path_factory):
 
 
 def test_identical_model_has_zero_ks_and_ratio(dense):
-    spectra, ks = report.compare(dense, [copy.deepcopy(dense)])
+    spectra, ks = measures.compare(dense, [copy.deepcopy(dense)])
     L, I, H = dense.layers[registry.GATE].shape
     assert spectra[0].shape == (L, min(I, H))
     assert (np.diff(spectra[0], axis=1) <= 0).all()  # descending
     assert ks[0].tolist() == [0.0] * L and ks[1].tolist() == [0.0] * L
-    assert report.ratio_of(dense, I) == 0.0
+    assert measures.ratio_of(dense, I) == 0.0
 
 
 def test_sliced_model_ks_equals_direct_computation(dense):
     L, I, _ = dense.layers[registry.GATE].shape
     keep = kept_indices(L, I, 20)
     sliced = prune.slice_weights(dense, keep)
-    spectra, ks = report.compare(dense, [sliced])
+    spectra, ks = measures.compare(dense, [sliced])
     W = dense.layers[registry.GATE]
     want = [float(spectral.ks_statistic(spectral.singular_values(jnp.asarray(W[l])),
                                         spectral.singular_values(jnp.asarray(W[l][keep[l]]))))
@@ -89,24 +90,24 @@ def test_sliced_model_ks_equals_direct_computation(dense):
     np.testing.assert_allclose(ks[1], want, rtol=1e-6)
     assert (ks[1] > 0).all()
     assert spectra[1].shape == (L, 20)
-    assert report.ratio_of(sliced, I) == pytest.approx(1 - 20 / 48)
+    assert measures.ratio_of(sliced, I) == pytest.approx(1 - 20 / 48)
 
 
 def test_plotted_layers():
-    assert report.plotted_layers(30) == [0, 15, 29]
-    assert report.plotted_layers(2) == [0, 1]
-    assert report.plotted_layers(1) == [0]
+    assert measures.plotted_layers(30) == [0, 15, 29]
+    assert measures.plotted_layers(2) == [0, 1]
+    assert measures.plotted_layers(1) == [0]
 
 
 def _summary(dense, with_ppl=True):
     L, I, _ = dense.layers[registry.GATE].shape
     keep = kept_indices(L, I, 36)
     pruned = prune.slice_weights(dense, keep)
-    spectra, ks = report.compare(dense, [pruned])
-    layers = report.plotted_layers(L)
+    spectra, ks = measures.compare(dense, [pruned])
+    layers = measures.plotted_layers(L)
     ppl = lambda v: {"ppl": v, "tokens": 100, "files": {"t.txt": {"ppl": v, "tokens": 100}}} if with_ppl else None
-    models = [report.model_record("dense", "dense-src", dense, 0.0, ks[0], ppl(12.5)),
-              report.model_record("r25", "pruned-src", pruned, report.ratio_of(pruned, I), ks[1],
+    models = [measures.model_record("dense", "dense-src", dense, 0.0, ks[0], ppl(12.5)),
+              measures.model_record("r25", "pruned-src", pruned, measures.ratio_of(pruned, I), ks[1],
                                   ppl(float("inf")))]  # an overflowing ppl must not break anything
     summary = {"eval_text": "t.txt" if with_ppl else None, "tokens": 100, "max_tokens": 0,
                "seq_len": 16, "spectra_layers": layers, "lm_eval": None, "models": models}
@@ -157,7 +158,7 @@ def test_report_folder_is_replaced_whole_or_not_at_all(dense, tmp_path, monkeypa
     (out / "old.txt").write_text("old")
     with pytest.raises(UserError, match="--overwrite"):
         report.write_report(str(out), summary, spectra)
-    monkeypatch.setattr(report, "plot_ppl", lambda *a: 1 / 0)  # a crash halfway through
+    monkeypatch.setattr(plots, "plot_ppl", lambda *a: 1 / 0)  # a crash halfway through
     with pytest.raises(ZeroDivisionError):
         report.write_report(str(out), summary, spectra, overwrite=True)
     assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["report"]
@@ -194,7 +195,7 @@ def test_check_report_dir(tmp_path):
 def test_table_formats_missing_values(dense):
     summary, _ = _summary(dense)
     summary["models"][0]["lm_eval"] = {"average": 0.6123}
-    text = report.format_table(summary["models"])
+    text = tables.format_table(summary["models"])
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["model", "ratio", "kept"]
     assert lines[1].split()[-1] == "61.23" and lines[2].split()[-3] == "inf"
@@ -240,7 +241,7 @@ def isolated_hub(tmp_path, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_DATASETS_CACHE"):
         monkeypatch.setattr(datasets.config, name, getattr(datasets.config, name))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_home" / "datasets")
@@ -248,7 +249,7 @@ def isolated_hub(tmp_path, monkeypatch):
 
 
 def test_offline_tasks_are_unavailable_with_one_clear_line(isolated_hub):
-    pytest.importorskip("lm_eval")
+    require_module("lm_eval")
     tasks = lm_eval.prepare("paper")
     assert set(tasks.unavailable) == set(lm_eval.PAPER_TASKS)
     line = tasks.message()
@@ -266,7 +267,7 @@ def test_offline_tasks_are_unavailable_with_one_clear_line(isolated_hub):
 
 def test_lm_eval_runs_a_local_task_on_an_hf_folder(isolated_hub, tmp_path):
     """The real lm-eval path on a tiny model: a multiple-choice task from a local JSON file."""
-    pytest.importorskip("lm_eval")
+    require_module("lm_eval")
     model = tiny_models.save_hf_model(tiny_models.make_hf_model("llama_tied"), tmp_path / "model")
     save_tokenizer(model)
     task_dir = tmp_path / "tasks"

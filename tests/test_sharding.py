@@ -53,7 +53,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     sys.path.insert(0, sys.argv[1])
     import jax, jax.numpy as jnp, numpy as np
     from prunenet_jax.method import sharding
-    from prunenet_jax.method import train as T
+    from prunenet_jax.method import episode, trainer
     from tests.test_sharding import _RecordingArray
     assert jax.device_count() == 8, jax.devices()
 
@@ -73,12 +73,12 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     # Training: same seed -> same actions on no mesh, a 1-device mesh and an 8-device mesh.
     L, I, H = 30, 40, 12
     W = np.random.default_rng(1).standard_normal((L, I, H)).astype(np.float32)
-    sv0 = T.reference_singular_values(jnp.asarray(W))
-    sv8 = T.reference_singular_values(sharding.place_stacked(W, mesh8), mesh=mesh8)
+    sv0 = episode.reference_singular_values(jnp.asarray(W))
+    sv8 = episode.reference_singular_values(sharding.place_stacked(W, mesh8), mesh=mesh8)
     np.testing.assert_allclose(np.asarray(sv8)[:L], sv0, rtol=1e-6)
     for schedule in ("layer", "episode"):
-        cfg = T.TrainConfig(ratio=0.3, schedule=schedule)
-        runs = {name: T.train(W, cfg, seed=42, num_episodes=3, mesh=mesh)
+        cfg = episode.TrainConfig(ratio=0.3, schedule=schedule)
+        runs = {name: trainer.train(W, cfg, seed=42, num_episodes=3, mesh=mesh)
                 for name, mesh in (("none", None), ("1", sharding.make_mesh(1)), ("8", mesh8))}
         base = runs["none"]
         for name, res in runs.items():

@@ -12,7 +12,7 @@ from absl import logging
 
 from prunenet_jax import sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.evaluation import lm_eval, report
+from prunenet_jax.evaluation import lm_eval, measures, plots, report, tables
 from prunenet_jax import perplexity
 from prunenet_jax.formats import run_dir
 
@@ -40,6 +40,26 @@ class CompareJob:
     lm_eval_tasks: str = ""
     lm_eval_limit: int = 0
     lm_eval_batch_size: int = 1
+
+    @property
+    def plain(self) -> bool:
+        """Perplexity of the model alone (no comparison, report or lm-eval)."""
+        return not (self.pruned or self.report_dir or self.lm_eval_tasks)
+
+    def check(self) -> None:
+        """Refuses what cannot work, before anything is loaded: the flags, the installs."""
+        if not self.eval.name and self.plain:
+            raise UserError("--eval_text is required (unless --pruned, --report_dir or "
+                            "--lm_eval_tasks is given); pass one or more text files")
+        self.eval.check()
+        if self.lm_eval_limit < 0:
+            raise UserError(f"--lm_eval_limit={self.lm_eval_limit} must be >= 0 (0 means all)")
+        if self.lm_eval_batch_size < 1:
+            raise UserError(f"--lm_eval_batch_size={self.lm_eval_batch_size} must be at least 1")
+        if lm_eval.parse_tasks(self.lm_eval_tasks):
+            lm_eval.check_installed()
+        if self.report_dir:
+            plots.check_plotting()
 
 
 def _short_name(path: str) -> str:
@@ -101,15 +121,15 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
     """Report rows (dense first), gate spectra at the plotted layers, and the dense model's full
     perplexity result (per text, for the plain run's table). The dense model's tokenizer scores
     every model (pruning keeps the vocabulary). With `continue_prompt`, each row gets the model's
-    greedy continuation of report.PROMPT."""
+    greedy continuation of measures.PROMPT."""
     dense = sources.load_model(dense_path)
     dense_cfg = dense.config
     logging.info("loaded %s: %d layers, %.1fM parameters", model, dense_cfg.num_hidden_layers,
                  dense.num_params() / 1e6)
     ppl: Callable = (perplexity.perplexity_fn(sources.load_tokenizer(dense), eval_cfg)
                      if eval_cfg else lambda w: None)
-    layers = report.plotted_layers(dense_cfg.num_hidden_layers)
-    dense_sv = report.gate_spectra(dense)
+    layers = measures.plotted_layers(dense_cfg.num_hidden_layers)
+    dense_sv = measures.gate_spectra(dense)
     dense_ppl = ppl(dense)
     tokenizer = None
     if continue_prompt:
@@ -117,18 +137,18 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
             tokenizer = sources.load_tokenizer(dense)
         except UserError as e:  # a model without tokenizer files can still be compared
             logging.warning("no greedy continuations in the report: %s", e)
-    continuation = lambda w: report.continuation(w, tokenizer) if tokenizer is not None else None
-    models = [report.model_record("dense", model, dense, 0.0, report.gate_ks(dense_sv, dense_sv),
+    continuation = lambda w: measures.continuation(w, tokenizer) if tokenizer is not None else None
+    models = [measures.model_record("dense", model, dense, 0.0, measures.gate_ks(dense_sv, dense_sv),
                                   dense_ppl, continuation=continuation(dense))]
     spectra = [dense_sv[layers]]
     del dense
     for p in pruned:
         weights = sources.load_model(p.path)
         _check_compatible(weights, dense_cfg, p.source)
-        sv = report.gate_spectra(weights)
-        ratio = p.ratio if p.ratio is not None else report.ratio_of(weights, dense_cfg.intermediate_size)
-        models.append(report.model_record(p.name, p.source, weights, ratio,
-                                          report.gate_ks(dense_sv, sv), ppl(weights),
+        sv = measures.gate_spectra(weights)
+        ratio = p.ratio if p.ratio is not None else measures.ratio_of(weights, dense_cfg.intermediate_size)
+        models.append(measures.model_record(p.name, p.source, weights, ratio,
+                                          measures.gate_ks(dense_sv, sv), ppl(weights),
                                           mode=p.mode, continuation=continuation(weights),
                                           recovery=p.recovery))
         spectra.append(sv[layers])
@@ -138,8 +158,30 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
     return models, spectra, dense_ppl
 
 
+def perplexity_table(result: dict) -> str:
+    """A perplexity result (perplexity.perplexity's) as a table: one row per text, then all."""
+    width = max(len("text"), *(len(n) for n in result["files"]))
+    return "\n".join([f"{'text':<{width}}  {'tokens':>8}  {'ppl':>10}"]
+                     + [f"{name:<{width}}  {r['tokens']:>8}  {r['ppl']:>10.4f}"
+                        for name, r in result["files"].items()]
+                     + [f"{'all':<{width}}  {result['tokens']:>8}  {result['ppl']:>10.4f}"])
+
+
+def evaluate(job: CompareJob) -> tuple[str, dict]:
+    """launch.evaluate's whole job: (the tables it prints, its JSON line). The plain run gives
+    the perplexity table; a comparison the dense model's (with an eval text), then its own."""
+    if job.plain:
+        result = dense_perplexity(job)
+        return perplexity_table(result), result
+    summary, dense_ppl = run(job)
+    table = tables.format_table(summary["models"], summary)
+    return (f"{perplexity_table(dense_ppl)}\n\n{table}" if dense_ppl else table,
+            report.json_safe(summary))
+
+
 def dense_perplexity(job: CompareJob) -> dict:
     """The plain run: perplexity of `job.model` alone (perplexity.perplexity's result)."""
+    job.check()
     weights = sources.load_model(job.model, revision=job.revision)
     logging.info("loaded %s: %d layers, %.1fM parameters", weights.source,
                  weights.config.num_hidden_layers, weights.num_params() / 1e6)
@@ -148,6 +190,7 @@ def dense_perplexity(job: CompareJob) -> dict:
 
 def run(job: CompareJob) -> tuple[dict, Optional[dict]]:
     """(the summary: report.json's content, the dense model's perplexity result or None)."""
+    job.check()
     kind, dense_path = sources.resolve_source(job.model, job.revision)
     dense_hf = dense_path if kind == "hf" and lm_eval.is_hf_folder(dense_path) else None
     pruned = expand_pruned(job.pruned)
@@ -173,7 +216,7 @@ def run(job: CompareJob) -> tuple[dict, Optional[dict]]:
         "model": job.model, "eval_text": job.eval.name or None,
         "max_tokens": job.eval.max_tokens, "seq_len": job.eval.seq_len,
         "eval": job.eval.setting() if job.eval.texts else None,
-        "spectra_layers": report.plotted_layers(len(models[0]["ks"])),
+        "spectra_layers": measures.plotted_layers(len(models[0]["ks"])),
         "lm_eval": None if tasks is None else {
             "tasks": tasks.names,
             "metrics": lm_eval.metrics(tasks, [m["lm_eval"] for m in models]),

@@ -38,6 +38,15 @@ _FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir",
 RESERVED = (MANIFEST, POLICY, TRAIN_STATE, "manifests")
 
 
+def check_resume(out_dir: Optional[str], resume: bool, overwrite: bool) -> None:
+    """--resume continues the run in --out_dir; --overwrite replaces it: never both."""
+    if resume and not out_dir:
+        raise UserError("--resume needs --out_dir (the folder of the run to continue)")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out_dir and --overwrite replaces "
+                        "it; pass only one")
+
+
 def ratio_dirname(ratio: float) -> str:
     """`ratio_<r>`: the short form (`0.1`, `0.25`) when it reads back as the same float, else the
     shortest exact one (repr), so distinct ratios never share a folder."""

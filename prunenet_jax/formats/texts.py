@@ -1,10 +1,14 @@
-"""Evaluation texts: named files, .gz files, and globs (one text made of the matches in sorted order)."""
+"""Text as model input: reading texts (named files, .gz files, and globs: one text made of the
+matches in sorted order), tokenizing them, and cutting their tokens into non-overlapping windows
+(perplexity, recovery's --train_text and energy's text calibration all cut them here)."""
 from __future__ import annotations
 
 import glob
 import gzip
 import os
 from typing import Optional
+
+import numpy as np
 
 from prunenet_jax.errors import UserError
 
@@ -44,3 +48,26 @@ def read_texts(spec: str, flag: str = "--eval_text", what: Optional[str] = None)
             raise UserError(f"{what} {entry} is empty; pass a file with text in it")
         texts[entry] = text
     return texts
+
+
+def tokenize(tokenizer, text: str, max_tokens: Optional[int] = None) -> np.ndarray:
+    """The token ids of `text` (int32), the first `max_tokens` of them when given."""
+    ids = np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def windows(ids: np.ndarray, seq_len: int, *, full_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts ids into non-overlapping windows of seq_len: (tokens, mask), each (windows, seq_len).
+    The last window is padded (mask 0), or dropped with `full_only`; a window of one token
+    predicts nothing and is dropped."""
+    if seq_len < 2:
+        raise UserError(f"--seq_len={seq_len} is too short; use at least 2 (512 is typical)")
+    count = -(-len(ids) // seq_len)
+    tokens = np.zeros((count, seq_len), np.int32)
+    mask = np.zeros((count, seq_len), np.int32)
+    for w in range(count):
+        chunk = ids[w * seq_len:(w + 1) * seq_len]
+        tokens[w, :len(chunk)] = chunk
+        mask[w, :len(chunk)] = 1
+    keep = mask.all(axis=1) if full_only else mask.sum(1) >= 2
+    return tokens[keep], mask[keep]

@@ -1,10 +1,11 @@
 """Calibration tokens for the `energy` mode: sampled from the dense model itself (`self`, no data),
 or cut from the user's text (`--calibration=PATH_OR_GLOB`).
 
-Self-generation: N sequences of T tokens at temperature 1 from one start token (the model's BOS;
-where it has none, the first token of its chat template; else a seeded uniform token), all N in one
-batched KV-cache decode (models/decode.py). The decode does not stop at EOS: after an end-of-turn
-token the model starts its next turn, which is text it would write too, and every row is T long.
+Self-generation: N sequences of T tokens at temperature 1 from one start token (the model's BOS,
+special_tokens.py; where it has none, the first token of its chat template; else a seeded uniform
+token), all N in one batched KV-cache decode (models/decode.py, `sample_rows`). The decode does
+not stop at EOS: after an end-of-turn token the model starts its next turn, which is text it would
+write too, and every row is T long.
 
 The tokens are saved in the run folder (`calibration.npz`, with what made them), so a rerun or a
 `--resume` reuses them instead of sampling again.
@@ -12,6 +13,7 @@ The tokens are saved in the run folder (`calibration.npz`, with what made them),
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -20,7 +22,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from prunenet_jax import rng
+from prunenet_jax import rng, special_tokens
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import texts
 from prunenet_jax.models import decoder, decode
@@ -59,16 +61,14 @@ class Calibration:
 
 
 def start_token(weights: ModelWeights, tokenizer_fn, seed: int) -> int:
-    """BOS (config.json, else the tokenizer's); else the chat template's first token; else a
-    seeded uniform token. `tokenizer_fn()` loads the tokenizer (only called when needed)."""
-    bos = weights.hf_config.get("bos_token_id")
-    if isinstance(bos, list):
-        bos = bos[0] if bos else None
+    """BOS (special_tokens.bos_id: generation_config.json, config.json, else the tokenizer's);
+    else the chat template's first token; else a seeded uniform token. `tokenizer_fn()` loads the
+    tokenizer (only called when needed, at most once)."""
+    tokenizer_fn = functools.cache(tokenizer_fn)
+    bos = special_tokens.bos_id(weights, tokenizer_fn)
     if bos is not None:
-        return int(bos)
+        return bos
     tokenizer = tokenizer_fn()
-    if tokenizer is not None and tokenizer.bos_token_id is not None:
-        return int(tokenizer.bos_token_id)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -85,22 +85,20 @@ def self_generated(weights: ModelWeights, cal: Calibration, tokenizer_fn=lambda:
     if model is None:
         model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     seed = int(jax.random.randint(rng.key(cal.seed, rng.CALIBRATION), (), 0, 2**31 - 1))
-    rows = decode.generate(model, [[start]] * cal.sequences, cal.seq_len - 1, temperature=1.0,
-                            seed=seed, eos_ids=())
-    return np.array([[start] + row for row in rows], np.int32)
+    tokens, _ = decode.sample_rows(model, start, cal.sequences, cal.seq_len,
+                                   seed_of_batch=lambda _: seed, eos_ids=())
+    return tokens
 
 
 def from_text(tokenizer, cal: Calibration) -> np.ndarray:
     """The first sequences x seq_len tokens of the user's text, as (n, seq_len) windows (fewer
     rows when the text is shorter; the last partial window is dropped unless it is the only one)."""
-    ids = np.asarray(tokenizer(cal.read_text(), verbose=False)["input_ids"], np.int32)
-    ids = ids[:cal.sequences * cal.seq_len]
+    ids = texts.tokenize(tokenizer, cal.read_text(), cal.sequences * cal.seq_len)
     if len(ids) < 2:
         raise UserError(f"--calibration={cal.source} has {len(ids)} token(s); pass a longer text")
     if len(ids) < cal.seq_len:
         return ids[None]
-    n = len(ids) // cal.seq_len
-    return ids[:n * cal.seq_len].reshape(n, cal.seq_len)
+    return texts.windows(ids, cal.seq_len, full_only=True)[0]
 
 
 def _saved(path: str, meta: dict) -> Optional[np.ndarray]:

@@ -1,4 +1,5 @@
-"""Device mesh and layer-axis sharding for the stacked (L, ...) arrays of the method.
+"""Device mesh and layer-axis sharding for the stacked (L, ...) arrays of the method; the 1-D mesh
+builder and the device-memory budget that recovery uses too.
 
 The method's only parallel axis is the layer axis L: gate matrices (L, I, H), reference spectra
 (L, m), actions (L, k) are split over a 1-D mesh axis named `LAYER_AXIS`; the policy and its
@@ -21,8 +22,9 @@ LAYER_AXIS = "layers"
 
 
 def make_mesh(num_devices: Optional[int] = None,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 1-D mesh over `num_devices` devices (default: all), axis `LAYER_AXIS`.
+              devices: Optional[Sequence[jax.Device]] = None, axis: str = LAYER_AXIS) -> Mesh:
+    """A 1-D mesh over `num_devices` devices (default: all), its one axis named `axis` (the
+    method's layer axis; recovery's data axis).
 
     Axis type Auto: outside `shard_map`, jit propagates shardings as usual (GSPMD).
     """
@@ -30,7 +32,14 @@ def make_mesh(num_devices: Optional[int] = None,
     n = len(devices) if num_devices is None else int(num_devices)
     if not 1 <= n <= len(devices):
         raise ValueError(f"asked for a mesh of {n} devices but {len(devices)} are available")
-    return jax.make_mesh((n,), (LAYER_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
+    return jax.make_mesh((n,), (axis,), axis_types=(AxisType.Auto,), devices=devices[:n])
+
+
+def device_budget_bytes(fraction: float = 0.7) -> Optional[int]:
+    """`fraction` of one device's memory, in bytes: what a run plans to fill (streaming the gate
+    stack, sharding or caching in recovery); None where the backend reports no limit (CPU)."""
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    return None if limit is None else int(fraction * limit)
 
 
 def mesh_size(mesh: Optional[Mesh]) -> int:

@@ -15,12 +15,11 @@ from prunenet_jax.method import episode, sampling, sharding, spectral
 def stream_chunk(shape: tuple, dtype, cfg: episode.TrainConfig,
                  device_budget_bytes: Optional[int] = None) -> Optional[int]:
     """Layers per chunk when the gate stack (and its Grams) would not fit in the device budget,
-    else None (the whole stack stays on the device). Budget: `device_budget_bytes`, else 70% of
-    what the device's allocator reports as its limit (GPU/TPU); CPU reports none: no streaming."""
+    else None (the whole stack stays on the device). Budget: `device_budget_bytes`, else
+    `sharding.device_budget_bytes()` (70% of the device's memory); CPU reports none: no streaming."""
     L, I, H = shape
     if device_budget_bytes is None:
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-        device_budget_bytes = None if limit is None else int(0.7 * limit)
+        device_budget_bytes = sharding.device_budget_bytes()
     if device_budget_bytes is None:
         return None
     layer = I * H * sharding.device_dtype(dtype).itemsize

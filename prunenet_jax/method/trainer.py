@@ -9,11 +9,7 @@ on the seed and e, and the checkpoint holds the whole state (policy, optimiser, 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-import shutil
-import signal
-import threading
 from typing import Callable, Optional
 
 import jax
@@ -21,12 +17,13 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from prunenet_jax import progress, rng
-from prunenet_jax.errors import Interrupted, UserError
+from prunenet_jax import rng
+from prunenet_jax.errors import UserError
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import episode, sampling, sharding, spectral, streaming
 from prunenet_jax.models.config import ModelConfig
+from prunenet_jax.resumable import Resumable
 
 
 @dataclasses.dataclass
@@ -138,47 +135,15 @@ def train(W: np.ndarray, cfg: episode.TrainConfig, *, params: Optional[policy_li
                        episode_seconds=seconds)
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-class _StopOnCtrlC:
-    """While entered, Ctrl-C (SIGINT) asks training to stop after the running episode (one jitted
-    call cannot be cut short) instead of raising in the middle of it; a second Ctrl-C interrupts
-    at once. Only the main thread can handle signals: elsewhere this does nothing."""
-
-    def __init__(self):
-        self.asked, self._installed, self._previous = False, False, None
-
-    def _restore(self):
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-
-    def _ask(self, signum, frame):
-        self.asked = True
-        self._restore()
-        progress.message("Ctrl-C: stopping after this episode (press it again to stop at once)")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous, self._installed = signal.signal(signal.SIGINT, self._ask), True
-        return self
-
-    def __exit__(self, *exc):
-        if self._installed:
-            self._restore()
-
-
-def _restore(ckpts, config: ModelConfig, cfg: episode.TrainConfig, seed: int, episodes: int):
+def _restore(loop: Resumable, config: ModelConfig, cfg: episode.TrainConfig, seed: int,
+             episodes: int):
     I, H = config.intermediate_size, config.hidden_size
     template = episode.init_state(initial_params(seed, I, H), cfg)
     k = sampling.num_kept(I, cfg.ratio)
-    state, history, done = ckpts.restore(
+    state, history, done = loop.restore(
         template, lambda e: history_template(e, config.num_hidden_layers, k))
     if done > episodes:
-        raise UserError(f"--resume: {ckpts.directory} is after {done} episodes but --episodes="
+        raise UserError(f"--resume: {loop.directory} is after {done} episodes but --episodes="
                         f"{episodes}; pass --episodes={done} or more, or start afresh")
     logging.info("resuming after episode %d of %d", done, episodes)
     return state, history_from_arrays(history)
@@ -190,50 +155,26 @@ def train_policy(W, config: ModelConfig, cfg: episode.TrainConfig, *, seed: int,
     """Trains on every process (W may be a LazyLayerStack); returns (host params of the best
     episode, a JSON-able training summary). With `state_dir`, checkpoints every
     `checkpoint_every` episodes (and after the last); without `resume` an old state there is
-    discarded first. With `policy_dir`, process 0 saves the policy there."""
-    ckpts = resume_from = None
-    if state_dir:
-        path = state_dir
-        if not resume and os.path.isdir(path) and jax.process_index() == 0:
-            shutil.rmtree(path)  # the old run's resume points belong to the run being replaced
-        _barrier("prunenet_train_state_cleared")
-        run_meta = {"seed": seed, "num_layers": config.num_hidden_layers,
-                    "intermediate_size": config.intermediate_size,
-                    "hidden_size": config.hidden_size, "train_config": dataclasses.asdict(cfg)}
-        ckpts = orbax.TrainCheckpoints(path, run_meta)
-        if resume and ckpts.latest_episode() is not None:
-            resume_from = _restore(ckpts, config, cfg, seed, episodes)
+    discarded first; Ctrl-C stops after an episode (resumable.Resumable). With `policy_dir`,
+    process 0 saves the policy there."""
+    run_meta = {"seed": seed, "num_layers": config.num_hidden_layers,
+                "intermediate_size": config.intermediate_size,
+                "hidden_size": config.hidden_size, "train_config": dataclasses.asdict(cfg)}
+    with Resumable(state_dir, run_meta, resume=resume, total=episodes, every=checkpoint_every,
+                   unit="episode", desc="episodes", save_last=True, all_processes=True) as loop:
+        resume_from = _restore(loop, config, cfg, seed, episodes) if loop.resuming else None
+        done_before = 0 if resume_from is None else len(resume_from[1])
+        loop.start(done_before)
 
-    done_before = 0 if resume_from is None else len(resume_from[1])
-    bar = progress.bar(total=episodes, desc="episodes", initial=done_before,
-                       disable=jax.process_index() != 0)
+        def on_episode(e, m):
+            loop.advance(mean_ks=f"{float(np.mean(m.ks)):.4f}",
+                         total_reward=f"{float(m.total_reward):.2f}")
 
-    def on_episode(e, m):
-        bar.set_postfix(mean_ks=f"{float(np.mean(m.ks)):.4f}",
-                        total_reward=f"{float(m.total_reward):.2f}")
-        bar.update(1)
+        def on_state(done, state, history):
+            loop.finished(done, lambda: (state, history_arrays(history)))
 
-    stop = _StopOnCtrlC()
-
-    def on_state(done, state, history):
-        if ckpts is not None and (done % checkpoint_every == 0 or done == episodes or stop.asked):
-            ckpts.save(done, state, history_arrays(history))
-        if stop.asked:
-            if ckpts is not None:
-                ckpts.wait()  # the checkpoint of this finished episode is complete
-            raise Interrupted(f"interrupted (Ctrl-C) after episode {done} of {episodes}" + (
-                f"; the training state is saved in {ckpts.directory}: rerun the same command "
-                "with --resume to continue" if ckpts is not None else ""))
-
-    try:
-        with stop:
-            result = train(W, cfg, seed=seed, num_episodes=episodes, mesh=mesh,
-                                 callback=on_episode, resume_from=resume_from, on_state=on_state)
-    finally:  # also on an error: no checkpoint is left half written by a running save
-        bar.close()
-        if ckpts is not None:
-            ckpts.wait()
-            ckpts.close()
+        result = train(W, cfg, seed=seed, num_episodes=episodes, mesh=mesh,
+                       callback=on_episode, resume_from=resume_from, on_state=on_state)
     # Gathering to the host is a collective on multi-host runs: every process takes part.
     params = jax.tree.map(sharding.to_host, result.state.best_params)
     summary = {"best_episode": int(sharding.to_host(result.state.best_episode)),

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prunenet_jax import progress
 from prunenet_jax.errors import UserError
-from prunenet_jax import perplexity
 from prunenet_jax.formats import texts
 from prunenet_jax.models import decode
 
@@ -19,27 +17,19 @@ def generated_pool(model, bos_id: int, eos_ids, rows: int, seq_len: int, *, seed
                    batch: int = 32, temperature: float = 1.0,
                    top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """`rows` sequences of `seq_len` tokens sampled from `model` after a BOS token (a row that
-    ends at an EOS id early is padded, mask 0). Each batch of draws has its own seed."""
-    batch = -(-rows // -(-rows // batch))  # equal batches, the fewest of at most `batch` rows
-    tokens = np.zeros((rows, seq_len), np.int32)
-    mask = np.zeros((rows, seq_len), np.int32)
-    for start in progress.over(range(0, rows, batch), "sampling distillation text", "batch"):
-        n = min(batch, rows - start)
-        # A fixed batch size (padded with extra prompts) compiles the decoder once.
-        outs = decode.generate(model, [[bos_id]] * batch, seq_len - 1, temperature=temperature,
-                                top_p=top_p, seed=seed * 1_000_003 + start, eos_ids=eos_ids)[:n]
-        for r, out in enumerate(outs):
-            row = [bos_id] + out[:seq_len - 1]
-            tokens[start + r, :len(row)] = row
-            mask[start + r, :len(row)] = 1
-    return tokens, mask
+    ends at an EOS id early is padded, mask 0), in batches of at most `batch` rows, each batch
+    with its own seed."""
+    return decode.sample_rows(model, bos_id, rows, seq_len,
+                              seed_of_batch=lambda start: seed * 1_000_003 + start, batch=batch,
+                              eos_ids=eos_ids, temperature=temperature, top_p=top_p,
+                              desc="sampling distillation text")
 
 
 def text_pool(tokenizer, spec: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """The --train_text files (path, glob, comma-separated) cut into windows of seq_len."""
     rows = []
     for name, text in texts.read_texts(spec, flag="--train_text").items():
-        tokens, mask = perplexity.windows(perplexity.tokenize(tokenizer, text), seq_len)
+        tokens, mask = texts.windows(texts.tokenize(tokenizer, text), seq_len)
         if len(tokens) == 0:
             raise UserError(f"--train_text {name} has fewer than 2 tokens; pass a longer text")
         rows.append((tokens, mask))

@@ -1,5 +1,5 @@
 """Training losses on next-token distributions, summed over the valid target positions (the
-trainer divides by their count once a whole step, all micro-batches, is done)."""
+step, step.py, divides by their count once a whole step, all micro-batches, is done)."""
 from __future__ import annotations
 
 import jax

@@ -28,7 +28,7 @@ from prunenet_jax.method import scores as scores_lib
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import trainer
 from prunenet_jax.models import registry
-from prunenet_jax.files import output_folder
+from prunenet_jax.files import output_folder, run_lock
 from prunenet_jax.formats import run_dir
 from prunenet_jax.run.prune_run import (Measure, OutputOptions, Selection, Training, check_ratios_fit,
                                         prune_at_ratios)
@@ -54,7 +54,13 @@ class BatchJob:
     command: str = ""
 
     def check(self) -> None:
-        """Refuses what cannot work, before anything is loaded."""
+        """Refuses what cannot work, before anything is loaded or created."""
+        if not self.checkpoints:
+            raise UserError("--checkpoints is required: a comma list, a text file or a glob")
+        self.training.check()
+        self.outputs.check(self.out_dir)
+        if not self.out_dir:
+            raise UserError("--out_dir is required (where the pruned checkpoints and manifest go)")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise UserError(f"--shard_index={self.shard_index} must be in [0, --num_shards="
                             f"{self.num_shards})")
@@ -65,6 +71,10 @@ class BatchJob:
         output_folder.check_out_dir(self.out_dir, list(self.checkpoints) + ([self.policy] if self.policy else []))
         for name in output_names(list(self.checkpoints)):
             run_dir.check_inside(self.out_dir, os.path.join(self.out_dir, name))
+        if self.outputs.needs_scores:
+            self.calibration.check()
+        if self.eval is not None:
+            self.eval.check()
 
 
 def parse_checkpoints(spec: str) -> list[str]:
@@ -237,10 +247,47 @@ class BatchResult:
     def summary(self) -> tuple[dict, list]:
         return run_dir.batch_summary(self.outputs, self.manifest_path)
 
+    def failure(self) -> Optional[str]:
+        """What failed (the launcher's `error:` line, exit code 1), or None."""
+        _, failed = self.summary()
+        if not failed:
+            return None
+        return (f"{len(failed)} of {self.num_checkpoints} checkpoints failed: {', '.join(failed)} "
+                f"(details in {self.manifest_path})")
+
+    def format_table(self) -> str:
+        """One row per output of this shard: (checkpoint, ratio, mode), with its status."""
+        width = max([len("checkpoint")] + [len(e.checkpoint) for e in self.outputs])
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        lines = [f"{'checkpoint':<{width}}  {'ratio':>6}  {'mode':<14}  {'kept':>6}  "
+                 f"{'params':>13}  {'ppl':>10}  {'retained':>8}  status"]
+        for e in self.outputs:
+            mode = (e.recipe.get("mode") or "") + (" +guard" if e.recipe.get("guard") else "")
+            kept = e.extra.get("accuracy_retention")
+            lines.append(f"{e.checkpoint:<{width}}  {e.ratio:>6}  {mode:<14}  {fmt(e.kept, ''):>6}  "
+                         f"{fmt(e.params, ','):>13}  {fmt(e.ppl, '.3f'):>10}  "
+                         f"{fmt(kept and 100 * kept, '.1f'):>7}%  {e.status}")
+        return "\n".join(lines)
+
+
+def merge(out_dir: Optional[str], num_shards: Optional[int]) -> dict:
+    """--merge: manifest.json from the shard manifests in `out_dir` (run_dir.merge_manifests)."""
+    if not out_dir or num_shards is None:
+        raise UserError("--merge needs --out_dir and --num_shards")
+    return run_dir.merge_manifests(out_dir, num_shards)
+
 
 def run(job: BatchJob, mesh) -> BatchResult:
-    """The whole batch (this shard's share). `mesh()` gives the training mesh (called only when a
-    policy is trained). `job` is checked (BatchJob.check)."""
+    """The whole batch (this shard's share). `job` is checked (BatchJob.check) before anything
+    is created, then the shard's lock taken (shards write disjoint items and manifests: each
+    locks only its own share). `mesh()` gives the training mesh (called only when a policy is
+    trained)."""
+    job.check()
+    with run_lock.hold(job.out_dir, name=run_dir.lock_name(job.shard_index, job.num_shards)):
+        return _run(job, mesh)
+
+
+def _run(job: BatchJob, mesh) -> BatchResult:
     uses_policy = job.policy and job.outputs.needs_policy
     policy_meta = orbax.load_policy(job.policy)[1] if uses_policy else None
     params, training, policy_dir = get_policy(job, mesh)

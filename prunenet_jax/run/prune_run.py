@@ -11,14 +11,16 @@ atomically after each output, so an interrupted run is resumed by skipping what 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Callable, Optional
 
 import jax
 from absl import logging
 
-from prunenet_jax import prune, sources
+from prunenet_jax import prune, rng, sources
 from prunenet_jax.errors import UserError
+from prunenet_jax.files import output_folder, run_lock
 from prunenet_jax import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import calibration as calibration_lib
@@ -42,6 +44,17 @@ class OutputOptions:
     torch_format: bool = False
     guard: bool = False
     recover: Optional["RecoverSpec"] = None  # --recover_steps: fine-tune each output before writing
+
+    def check(self, out_dir: Optional[str]) -> None:
+        """Refuses options that cannot work together or bad values, before anything is loaded."""
+        if self.torch_format and not self.export_hf:
+            raise UserError("--torch_format adds pytorch_model.bin to the HF export; pass "
+                            "--export_hf too")
+        if self.export_hf and not out_dir:
+            raise UserError("--export_hf needs --out_dir")
+        rng.check_seed(self.seed)
+        if self.recover is not None:
+            self.recover.check()
 
     @property
     def needs_policy(self) -> bool:
@@ -109,6 +122,29 @@ class Training:
     episodes: int = 20
     checkpoint_every: int = 1
 
+    def check(self) -> None:
+        """Refuses bad values, before anything is loaded (the ratio: `train_ratio`)."""
+        if self.episodes < 1:
+            raise UserError(f"--episodes={self.episodes}: train for at least 1 episode")
+        if self.checkpoint_every < 1:
+            raise UserError(f"--checkpoint_every={self.checkpoint_every} must be at least 1")
+        lr, gamma = self.config.learning_rate, self.config.gamma
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"--lr={lr} must be a finite number > 0, e.g. 1e-3")
+        if not 0.0 <= gamma <= 1.0:  # also refuses nan
+            raise UserError(f"--gamma={gamma} must be a discount in [0, 1], e.g. 0.99")
+
+
+def train_ratio(ratios, ratio: Optional[float] = None) -> float:
+    """The ratio a policy is trained at: `ratio` (--train_ratio), or the largest of `ratios`.
+    Refused here, before a TrainConfig (which would refuse it without naming the flag) is made."""
+    if ratio is None:
+        return max(ratios)
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(f"--train_ratio={ratio} is outside [0, 1); pass a ratio such as 0.3, or "
+                        "omit it (the largest of --ratios)")
+    return ratio
+
 
 @dataclasses.dataclass(frozen=True)
 class PruneJob:
@@ -124,7 +160,26 @@ class PruneJob:
     eval: Optional[perplexity.EvalConfig] = None
     calibration: calibration_lib.Calibration = calibration_lib.Calibration()
     scores: Optional[str] = None  # saved scores (<run>/scores): no calibration forward pass
+    overwrite: bool = False  # replace an earlier run's outputs in out_dir
+    process_id: Optional[int] = None  # multi-host: this process (only process 0 writes and locks)
     command: str = ""
+
+    def check(self) -> None:
+        """Refuses what cannot work, before anything is loaded or created."""
+        self.training.check()
+        self.outputs.check(self.out_dir)
+        run_dir.check_resume(self.out_dir, self.resume, self.overwrite)
+        self.check_out_dir()
+        if self.outputs.needs_scores:
+            self.calibration.check()
+        if self.eval is not None:
+            self.eval.check()
+
+    def check_out_dir(self) -> None:
+        """The output-folder policy: a new or empty folder, or one to --resume or --overwrite."""
+        if self.out_dir:
+            inputs = [self.model] + [p for p in (self.policy, self.scores) if p]
+            output_folder.check_out_dir(self.out_dir, inputs, reuse=self.resume or self.overwrite)
 
 
 def check_ratios_fit(intermediate_size: int, ratios, source: str) -> None:
@@ -205,9 +260,9 @@ def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options
             orbax.save_model(orbax_dir, pruned, meta, kept=kept, overwrite=True)
             entry.orbax_dir = rel(orbax_dir)
             if options.export_hf:
-                from prunenet_jax.formats import hf
 
-                hf.export_hf(pruned, hf_dir, model_card=orbax.model_card_fields(meta),
+                from prunenet_jax.formats import hf_export
+                hf_export.export_hf(pruned, hf_dir, model_card=orbax.model_card_fields(meta),
                              torch_format=options.torch_format, overwrite=True)
                 entry.hf_dir = rel(hf_dir)
         scored = measure(pruned) if scored is None else dict(scored)
@@ -253,11 +308,43 @@ class PruneResult:
     def to_json(self) -> dict:
         return run_dir.manifest_json(self.header, self.outputs)
 
+    def format_table(self) -> str:
+        """One row per (ratio, mode), then the uniform-random baseline at each ratio."""
+        fmt = lambda v, f=".3f": "-" if v is None else format(v, f)
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+        dense = self.dense_params
+        lines = [f"{'ratio':>6}  {'mode':<24}  {'kept':>6}  {'params':>13}  {'of dense':>8}  "
+                 f"{'ppl':>10}  {'top-1 acc':>9}  {'retained':>8}",
+                 f"{'dense':>6}  {'':<24}  {'':>6}  {dense:>13,}  {'100.0%':>8}  "
+                 f"{fmt(self.dense_ppl):>10}  {fmt(self.dense_accuracy, '.4f'):>9}  {'':>8}"]
+        guard = " +guard" if self.header.get("guard") else ""
+        for r in self.outputs:
+            mode = (r.recipe.get("mode") or "") + (guard if r.recipe.get("guard") else "")
+            lines.append(f"{r.ratio:>6}  {mode:<24}  {r.kept:>6}  {r.params:>13,}  "
+                         f"{100 * r.params / dense:>7.1f}%  {fmt(r.ppl):>10}  "
+                         f"{fmt(r.extra.get('accuracy'), '.4f'):>9}  "
+                         f"{pct(r.extra.get('accuracy_retention')):>8}")
+        for ratio, b in (self.baseline or {}).items():
+            lines.append(f"{ratio:>6}  {'random baseline (1 draw)':<24}  {'':>6}  {'':>13}  "
+                         f"{'':>8}  {fmt(b.get('ppl')):>10}  {fmt(b.get('accuracy'), '.4f'):>9}  "
+                         f"{pct(b.get('accuracy_retention')):>8}")
+        return "\n".join(lines)
+
 
 def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]]) -> Optional[PruneResult]:
-    """The whole run. Everything cheap is checked before `start_devices()` (jax.distributed and
-    the mesh) and before any weights are read. Returns None on processes other than 0 (they only
-    train; process 0 measures scores, prunes, evaluates and writes)."""
+    """The whole run. `job` is checked (PruneJob.check) before anything is created, then its
+    out_dir locked (process 0; files/run_lock.py) and checked again under the lock, since
+    another run may have filled it meanwhile. Everything cheap is checked before
+    `start_devices()` (jax.distributed and the mesh) and before any weights are read. Returns
+    None on processes other than 0 (they only train; process 0 measures scores, prunes,
+    evaluates and writes)."""
+    job.check()
+    with run_lock.hold(job.out_dir if not job.process_id else None):
+        job.check_out_dir()
+        return _run(job, start_devices)
+
+
+def _run(job: PruneJob, start_devices) -> Optional[PruneResult]:
     cfg, options = job.training.config, job.outputs
     train = options.needs_policy and not job.policy
     policy = orbax.load_policy(job.policy) if job.policy and options.needs_policy else None
