@@ -1,4 +1,4 @@
-"""Prune many checkpoints at many ratios with one policy (prunenet_jax/run/batch.py); a rerun skips
+r"""Prune many checkpoints at many ratios with one policy (prunenet_jax/run/batch.py); a rerun skips
 what is done, a failed checkpoint is skipped (exit code 1).
 
   python -m launch.batch_prune --checkpoints='ckpts/*' --ratios=0.1,0.2,0.3 \
@@ -31,6 +31,11 @@ launch_flags.define_pruning_flags()
 launch_flags.define_eval_flags()
 launch_flags.define_mesh_flag()
 launch_flags.define_recovery_flags(default_steps=0)
+launch_flags.put_in_group(launch_flags.MODEL, "checkpoints")
+launch_flags.put_in_group(launch_flags.OUTPUTS, "out_dir")
+launch_flags.put_in_group(launch_flags.TRAINING, "policy")
+launch_flags.put_in_group("shards (one batch split over machines)", "num_shards", "shard_index",
+                          "merge")
 
 
 def batch_job() -> batch.BatchJob:

@@ -11,8 +11,10 @@ import logging as stdlib_logging
 from absl import app, flags
 from absl import logging as absl_logging
 
+from prunenet_jax import progress
 from prunenet_jax.errors import UserError, WriteError
 from prunenet_jax.files import atomic
+from prunenet_jax.launch import flags as launch_flags
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -40,6 +42,18 @@ def _parse_flags(argv):
         _fail(f"{e}; run with --help to see the flags")
 
 
+def _asks_help(argv) -> bool:
+    """--help (-h, -?, --helpshort): our grouped help instead of absl's; --helpfull stays absl's."""
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        name, _, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name in ("help", "helpshort", "h", "?") and value.lower() not in (
+                "false", "0"):
+            return True
+    return False
+
+
 class _QuietOrbax(stdlib_logging.Filter):
     """orbax logs every save and restore step at INFO; keep its warnings and errors only, except
     the tracebacks of a failed write (full disk, lost permission), which the run reports as its
@@ -54,11 +68,35 @@ class _QuietOrbax(stdlib_logging.Filter):
         return atomic.write_failure(error) is None
 
 
+class _QuietBackends(stdlib_logging.Filter):
+    """JAX's INFO lines (`Unable to initialize backend 'tpu': ... libtpu.so` on every machine
+    without a TPU) say nothing a user can act on; its warnings stay."""
+
+    def filter(self, record):
+        return not (record.name.split(".")[0] == "jax" and record.levelno < stdlib_logging.WARNING)
+
+
 def run(main) -> None:
-    """absl app.run, with flag errors and UserErrors reported as one line and exit code 2."""
+    """absl app.run, with flag errors and UserErrors reported as one line and exit code 2; --help
+    lists the launcher's flags by group (launch/flags.py), every one of them an absl key flag of
+    the launcher; log lines are written above the progress bars, without the noise of orbax and
+    of JAX's backend probe."""
+    module = main.__module__
+    launch_flags.declare_key_flags(module)
+
+    def parse(argv):
+        if _asks_help(argv):
+            try:
+                print(launch_flags.help_text(module, sys.modules[module].__doc__), flush=True)
+            except BrokenPipeError:  # `--help | head`
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        return _parse_flags(argv)
 
     def guarded(argv):
         absl_logging.get_absl_logger().addFilter(_QuietOrbax())
+        absl_logging.get_absl_handler().addFilter(_QuietBackends())
+        progress.log_above_bars()
         if len(argv) > 1:
             _fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
         try:
@@ -76,7 +114,7 @@ def run(main) -> None:
             _fail_now(f"{reason} ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
                   "free space or restore write access, then rerun the same command")
 
-    app.run(guarded, flags_parser=_parse_flags)
+    app.run(guarded, flags_parser=parse)
 
 
 def init_distributed() -> None:

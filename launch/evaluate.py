@@ -1,4 +1,4 @@
-"""Perplexity of a model on text files, in JAX; with pruned models beside it, a comparison of
+r"""Perplexity of a model on text files, in JAX; with pruned models beside it, a comparison of
 gate spectra (KS per layer), perplexity and zero-shot accuracy (lm-eval), optionally as a report.
 
   python -m launch.evaluate --model=default \
@@ -23,7 +23,9 @@ launch_flags.define_model_flags()
 launch_flags.define_eval_flags()
 flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16")
 flags.DEFINE_string("pruned", None, "Comma-separated pruned versions of --model to compare with it: "
-                    "model folders, or a prune run's --out_dir (its manifest.json's finished outputs)")
+                    "a prune run's --out_dir (its finished outputs, narrowed by --ratio/--mode), "
+                    "its [<mode>/]ratio_<r>, or model folders (orbax or HF)")
+launch_flags.define_pick_flags()
 flags.DEFINE_string("report_dir", None, "Write report.json, report.md and PNG plots (spectra, KS per "
                     "layer, perplexity against ratio) to this new folder")
 flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --report_dir")
@@ -32,6 +34,9 @@ flags.DEFINE_string("lm_eval_tasks", "", "Comma-separated lm-eval tasks for zero
                     "needs `pip install lm-eval` and the datasets (HF hub or local cache)")
 flags.DEFINE_integer("lm_eval_limit", 0, "Examples per lm-eval task (0: all)")
 flags.DEFINE_integer("lm_eval_batch_size", 1, "lm-eval batch size")
+launch_flags.put_in_group(launch_flags.PERPLEXITY, "dtype")
+launch_flags.put_in_group("comparison and report", "pruned", "report_dir", "overwrite",
+                          "lm_eval_tasks", "lm_eval_limit", "lm_eval_batch_size")
 
 
 def compare_job() -> comparison.CompareJob:
@@ -40,7 +45,8 @@ def compare_job() -> comparison.CompareJob:
         model=FLAGS.model, revision=FLAGS.revision, pruned=FLAGS.pruned,
         eval=launch_flags.with_texts(launch_flags.eval_settings(FLAGS.dtype)),
         report_dir=FLAGS.report_dir, overwrite=FLAGS.overwrite, lm_eval_tasks=FLAGS.lm_eval_tasks,
-        lm_eval_limit=FLAGS.lm_eval_limit, lm_eval_batch_size=FLAGS.lm_eval_batch_size)
+        lm_eval_limit=FLAGS.lm_eval_limit, lm_eval_batch_size=FLAGS.lm_eval_batch_size,
+        ratio=FLAGS.ratio, mode=FLAGS.mode)
 
 
 def main(argv) -> None:

@@ -1,10 +1,14 @@
 """Every flag group, defined once, and what turns parsed flags into the library's config
 dataclasses. A launcher calls the `define_*` functions of the groups it takes (absl flags are
 global, and one launcher runs per process), then builds its job from FLAGS here; the library
-itself never reads FLAGS."""
+itself never reads FLAGS. Each group has a heading in the launcher's --help (`group`), and every
+flag of the launcher is one of its absl key flags (`declare_key_flags`, from launch.common.run)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
+import textwrap
 from typing import Optional
 
 from absl import flags
@@ -19,7 +23,83 @@ from prunenet_jax.run.prune_run import OutputOptions, Training, train_ratio
 
 FLAGS = flags.FLAGS
 
+# ----------------------------------------------------------------------------- --help
 
+_GROUPS: dict[str, list[str]] = {}  # --help heading -> the flags defined under it, in order
+# The headings the launchers share, in --help's order (a launcher's own flags join them with
+# `put_in_group`; a heading of its own comes after these).
+MODEL, PRUNING, OUTPUTS = "model", "pruning", "outputs"
+TRAINING, ENERGY = "policy training (--mode=sample, topk)", "energy scores (--mode=energy)"
+PERPLEXITY, RECOVERY, DEVICES = "perplexity (with --eval_text)", "recovery fine-tuning", "devices"
+_ORDER = (MODEL, PRUNING, OUTPUTS, TRAINING, ENERGY, PERPLEXITY, RECOVERY, DEVICES)
+
+
+@contextlib.contextmanager
+def group(title: str):
+    """The flags defined inside (a `with` block, or a decorated define_* function) are listed
+    under `title` in the launcher's --help; a flag already in an inner group stays there."""
+    before = set(FLAGS)
+    names = _GROUPS.setdefault(title, [])
+    yield
+    grouped = {n for names in _GROUPS.values() for n in names}
+    names.extend(n for n in FLAGS if n not in before and n not in grouped and FLAGS[n].name == n)
+
+
+def put_in_group(title: str, *names: str) -> None:
+    """Lists flags already defined (a launcher's own) under `title` in --help."""
+    for listed in _GROUPS.values():
+        listed[:] = [n for n in listed if n not in names]
+    _GROUPS.setdefault(title, []).extend(names)
+
+
+def launcher_flags(module: str) -> dict[str, list[str]]:
+    """{heading: flag names, in the order defined} of the launcher `module` (its __name__): the
+    groups, then what it or this module defined outside any group."""
+    titles = sorted(_GROUPS, key=lambda t: _ORDER.index(t) if t in _ORDER else len(_ORDER))
+    order = {n: i for i, n in enumerate(FLAGS)}
+    sections = {title: sorted((n for n in _GROUPS[title] if n in FLAGS), key=order.get)
+                for title in titles}
+    grouped = {n for names in sections.values() for n in names}
+    rest = [f.name for m in (module, __name__) for f in FLAGS.get_flags_for_module(m)]
+    sections["other"] = [n for n in dict.fromkeys(rest) if n not in grouped]
+    return {title: names for title, names in sections.items() if names}
+
+
+def declare_key_flags(module: str) -> None:
+    """Makes every flag of the launcher `module` one of its absl key flags (what absl's own help
+    of the main module lists), defined here or there."""
+    main = sys.argv[0] if module == "__main__" else module
+    for names in launcher_flags(module).values():
+        for name in names:
+            FLAGS.register_key_flag_for_module(main, FLAGS[name])
+
+
+def _default(flag) -> Optional[str]:
+    if flag.default is None:
+        return None
+    if isinstance(flag.default, bool):
+        return "on" if flag.default else "off"
+    return repr(flag.default) if isinstance(flag.default, str) else str(flag.default)
+
+
+def help_text(module: str, doc: Optional[str]) -> str:
+    """The launcher's --help: its docstring, then its flags by group, each with its default."""
+    lines = [(doc or f"python -m {module}").strip("\n"), "",
+             "flags (--name=value; --name / --noname for an on/off flag):"]
+    for title, names in launcher_flags(module).items():
+        lines += ["", f"{title}:"]
+        for name in names:
+            flag = FLAGS[name]
+            lines.append(textwrap.fill(f"--{name}: {flag.help or ''}", width=100,
+                                       initial_indent="  ", subsequent_indent="      ",
+                                       break_on_hyphens=False, break_long_words=False))
+            if _default(flag) is not None:
+                lines.append(f"      (default: {_default(flag)})")
+    lines += ["", "The flags of absl's logging and of JAX: --helpfull."]
+    return "\n".join(lines)
+
+
+@group(MODEL)
 def define_model_flags(what: str = "model") -> None:
     flags.DEFINE_string(what, "default", "'default' (SmolLM2-135M-Instruct GGUF), an HF folder, a "
                         "hub id or a .gguf file")
@@ -27,6 +107,17 @@ def define_model_flags(what: str = "model") -> None:
                         "a hub id")
 
 
+@group(MODEL)
+def define_pick_flags() -> None:
+    """--ratio/--mode: which pruned model(s) of a run folder (launch.generate, convert, evaluate,
+    recover; pruned_models.resolve)."""
+    flags.DEFINE_float("ratio", None, "With a folder holding several pruned models (a prune run's "
+                       "--out_dir): the one(s) pruned at this ratio")
+    flags.DEFINE_enum("mode", None, list(prune.MODES), "With a folder holding several pruned "
+                      "models: the one(s) of this mode")
+
+
+@group(PERPLEXITY)
 def define_eval_flags() -> None:
     flags.DEFINE_string("eval_text", None, "Text files for perplexity (comma-separated, .gz "
                         "allowed); a glob is one text made of its matches in sorted name order")
@@ -35,45 +126,52 @@ def define_eval_flags() -> None:
     flags.DEFINE_integer("batch_size", 4, "Perplexity windows per forward pass")
 
 
+@group(PRUNING)
 def define_pruning_flags() -> None:
     """Ratios, policy training, selection and outputs (launch.prune, launch.batch_prune)."""
     flags.DEFINE_string("ratios", "0.1,0.2,0.3", "Comma-separated compression ratios in [0, 1)")
-    flags.DEFINE_float("train_ratio", None, "Ratio the policy is trained at (default: the largest "
-                       "of --ratios); the trained policy then prunes at every ratio")
-    flags.DEFINE_integer("episodes", 20, "Training episodes")
-    flags.DEFINE_integer("checkpoint_every", 1, "With --out_dir, save the training state every this "
-                         "many episodes (and after the last); a resumed run repeats at most this many - 1")
-    flags.DEFINE_float("lr", 1e-3, "AdamW learning rate")
-    flags.DEFINE_float("gamma", 0.99, "Discount across layer depth")
-    flags.DEFINE_integer("seed", 42, "Seed of every random draw (policy init, episodes, slicing)")
     flags.DEFINE_string("mode", "sample", "How channels are chosen, one mode or a comma list (each "
                         "mode's outputs side by side): sample (PruneNet, the reference's sampling), "
                         "topk (largest policy logits), random (uniform baseline, no policy), energy "
                         "(largest E[h^2]*||down_j||^2 on calibration tokens; forward passes, no policy)")
     flags.DEFINE_bool("guard", False, "Never drop super channels: log(||gate_j||*||up_j||) more than 6 "
                       "robust z-scores above its layer's median (energy: also peak |h_j| outliers)")
-    flags.DEFINE_string("calibration", "self", "energy's calibration tokens: self (sampled from the "
-                        "dense model, no data) or text files (comma list, globs)")
-    flags.DEFINE_integer("calibration_sequences", calibration.Calibration.sequences,
-                         "energy: calibration sequences N")
-    flags.DEFINE_integer("calibration_seq_len", calibration.Calibration.seq_len,
-                         "energy: tokens per calibration sequence T")
-    flags.DEFINE_enum("update_schedule", "layer", episode.SCHEDULES, "layer: one AdamW step per layer "
-                      "(the paper's code); episode: one step per episode, grad-norm clip 1.0")
-    flags.DEFINE_bool("use_kl", False, "Add the KL term to the loss")
-    flags.DEFINE_bool("reuse_noise", False, "Loss pass reuses the sampling noise (default: fresh "
-                      "noise, as the reference)")
-    flags.DEFINE_bool("export_hf", False, "Also write each pruned model as a Hugging Face folder "
-                      "(ratio_<r>/hf: config.json, safetensors, tokenizer, model card)")
-    flags.DEFINE_bool("torch_format", False, "With --export_hf, also write pytorch_model.bin (needs "
-                      "torch)")
-    flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run in --out_dir")
+    flags.DEFINE_integer("seed", 42, "Seed of every random draw (policy init, episodes, slicing)")
+    with group(TRAINING):
+        flags.DEFINE_float("train_ratio", None, "Ratio the policy is trained at (default: the "
+                           "largest of --ratios); the trained policy then prunes at every ratio")
+        flags.DEFINE_integer("episodes", 20, "Training episodes")
+        flags.DEFINE_integer("checkpoint_every", 1, "With --out_dir, save the training state every "
+                             "this many episodes (and after the last); a resumed run repeats at "
+                             "most this many - 1")
+        flags.DEFINE_float("lr", 1e-3, "AdamW learning rate")
+        flags.DEFINE_float("gamma", 0.99, "Discount across layer depth")
+        flags.DEFINE_enum("update_schedule", "layer", episode.SCHEDULES, "layer: one AdamW step per "
+                          "layer (the paper's code); episode: one step per episode, grad-norm clip 1.0")
+        flags.DEFINE_bool("use_kl", False, "Add the KL term to the loss")
+        flags.DEFINE_bool("reuse_noise", False, "Loss pass reuses the sampling noise (default: fresh "
+                          "noise, as the reference)")
+    with group(ENERGY):
+        flags.DEFINE_string("calibration", "self", "energy's calibration tokens: self (sampled from "
+                            "the dense model, no data) or text files (comma list, globs)")
+        flags.DEFINE_integer("calibration_sequences", calibration.Calibration.sequences,
+                             "energy: calibration sequences N")
+        flags.DEFINE_integer("calibration_seq_len", calibration.Calibration.seq_len,
+                             "energy: tokens per calibration sequence T")
+    with group(OUTPUTS):
+        flags.DEFINE_bool("export_hf", False, "Also write each pruned model as a Hugging Face "
+                          "folder (ratio_<r>/hf: config.json, safetensors, tokenizer, model card)")
+        flags.DEFINE_bool("torch_format", False, "With --export_hf, also write pytorch_model.bin "
+                          "(needs torch)")
+        flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run in --out_dir")
 
 
+@group(DEVICES)
 def define_mesh_flag() -> None:
     flags.DEFINE_integer("mesh", 0, "Devices on the layer axis (0: all devices of all hosts)")
 
 
+@group(DEVICES)
 def define_parallel_flags() -> None:
     define_mesh_flag()
     flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
@@ -142,6 +240,7 @@ def eval_config() -> Optional[EvalConfig]:
     return with_texts(cfg) if cfg.name else None
 
 
+@group(RECOVERY)
 def define_recovery_flags(default_steps: int) -> None:
     """Recovery fine-tuning (launch.recover; launch.prune/batch_prune with --recover_steps)."""
     from prunenet_jax.recovery.config import RecoverConfig, METHODS

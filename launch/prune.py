@@ -1,4 +1,4 @@
-"""Learn a PruneNet policy on a model and slice its FFNs at one or more ratios.
+r"""Learn a PruneNet policy on a model and slice its FFNs at one or more ratios.
 
   python -m launch.prune --model=default --ratios=0.1,0.2,0.3 \
       --eval_text='/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt' --max_tokens=16384
@@ -28,6 +28,9 @@ launch_flags.define_pruning_flags()
 launch_flags.define_eval_flags()
 launch_flags.define_parallel_flags()
 launch_flags.define_recovery_flags(default_steps=0)
+launch_flags.put_in_group(launch_flags.OUTPUTS, "out_dir", "resume")
+launch_flags.put_in_group(launch_flags.TRAINING, "policy")
+launch_flags.put_in_group(launch_flags.ENERGY, "scores")
 
 
 def prune_job() -> prune_run.PruneJob:

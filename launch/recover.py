@@ -1,4 +1,4 @@
-"""Recovery fine-tuning of pruned models: LoRA (default) or full, distilling the dense source on
+r"""Recovery fine-tuning of pruned models: LoRA (default) or full, distilling the dense source on
 text it samples itself (default) or on --train_text.
 
   python -m launch.recover --input=runs/default --out_dir=runs/default-recovered \
@@ -15,8 +15,9 @@ from prunenet_jax.launch import flags as launch_flags
 from prunenet_jax.recovery import job as recovery
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "A pruned model's orbax folder (<run>/ratio_<r>/orbax) or a "
-                    "prune run folder (each finished output)", required=True)
+flags.DEFINE_string("input", None, "A prune run folder (each finished output, narrowed by --ratio/"
+                    "--mode), its [<mode>/]ratio_<r>, or a pruned model's orbax (or HF) folder",
+                    required=True)
 flags.DEFINE_string("dense", None, "The dense source model (default: the one recorded with the "
                     "pruned model)")
 flags.DEFINE_string("out_dir", None, "Where the recovered models go: ratio_<r>/orbax, ratio_<r>/hf "
@@ -30,6 +31,10 @@ flags.DEFINE_enum("shard_params", "auto", ["auto", "on", "off"], "Split the trai
                   "when replicated they would take over 70% of one device's memory")
 launch_flags.define_recovery_flags(default_steps=60)
 launch_flags.define_eval_flags()
+launch_flags.define_pick_flags()
+launch_flags.put_in_group(launch_flags.MODEL, "input", "dense")
+launch_flags.put_in_group(launch_flags.OUTPUTS, "out_dir", "export_hf", "overwrite", "resume")
+launch_flags.put_in_group(launch_flags.DEVICES, "data_devices", "shard_params")
 
 
 def recover_job() -> recovery.RecoverJob:
@@ -39,7 +44,7 @@ def recover_job() -> recovery.RecoverJob:
         recovery=launch_flags.recover_spec(FLAGS.resume, optional=False), dense=FLAGS.dense,
         export_hf=FLAGS.export_hf, overwrite=FLAGS.overwrite, eval=launch_flags.eval_config(),
         data_devices=FLAGS.data_devices, shard_params=FLAGS.shard_params,
-        command=common.command_line())
+        command=common.command_line(), ratio=FLAGS.ratio, mode=FLAGS.mode)
 
 
 def main(argv) -> None:

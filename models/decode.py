@@ -170,19 +170,19 @@ def generate(model: decoder.CausalLM, prompts: Sequence[Sequence[int]], max_new_
 def sample_rows(model: decoder.CausalLM, start_token: int, rows: int, seq_len: int, *,
                 seed_of_batch: Callable[[int], int], batch: Optional[int] = None,
                 eos_ids: Sequence[int] = (), temperature: float = 1.0, top_p: float = 1.0,
-                desc: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+                desc: str = "sampling text") -> tuple[np.ndarray, np.ndarray]:
     """`rows` texts of `seq_len` tokens sampled from `model` after `start_token`: (tokens, mask),
     each (rows, seq_len) int32; a row that ends at an EOS id early is padded (mask 0).
 
     Drawn in equal batches, the fewest of at most `batch` rows (default: all rows in one); the
     batch starting at row `start` is drawn with seed `seed_of_batch(start)`. Every batch has the
     same size (the last one padded with extra prompts), so the decoder compiles once. `desc`
-    names a progress bar over the batches (none without)."""
+    names the progress bar over the rows (the one of every text sampled from a dense model)."""
     batch = -(-rows // -(-rows // (batch or rows)))
     tokens = np.zeros((rows, seq_len), np.int32)
     mask = np.zeros((rows, seq_len), np.int32)
-    starts = range(0, rows, batch)
-    for start in (starts if desc is None else progress.over(starts, desc, "batch")):
+    bar = progress.counter(rows, desc, "row")
+    for start in range(0, rows, batch):
         n = min(batch, rows - start)
         outs = generate(model, [[start_token]] * batch, seq_len - 1, temperature=temperature,
                         top_p=top_p, seed=seed_of_batch(start), eos_ids=eos_ids)[:n]
@@ -190,4 +190,6 @@ def sample_rows(model: decoder.CausalLM, start_token: int, rows: int, seq_len: i
             row = [start_token] + out[:seq_len - 1]
             tokens[start + r, :len(row)] = row
             mask[start + r, :len(row)] = 1
+        bar.update(n)
+    bar.close()
     return tokens, mask

@@ -10,7 +10,7 @@ import logging
 import math
 from typing import Optional
 
-from prunenet_jax import rng, sources, special_tokens
+from prunenet_jax import pruned_models, rng, sources, special_tokens
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import decoder, decode
 from prunenet_jax.weights import dtype_by_name
@@ -29,6 +29,8 @@ class GenerateJob:
     chat: bool = False
     dtype: str = "float32"
     revision: Optional[str] = None
+    ratio: Optional[float] = None  # --ratio/--mode: which pruned model of a run folder
+    mode: Optional[str] = None
 
     def check(self) -> None:
         """Refuses bad flags, before the model is loaded."""
@@ -59,7 +61,11 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, model: str) -> list[int]:
 
 def generate(job: GenerateJob) -> dict:
     job.check()
-    weights = sources.load_model(job.model, revision=job.revision)
+    pruned = pruned_models.resolve_one(job.model, job.ratio, job.mode, "--model")
+    if pruned is not None:
+        log.info("model: %s (%s)", pruned.label, pruned.folder())
+    weights = sources.load_model(job.model if pruned is None else pruned.folder(),
+                                 revision=job.revision)
     tokenizer = sources.load_tokenizer(weights)
     ids = prompt_ids(tokenizer, job.prompt, job.chat, job.model)
     if not ids:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prunenet_jax import progress
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats.texts import tokenize, windows
 from prunenet_jax.models import decoder
@@ -48,7 +49,7 @@ class Scorer:
     def score(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> tuple[float, int, int]:
         """(summed NLL, scored targets, top-1 hits)."""
         total, count, hits = 0.0, 0, 0
-        for start in range(0, len(tokens), batch_size):
+        for start in progress.over(range(0, len(tokens), batch_size), "perplexity", "batch"):
             t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
             pad = batch_size - len(t)  # keep one shape, so one compilation
             if pad:
@@ -80,6 +81,14 @@ def perplexity(model: nnx.Module, tokenizer, texts: dict[str, str], seq_len: int
         total_hits += hits
     return {"ppl": math.exp(total_nll / total_count), "tokens": total_count,
             "accuracy": total_hits / total_count, "files": files}
+
+
+def accuracy_retention(accuracy: Optional[float], dense_accuracy: Optional[float]) -> Optional[float]:
+    """The share of the dense model's top-1 accuracy a pruned model keeps (accuracy / dense);
+    None when either is missing or the dense accuracy is 0 (nothing to keep a share of)."""
+    if accuracy is None or not dense_accuracy:
+        return None
+    return accuracy / dense_accuracy
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunenet_jax import rng
+from prunenet_jax import progress, rng
 from prunenet_jax.errors import UserError
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import sampling
@@ -37,6 +37,18 @@ def parse_modes(spec: str) -> tuple[str, ...]:
         raise UserError(f"--mode={spec}: {'unknown mode ' + ', '.join(unknown) if unknown else 'empty'}"
                         f"; use one or more of {', '.join(MODES)} (comma-separated)")
     return modes
+
+
+def warn_if_sample_alone(modes) -> bool:
+    """One warning line when `sample` (the default) is the run's only mode: on real weights its
+    policy measured no better than random channels, and `energy` far better (docs/modes.md)."""
+    if tuple(modes) != ("sample",):
+        return False
+    progress.warning("--mode=sample alone: PruneNet's policy measured no better than slicing random "
+                     "channels on real weights, --mode=energy far better; pass --mode=energy, or "
+                     "--mode=sample,energy to compare them (the table in README.md and "
+                     "docs/modes.md, \"Which mode to use\")")
+    return True
 
 
 def select_kept(params: Optional[dict], gate, ratio: float, mode: str, seed: int, *,

@@ -188,8 +188,9 @@ def test_a_real_prune_run_folder(setup, tmp_path):
     summary = _ok(_launch(f"--model={setup['dense']}", f"--pruned={run},{run}/ratio_0.25/orbax",
                           f"--eval_text={setup['text']}", "--seq_len=32"))
     dense, hf, orbax = summary["models"]
-    assert hf["source"] == os.path.join(str(run), "ratio_0.25/hf") and hf["name"] == "run/ratio_0.25"
-    assert orbax["name"] == "ratio_0.25/orbax"
+    assert hf["source"] == os.path.join(str(run), "ratio_0.25/hf")
+    # named by source + mode + ratio (pruned_models.py), told apart when they repeat
+    assert hf["name"] == "dense sample 0.25" and orbax["name"] == "dense sample 0.25#2"
     for key in ("ratio", "kept", "params", "ks", "ppl"):
         assert hf[key] == orbax[key], key
     assert hf["ratio"] == 0.25 and hf["kept"] == 36 and hf["mean_ks"] > 0 and hf["ppl"] != dense["ppl"]

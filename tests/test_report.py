@@ -138,7 +138,7 @@ def test_write_report_files_and_numbers(dense, tmp_path):
     assert p["mean_ks"] == pytest.approx(np.mean(p["ks"])) and min(p["ks"]) > 0
     assert p["params"] == d["params"] - 3 * 3 * 12 * 32  # 12 channels of gate, up, down, 3 layers
     md = (out / report.MARKDOWN).read_text()
-    assert "| dense | 0.000 | 48 |" in md and "| r25 | 0.250 | 36 |" in md
+    assert "| dense | 0 | 48 |" in md and "| r25 | 0.25 | 36 |" in md  # run_dir.format_ratio
     for png in (report.SPECTRA_PNG, report.KS_PNG, report.PPL_PNG):
         assert f"]({png})" in md
     assert [n for n in os.listdir(tmp_path) if n != "report"] == []  # no temp folder left

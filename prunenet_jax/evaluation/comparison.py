@@ -10,11 +10,10 @@ from typing import Callable, Optional
 
 from absl import logging
 
-from prunenet_jax import sources
+from prunenet_jax import progress, pruned_models, sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.evaluation import lm_eval, measures, plots, report, tables
 from prunenet_jax import perplexity
-from prunenet_jax.formats import run_dir
 
 
 @dataclasses.dataclass
@@ -26,6 +25,7 @@ class Pruned:
     hf_dir: Optional[str]  # an HF folder lm-eval can run, when there is one
     mode: Optional[str] = None  # how its channels were selected (the manifest's), for the plot
     recovery: Optional[dict] = None  # the manifest's record of its recovery fine-tune
+    pruned_from: Optional[str] = None  # the dense model it was pruned from, as recorded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,8 @@ class CompareJob:
     lm_eval_tasks: str = ""
     lm_eval_limit: int = 0
     lm_eval_batch_size: int = 1
+    ratio: Optional[float] = None  # --ratio/--mode: which pruned models of a run folder
+    mode: Optional[str] = None
 
     @property
     def plain(self) -> bool:
@@ -56,51 +58,60 @@ class CompareJob:
             raise UserError(f"--lm_eval_limit={self.lm_eval_limit} must be >= 0 (0 means all)")
         if self.lm_eval_batch_size < 1:
             raise UserError(f"--lm_eval_batch_size={self.lm_eval_batch_size} must be at least 1")
+        if (self.ratio is not None or self.mode is not None) and not self.pruned:
+            raise UserError("--ratio/--mode pick among the pruned models of --pruned; pass "
+                            "--pruned=<a prune run's --out_dir>, or drop them")
         if lm_eval.parse_tasks(self.lm_eval_tasks):
             lm_eval.check_installed()
         if self.report_dir:
             plots.check_plotting()
 
 
-def _short_name(path: str) -> str:
-    parts = os.path.normpath(path).split(os.sep)
-    # A prune run's outputs are <run>/ratio_<r>/{hf,orbax}: the folder name alone says little.
-    return "/".join(parts[-2:]) if parts[-1] in (run_dir.HF, run_dir.ORBAX) and len(parts) > 1 else parts[-1]
-
-
-def _from_run_dir(folder: str) -> list[Pruned]:
-    found = []
-    for o in run_dir.finished_outputs(folder):
-        rel = os.path.relpath(o.model_dir, folder)
-        name = f"{os.path.basename(os.path.normpath(folder))}/{os.path.dirname(os.path.normpath(rel)) or rel}"
-        found.append(Pruned(name, o.model_dir, o.model_dir, o.ratio,
-                            o.hf_dir if lm_eval.is_hf_folder(o.hf_dir) else None, o.mode,
-                            o.recovery))
-    return found
-
-
-def expand_pruned(spec: Optional[str]) -> list[Pruned]:
-    """--pruned entries as models: a run folder (with a manifest) expands to its finished outputs."""
+def expand_pruned(spec: Optional[str], ratio: Optional[float] = None,
+                  mode: Optional[str] = None) -> list[Pruned]:
+    """--pruned entries as models (pruned_models.resolve: a run folder expands to its finished
+    outputs, HF export preferred; `ratio`/`mode` narrow them); labels told apart."""
     found = []
     for entry in (e.strip() for e in (spec or "").split(",")):
         if not entry:
             continue
-        if run_dir.is_run_dir(entry):
-            found += _from_run_dir(entry)
-            continue
-        try:
-            kind, path = sources.resolve_source(entry)
-        except UserError as e:
-            raise UserError(f"--pruned: {e}") from None
-        hf_dir = path if kind == "hf" and lm_eval.is_hf_folder(path) else None
-        found.append(Pruned(_short_name(entry), entry, path, None, hf_dir))
-    names = set()
-    for p in found:  # labels must tell models apart
-        base, n = p.name, 2
-        while p.name in names or p.name == "dense":
-            p.name, n = f"{base}#{n}", n + 1
-        names.add(p.name)
-    return found
+        models = pruned_models.resolve(entry, ratio, mode, "--pruned")
+        if models is None:  # not a folder: a hub id (downloaded here), or the error of a bad path
+            try:
+                kind, path = sources.resolve_source(entry)
+            except UserError as e:
+                raise UserError(f"--pruned: {e}") from None
+            models = [pruned_models.PrunedModel(os.path.basename(os.path.normpath(entry)), ".",
+                                                path if kind == "orbax" else None,
+                                                path if kind != "orbax" else None, None)]
+        found += models
+    return [Pruned(m.label, m.folder(), m.folder(), m.ratio,
+                   m.hf_dir if lm_eval.is_hf_folder(m.hf_dir) else None, m.mode_label, m.recovery,
+                   m.source)
+            for m in pruned_models.unique_labels(found)]
+
+
+def _identity(source: str) -> str:
+    """What a model name points at, for telling whether two names are one model: a local file
+    or folder's real path (`default`: the embedded GGUF's), else the name (a hub id)."""
+    path = sources.resolve_source(source)[1] if source == "default" else source
+    return os.path.realpath(path) if os.path.exists(path) else source
+
+
+def warn_other_source(model: str, pruned: list[Pruned]) -> list[str]:
+    """One warning line per recorded dense source that is not `model` (--model, compared as
+    resolved: the same file or folder, or the same hub id); none when a pruned model records no
+    source."""
+    want = _identity(model)
+    lines = []
+    for source in dict.fromkeys(p.pruned_from for p in pruned if p.pruned_from):
+        if source != model and _identity(source) != want:
+            names = ", ".join(p.name for p in pruned if p.pruned_from == source)
+            lines.append(f"warning: {names}: pruned from {source}, not from --model={model}; "
+                         "its KS and perplexity are measured against --model all the same")
+    for line in lines:
+        progress.message(line)
+    return lines
 
 
 def _check_compatible(weights, dense_cfg, name: str) -> None:
@@ -153,9 +164,9 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
                                           recovery=p.recovery))
         spectra.append(sv[layers])
         logging.info("%s: ratio %.3f, mean KS %.4f, ppl %s", p.name, ratio, models[-1]["mean_ks"],
-                     models[-1]["ppl"])
+                     "-" if models[-1]["ppl"] is None else f"{models[-1]['ppl']:.3f}")
         del weights
-    return models, spectra, dense_ppl
+    return measures.add_retention(models), spectra, dense_ppl
 
 
 def perplexity_table(result: dict) -> str:
@@ -193,7 +204,8 @@ def run(job: CompareJob) -> tuple[dict, Optional[dict]]:
     job.check()
     kind, dense_path = sources.resolve_source(job.model, job.revision)
     dense_hf = dense_path if kind == "hf" and lm_eval.is_hf_folder(dense_path) else None
-    pruned = expand_pruned(job.pruned)
+    pruned = expand_pruned(job.pruned, job.ratio, job.mode)
+    warn_other_source(job.model, pruned)
     if job.report_dir:
         inputs = [dense_path] + [p.source for p in pruned] + [
             e.strip() for e in (job.pruned or "").split(",") if e.strip()]

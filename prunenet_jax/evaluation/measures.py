@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunenet_jax import perplexity
 from prunenet_jax.errors import UserError
 from prunenet_jax.method import spectral
 from prunenet_jax.models import registry
@@ -77,6 +78,15 @@ def model_record(name: str, source: str, weights: ModelWeights, ratio: float, ks
     return record
 
 
+def add_retention(models: list[dict]) -> list[dict]:
+    """Sets each record's "accuracy_retention": the share of the dense model's (the first
+    record's) top-1 accuracy it keeps; None when that is not defined (perplexity.accuracy_retention)."""
+    dense = models[0].get("accuracy") if models else None
+    for m in models:
+        m["accuracy_retention"] = perplexity.accuracy_retention(m.get("accuracy"), dense)
+    return models
+
+
 def ppl_before_recovery(model: dict, summary: dict) -> Optional[float]:
     """A recovered model's recorded ppl before its fine-tune, when it was measured as this report
     measures (same texts, tokens and windows), so it can stand beside the report's own values."""
@@ -99,4 +109,24 @@ def continuation(weights: ModelWeights, tokenizer) -> str:
     ids = list(tokenizer(PROMPT)["input_ids"])
     eos = special_tokens.eos_ids(weights, lambda: tokenizer)
     out = decode.generate(model, [ids], CONTINUATION_TOKENS, eos_ids=eos)[0]
-    return tokenizer.decode(out, skip_special_tokens=True)
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    if text.strip():
+        return text
+    return blank_continuation(out, set(getattr(tokenizer, "all_special_ids", None) or ()) | set(eos))
+
+
+def blank_continuation(ids: Sequence[int], special: set) -> str:
+    """What a continuation that decodes to nothing visible was, in place of an empty cell:
+    "(16 special tokens, id 6)", "(3 tokens, whitespace only)", "(no tokens)"."""
+    ids = [int(t) for t in ids]
+    if not ids:
+        return "(no tokens)"
+    plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")
+    distinct = sorted({t for t in ids if t in special})
+    named = f"{'id' if len(distinct) == 1 else 'ids'} {', '.join(map(str, distinct))}"
+    if len(distinct) and all(t in special for t in ids):
+        return f"({plural(len(ids), 'special token')}, {named})"
+    n_special = sum(t in special for t in ids)
+    if n_special:
+        return f"({plural(len(ids), 'token')}: {n_special} special, {named}; the rest whitespace)"
+    return f"({plural(len(ids), 'token')}, whitespace only)"

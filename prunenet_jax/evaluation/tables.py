@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-
+from prunenet_jax import perplexity
 from prunenet_jax.evaluation import measures
+from prunenet_jax.formats.run_dir import format_ratio
+
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
@@ -12,6 +14,13 @@ def _fmt(value, spec: str) -> str:
 
 def _pct(fraction) -> str:
     return _fmt(None if fraction is None else 100 * fraction, ".2f")
+
+
+def _retained(m: dict, dense: dict) -> str:
+    """The share of the dense model's top-1 accuracy kept, as "97.3%"; "-" when not defined
+    (no accuracy, or a dense accuracy of 0)."""
+    share = perplexity.accuracy_retention(m.get("accuracy"), dense.get("accuracy"))
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _before(m: dict, summary: Optional[dict]) -> str:
@@ -23,18 +32,21 @@ def _before(m: dict, summary: Optional[dict]) -> str:
 
 
 def table(models: list[dict], summary: Optional[dict] = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the models table (console and markdown); the lm-eval column only when
-    lm-eval was asked for, the before-recovery one only when a model was recovered."""
+    """Header and rows of the models table (console and markdown); the top-1 accuracy columns
+    only when an accuracy was measured, the lm-eval column only when lm-eval was asked for, the
+    before-recovery one only when a model was recovered."""
+    with_acc = any(m.get("accuracy") is not None for m in models)
     with_lm = any(m.get("lm_eval") is not None for m in models)
     with_rec = any(m.get("recovery") for m in models)
     header = (["model", "ratio", "kept", "params", "ppl"] + ["ppl before recovery"] * with_rec
-              + ["mean KS"] + ["lm-eval avg %"] * with_lm)
+              + ["top-1 acc", "retained"] * with_acc + ["mean KS"] + ["lm-eval avg %"] * with_lm)
     rows = []
     for m in models:
         avg = (m.get("lm_eval") or {}).get("average")
-        rows.append([m["name"], f"{m['ratio']:.3f}", str(m["kept"]), f"{m['params']:,}",
+        acc = [_fmt(m.get("accuracy"), ".4f"), _retained(m, models[0])]
+        rows.append([m["name"], format_ratio(m["ratio"]), str(m["kept"]), f"{m['params']:,}",
                      _fmt(m["ppl"], ".3f")] + [_before(m, summary)] * with_rec
-                    + [f"{m['mean_ks']:.4f}"] + [_pct(avg)] * with_lm)
+                    + acc * with_acc + [f"{m['mean_ks']:.4f}"] + [_pct(avg)] * with_lm)
     return header, rows
 
 
@@ -64,6 +76,10 @@ def markdown(summary: dict) -> str:
     out += ["KS: two-sample Kolmogorov-Smirnov statistic between a layer's gate-matrix singular "
             "values and the dense model's (0: same spectrum), averaged over layers.", ""]
     out += ["## Models", "", *_md_table(*table(models, summary)), ""]
+    if any(m.get("accuracy") is not None for m in models):
+        out += ["\"top-1 acc\": share of the scored tokens the model predicts exactly (its most "
+                "likely next token is the text's); \"retained\": that accuracy as a share of the "
+                "dense model's (\"-\": not defined, the dense accuracy being 0 or not measured).", ""]
     if any(m.get("recovery") for m in models):
         out += ["\"ppl before recovery\": as recorded by the recovery run (launch.recover or "
                 "--recover_steps) before its fine-tune; \"(other text)\": measured on other "

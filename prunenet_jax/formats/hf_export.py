@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -70,10 +70,11 @@ def export_hf(weights: ModelWeights, out_dir: str, *, model_card: Optional[dict]
     with atomic.staged_dir(out_dir) as tmp:  # renamed to out_dir only once complete
         _write_tokenizer(weights, tmp)  # first: a source without a usable tokenizer fails fast
         _write_sharded(tmp, SAFE_WEIGHTS, tensors, dtype, max_shard_bytes,
-                       lambda path, shard: write_safetensors(path, shard, {"format": "pt"}, dtype))
+                       lambda path, shard, written: write_safetensors(path, shard, {"format": "pt"},
+                                                                      dtype, written))
         if torch is not None:
             _write_sharded(tmp, TORCH_WEIGHTS, _with_tied_head(weights, tensors), dtype, max_shard_bytes,
-                           lambda path, shard: _torch_save(torch, path, shard, dtype))
+                           lambda path, shard, written: _torch_save(torch, path, shard, dtype, written))
         atomic.write_json(os.path.join(tmp, "config.json"), config, sort_keys=True)
         _write_generation_config(weights, config, tmp)
         with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -193,8 +194,9 @@ def _with_tied_head(weights: ModelWeights, tensors: dict) -> dict:
 
 def _write_sharded(folder, filename, tensors, dtype, max_shard_bytes, write) -> None:
     """Splits tensors into shards of at most max_shard_bytes (a bigger tensor gets one of its own)
-    and calls write(path, shard); names and index as transformers' save_pretrained. An alias
-    (the same array object under a second name) costs no bytes: it shares storage."""
+    and calls write(path, shard, written) (written(nbytes): bytes done, for the progress bar);
+    names and index as transformers' save_pretrained. An alias (the same array object under a
+    second name) costs no bytes: it shares storage."""
     shards, size, unique = [[]], 0, {}
     for name, array in tensors.items():
         nbytes = 0 if id(array) in unique else array.size * dtype.itemsize
@@ -207,16 +209,20 @@ def _write_sharded(folder, filename, tensors, dtype, max_shard_bytes, write) -> 
     stem, ext = os.path.splitext(filename)
     files = [filename] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}{ext}" for i in range(len(shards))]
-    for fname, names in progress.over(list(zip(files, shards)), f"writing {filename}", "file"):
-        write(os.path.join(folder, fname), {n: tensors[n] for n in names})
+    total_size = sum(int(t.size) * dtype.itemsize for t in unique.values())
+    bar = progress.counter(total_size, f"writing {filename}", "B", unit_scale=True, unit_divisor=1024)
+    for fname, names in zip(files, shards):
+        write(os.path.join(folder, fname), {n: tensors[n] for n in names}, bar.update)
+    bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": sum(int(t.size) for t in unique.values()),
-                              "total_size": sum(int(t.size) * dtype.itemsize for t in unique.values())},
+                              "total_size": total_size},
                  "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
         atomic.write_json(os.path.join(folder, filename + ".index.json"), index, sort_keys=True)
 
 
-def _torch_save(torch, path: str, shard: dict, dtype: np.dtype) -> None:
+def _torch_save(torch, path: str, shard: dict, dtype: np.dtype,
+                written: Callable[[int], None] = lambda nbytes: None) -> None:
     """A plain {name: tensor} dict, as `torch.load(weights_only=True)` reads it. torch.save needs
     the whole shard at once, so a cast shard is held in memory (float32 arrays are shared, not
     copied). The file name is final: torch.save names the archive's records after it."""
@@ -228,6 +234,7 @@ def _torch_save(torch, path: str, shard: dict, dtype: np.dtype) -> None:
                                if dtype == DTYPES["bfloat16"] else torch.from_numpy(a))
         state[name] = made[id(array)]
     torch.save(state, path)
+    written(sum(int(a.size) * dtype.itemsize for a in {id(a): a for a in shard.values()}.values()))
 
 
 def _write_tokenizer(weights: ModelWeights, folder: str) -> None:

@@ -54,6 +54,16 @@ def ratio_dirname(ratio: float) -> str:
     return f"ratio_{short if float(short) == ratio else repr(float(ratio))}"
 
 
+def format_ratio(ratio: Optional[float]) -> str:
+    """A ratio as every table, legend, log line and name shows it: the short form (0.2, 0.25)
+    when that is the number, else three decimals (a ratio measured from kept/width: 0.201);
+    "-" for none."""
+    if ratio is None:
+        return "-"
+    short = f"{ratio:g}"
+    return short if float(short) == round(ratio, 3) else f"{ratio:.3f}"
+
+
 def output_dirs(out_dir: str, ratio: float, mode: Optional[str] = None,
                 root: Optional[str] = None) -> tuple[str, str]:
     """(orbax folder, HF folder) of the output at `ratio` under `out_dir` (and `mode`'s folder,
@@ -202,19 +212,27 @@ class FinishedOutput:
     hf_dir: Optional[str]
     mode: Optional[str] = None  # how its channels were selected (with " +guard" when guarded)
     recovery: Optional[dict] = None  # its recovery fine-tune's record (RECOVERY), if it had one
+    orbax_dir: Optional[str] = None  # its orbax folder, when the manifest names one that exists
+    source: Optional[str] = None  # the dense model it was pruned from, as the run recorded it
+    checkpoint: Optional[str] = None  # the batch item's name; None in a one-model run
+    mode_name: Optional[str] = None  # the mode alone (no " +guard")
+    guard: bool = False
 
 
-def finished_outputs(folder: str) -> list[FinishedOutput]:
-    """The outputs a run folder lists as done, with absolute folders; a UserError when there are
-    none or one's folder is missing."""
+def finished_outputs(folder: str, strict: bool = True) -> list[FinishedOutput]:
+    """The outputs a run folder lists as done, with folders joined to `folder`; a UserError when
+    there are none or one's folder is missing. Not `strict`: [] for a folder without a readable
+    manifest, and outputs whose folders are missing are left out."""
     path = os.path.join(folder, MANIFEST)
     data = read_manifest(path)
     if data is None:
+        if not strict:
+            return []
         raise UserError(f"{path} is not a readable prune manifest; pass the --out_dir of a "
                         "finished launch.prune run")
     done = [OutputEntry.from_json(o) for o in data["outputs"] if isinstance(o, dict)]
     done = [o for o in done if o.done]
-    if not done:
+    if not done and strict:
         raise UserError(f"{path} lists no finished output (status '{DONE}'); finish or resume "
                         "the prune run, or pass model folders")
     found = []
@@ -222,13 +240,21 @@ def finished_outputs(folder: str) -> list[FinishedOutput]:
         rel = o.hf_dir or o.orbax_dir
         model = os.path.join(folder, rel) if rel else None
         if model is None or not os.path.isdir(model):
+            if not strict:
+                continue
             raise UserError(f"{path}: the output at ratio {o.ratio} names folder {rel!r}, which "
                             "is missing; rerun the prune launcher with --resume")
-        mode = o.recipe.get("mode")
+        mode, guard = o.recipe.get("mode"), bool(o.recipe.get("guard"))
+        orbax_dir = os.path.join(folder, o.orbax_dir) if o.orbax_dir else None
+        # the dense source: a batch item's own, a prune run's --model, a recovery run's dense model
+        source = o.extra.get("source") or data.get("model") or data.get("dense")
         found.append(FinishedOutput(None if o.ratio is None else float(o.ratio), model,
                                     os.path.join(folder, o.hf_dir) if o.hf_dir else None,
-                                    f"{mode} +guard" if mode and o.recipe.get("guard") else mode,
-                                    o.extra.get(RECOVERY)))
+                                    f"{mode} +guard" if mode and guard else mode,
+                                    o.extra.get(RECOVERY),
+                                    orbax_dir if orbax_dir and os.path.isdir(orbax_dir) else None,
+                                    source if isinstance(source, str) else None, o.checkpoint,
+                                    mode, guard))
     return found
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -138,12 +139,13 @@ def dtype_name(dtype) -> str:
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
-                      dtype=None) -> int:
+                      dtype=None, written: Callable[[int], None] = lambda nbytes: None) -> int:
     """Writes `tensors` as a .safetensors file at `path`; returns the number of data bytes.
 
     `dtype` (optional) casts every tensor while writing, a slice at a time, so no second copy of
     the weights is ever held. Data is streamed to a temporary file in the same folder, fsynced and
-    renamed, so `path` is either absent/old or complete. Tensors are laid out largest itemsize
+    renamed, so `path` is either absent/old or complete; `written(nbytes)` follows each tensor
+    (a progress bar). Tensors are laid out largest itemsize
     first, then by name (as the safetensors library does): every tensor stays aligned to its
     itemsize, and the same input always gives the same bytes.
     """
@@ -165,6 +167,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         f.write(head)
         for name in order:
             _write_tensor(f, tensors[name], dtypes[name])
+            written(header[name]["data_offsets"][1] - header[name]["data_offsets"][0])
 
     atomic.atomic_write(path, write)
     return offset

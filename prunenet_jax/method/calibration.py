@@ -86,7 +86,8 @@ def self_generated(weights: ModelWeights, cal: Calibration, tokenizer_fn=lambda:
         model = decoder.from_named_arrays(weights.config, weights.named_arrays())
     seed = int(jax.random.randint(rng.key(cal.seed, rng.CALIBRATION), (), 0, 2**31 - 1))
     tokens, _ = decode.sample_rows(model, start, cal.sequences, cal.seq_len,
-                                   seed_of_batch=lambda _: seed, eos_ids=())
+                                   seed_of_batch=lambda _: seed, eos_ids=(),
+                                   desc="sampling calibration text")
     return tokens
 
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from prunenet_jax import progress
 from prunenet_jax.method import sharding
 from prunenet_jax.models import decoder
 
@@ -47,7 +48,7 @@ def collect(model: decoder.CausalLM, tokens: np.ndarray, batch_size: int = 8,
     mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
     model = shard_layers(model, mesh)
     total = None
-    for start in range(0, len(tokens), batch_size):
+    for start in progress.over(range(0, len(tokens), batch_size), "energy statistics", "batch"):
         t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
         if len(t) < batch_size and start > 0:
             pad = ((0, batch_size - len(t)), (0, 0))

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 from absl import logging
 
-from prunenet_jax import sources, special_tokens
+from prunenet_jax import progress, sources, special_tokens
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import run_dir
 from prunenet_jax.method.sampling import num_kept
@@ -92,6 +92,15 @@ def _pool_template(cfg: RecoverConfig, tokenizer, train_text: Optional[str]) -> 
     return lambda _: {k: np.zeros((rows, cfg.seq_len), np.int32) for k in ("tokens", "mask")}
 
 
+def _warn_if_worse(refit_info: dict, ppl_before, ppl_refit, pruned: ModelWeights) -> None:
+    """One warning line when the refit made the model worse (refit.harm), saying what to do."""
+    worse = refit.harm(refit_info, ppl_before, ppl_refit)
+    if worse:
+        progress.warning(f"recovery of the model with {pruned.config.intermediate_size} channels "
+                         f"per layer: {worse}; rerun with --norefit to skip the refit (docs/"
+                         "recovery.md, \"Measured with the refit\")")
+
+
 def tokens_seen(cfg: RecoverConfig, mask: np.ndarray) -> int:
     """Target tokens (predicted positions) of every step of the run."""
     targets = (mask[:, 1:] * mask[:, :-1]).sum(axis=1)
@@ -130,6 +139,8 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, spec: RecoverSpec
             fit_rows = slice(0, cfg.refit_rows or None)
             start, refit_info = refit.refit_down(pruned, teacher, tokens[fit_rows], mask[fit_rows])
             refit_info["ppl"] = ppl(start) if cfg.steps else None  # 0 steps: it is ppl_after
+            if cfg.steps or ppl_before is None:  # else judged by ppl_after, below
+                _warn_if_worse(refit_info, ppl_before, refit_info["ppl"], pruned)
         # A teacher too big to keep beside the student: its top-k over the pool, then it is freed.
         cache = teacher_cache.should_cache_teacher(
             cfg, 4 * pruned.num_params(), dense.num_params() * np.dtype(cfg.dtype()).itemsize)
@@ -157,10 +168,13 @@ def recover_weights(pruned: ModelWeights, dense: ModelWeights, spec: RecoverSpec
             loop.finished(step + 1, lambda: (rec.state(), pool))
     train_seconds = time.time() - t0
     recovered = to_weights(rec.merged_model(), pruned)
+    ppl_after = ppl(recovered)
+    if refit_info and not cfg.steps and ppl_before is not None:  # the refit alone
+        _warn_if_worse(refit_info, ppl_before, ppl_after, pruned)
     info = run_dir.recovery_fields(
         steps=cfg.steps, objective=cfg.objective, method=cfg.method,
         tokens_seen=tokens_seen(cfg, mask),
-        ppl_before=ppl_before, ppl_after=ppl(recovered), config=dataclasses.asdict(cfg),
+        ppl_before=ppl_before, ppl_after=ppl_after, config=dataclasses.asdict(cfg),
         seconds={"sampling": round(gen_seconds, 2), "training": round(train_seconds, 2),
                  **({"refit": refit_info["seconds"]} if refit_info else {})},
         losses=[round(l, 6) for l in losses], resumed_after=done or None, eval_setting=eval_setting)

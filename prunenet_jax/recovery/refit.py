@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ import numpy as np
 import scipy.linalg
 from flax import nnx
 
+from prunenet_jax import progress
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import decoder, registry
 from prunenet_jax.weights import ModelWeights
@@ -107,7 +110,7 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
     down = np.array(pruned.layers[registry.DOWN], copy=True)  # (L, H, k)
     down_bias = np.array(pruned.layers[registry.DOWN_BIAS], copy=True) if bias else None
     before, after = [], []
-    for l in range(cfg.num_hidden_layers):
+    for l in progress.over(range(cfg.num_hidden_layers), "refit", "layer"):
         dense_def, dense_state = _layer(dense_model, l)
         pruned_def, pruned_state = _layer(pruned_model, l)
         G = B = 0.0
@@ -139,3 +142,21 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
             "layer_error_before": [round(e, 6) for e in before],
             "layer_error_after": [round(e, 6) for e in after]}
     return dataclasses.replace(pruned, layers=layers), info
+
+
+def harm(info: dict, ppl_before: Optional[float], ppl_refit: Optional[float]) -> Optional[str]:
+    """What the refit (`refit_down`'s info) made worse, in words, or None when nothing: by
+    perplexity when it was measured before and after the refit, else by each layer's fit error
+    on the rows it fit (which least squares lowers, unless the ridge or the rows are off)."""
+    if ppl_before is not None and ppl_refit is not None:
+        if math.isfinite(ppl_before) and not ppl_refit <= ppl_before:
+            return f"the refit raised perplexity from {ppl_before:.3f} to {ppl_refit:.3f}"
+        return None
+    rose = [l for l, (b, a) in enumerate(zip(info["layer_error_before"], info["layer_error_after"]))
+            if not a <= b]
+    if not rose:
+        return None
+    shown = ", ".join(f"{l} ({info['layer_error_before'][l]:.4f} -> {info['layer_error_after'][l]:.4f})"
+                      for l in rose[:4])
+    return (f"the refit raised the relative fit error of layer{'s' * (len(rose) > 1)} {shown}"
+            + (f" and {len(rose) - 4} more" if len(rose) > 4 else ""))

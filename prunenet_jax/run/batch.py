@@ -19,7 +19,7 @@ from typing import Optional
 
 from absl import logging
 
-from prunenet_jax import progress, sources
+from prunenet_jax import progress, prune, sources
 from prunenet_jax.errors import UserError, WriteError
 from prunenet_jax import perplexity
 from prunenet_jax.formats import orbax
@@ -264,9 +264,10 @@ class BatchResult:
         for e in self.outputs:
             mode = (e.recipe.get("mode") or "") + (" +guard" if e.recipe.get("guard") else "")
             kept = e.extra.get("accuracy_retention")
-            lines.append(f"{e.checkpoint:<{width}}  {e.ratio:>6}  {mode:<14}  {fmt(e.kept, ''):>6}  "
-                         f"{fmt(e.params, ','):>13}  {fmt(e.ppl, '.3f'):>10}  "
-                         f"{fmt(kept and 100 * kept, '.1f'):>7}%  {e.status}")
+            retained = "-" if kept is None else f"{100 * kept:.1f}%"
+            lines.append(f"{e.checkpoint:<{width}}  {run_dir.format_ratio(e.ratio):>6}  {mode:<14}  "
+                         f"{fmt(e.kept, ''):>6}  {fmt(e.params, ','):>13}  {fmt(e.ppl, '.3f'):>10}  "
+                         f"{retained:>8}  {e.status}")
         return "\n".join(lines)
 
 
@@ -283,6 +284,7 @@ def run(job: BatchJob, mesh) -> BatchResult:
     locks only its own share). `mesh()` gives the training mesh (called only when a policy is
     trained)."""
     job.check()
+    prune.warn_if_sample_alone(job.outputs.modes)
     with run_lock.hold(job.out_dir, name=run_dir.lock_name(job.shard_index, job.num_shards)):
         return _run(job, mesh)
 

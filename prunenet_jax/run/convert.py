@@ -9,9 +9,9 @@ from typing import Optional
 
 from absl import logging
 
-from prunenet_jax import sources
+from prunenet_jax import pruned_models, sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.formats import orbax
+from prunenet_jax.formats import orbax, run_dir
 from prunenet_jax.files import output_folder
 from prunenet_jax.weights import dtype_by_name
 
@@ -26,6 +26,8 @@ class ConvertJob:
     torch_format: bool = False
     overwrite: bool = False
     command: str = ""
+    ratio: Optional[float] = None  # --ratio/--mode: which pruned model of a run folder
+    mode: Optional[str] = None
 
     def check(self) -> None:
         """Refuses what cannot work, before anything is read (the rest once the input's format
@@ -47,25 +49,34 @@ class ConvertJob:
 def convert(job: ConvertJob) -> dict:
     """Writes `job.output`; returns what the launcher prints (formats, params, width)."""
     job.check()
-    kind, path = sources.resolve_source(job.input, job.revision)
+    pruned = pruned_models.resolve_one(job.input, job.ratio, job.mode, "--input")
+    # a pruned model's orbax folder is the one that records how it was made: convert from it
+    source = job.input if pruned is None else pruned.folder(prefer=run_dir.ORBAX)
+    kind, path = sources.resolve_source(source, job.revision)
     to = job.output_format(kind)
     dtype = None if job.dtype is None else dtype_by_name(job.dtype)
-    output_folder.check_out_dir(job.output, [job.input, path], reuse=job.overwrite,
+    # the folder read (a run folder's output: --output may lie elsewhere in the run folder)
+    inputs = [path] if pruned else [job.input, path]
+    output_folder.check_out_dir(job.output, inputs, reuse=job.overwrite,
                          name=f"--output={job.output}", replaced=True, must_not_exist=True,
                          fix="pass --overwrite to replace it, or choose a new folder")
 
-    weights = sources.load_model(job.input, dtype=None, revision=job.revision)
-    logging.info("loaded %s (%s): %d layers, I=%d", job.input, kind,
+    weights = sources.load_model(source, dtype=None, revision=job.revision)
+    logging.info("loaded %s (%s): %d layers, I=%d", pruned.label if pruned else job.input, kind,
                  weights.config.num_hidden_layers, weights.config.intermediate_size)
+    # what is known of how it was pruned (the run's record), for the model card or metadata
+    made = {} if pruned is None or pruned.ratio is None else {
+        k: v for k, v in (("source", pruned.source), ("ratio", pruned.ratio),
+                          ("mode", pruned.mode), ("guard", pruned.guard or None)) if v is not None}
     if to == "hf":
 
         from prunenet_jax.formats import hf_export
-        meta = orbax.read_meta(path) if kind == "orbax" else {"source": job.input}
+        meta = orbax.read_meta(path) if kind == "orbax" else {"source": job.input, **made}
         card = {**orbax.model_card_fields(meta or {}), "command": job.command}
         hf_export.export_hf(weights, job.output, model_card=card, dtype=dtype,
                      torch_format=job.torch_format, overwrite=job.overwrite)
     else:
-        orbax.save_model(job.output, weights, {"converted_from": job.input, "command": job.command},
-                         overwrite=job.overwrite)
+        orbax.save_model(job.output, weights, {"converted_from": job.input, **made,
+                                               "command": job.command}, overwrite=job.overwrite)
     return {"input": job.input, "input_format": kind, "output": job.output, "output_format": to,
             "params": weights.num_params(), "intermediate_size": weights.config.intermediate_size}

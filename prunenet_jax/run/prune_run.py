@@ -206,7 +206,8 @@ class Measure:
             return {}
         result = self.fn(weights)
         return {"ppl": result["ppl"], "accuracy": result["accuracy"],
-                "accuracy_retention": result["accuracy"] / self.dense["accuracy"]}
+                "accuracy_retention": perplexity.accuracy_retention(result["accuracy"],
+                                                                    self.dense["accuracy"])}
 
 
 def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options: OutputOptions, *,
@@ -320,14 +321,14 @@ class PruneResult:
         guard = " +guard" if self.header.get("guard") else ""
         for r in self.outputs:
             mode = (r.recipe.get("mode") or "") + (guard if r.recipe.get("guard") else "")
-            lines.append(f"{r.ratio:>6}  {mode:<24}  {r.kept:>6}  {r.params:>13,}  "
-                         f"{100 * r.params / dense:>7.1f}%  {fmt(r.ppl):>10}  "
+            lines.append(f"{run_dir.format_ratio(r.ratio):>6}  {mode:<24}  {r.kept:>6}  "
+                         f"{r.params:>13,}  {100 * r.params / dense:>7.1f}%  {fmt(r.ppl):>10}  "
                          f"{fmt(r.extra.get('accuracy'), '.4f'):>9}  "
                          f"{pct(r.extra.get('accuracy_retention')):>8}")
         for ratio, b in (self.baseline or {}).items():
-            lines.append(f"{ratio:>6}  {'random baseline (1 draw)':<24}  {'':>6}  {'':>13}  "
-                         f"{'':>8}  {fmt(b.get('ppl')):>10}  {fmt(b.get('accuracy'), '.4f'):>9}  "
-                         f"{pct(b.get('accuracy_retention')):>8}")
+            lines.append(f"{run_dir.format_ratio(float(ratio)):>6}  {'random baseline (1 draw)':<24}  "
+                         f"{'':>6}  {'':>13}  {'':>8}  {fmt(b.get('ppl')):>10}  "
+                         f"{fmt(b.get('accuracy'), '.4f'):>9}  {pct(b.get('accuracy_retention')):>8}")
         return "\n".join(lines)
 
 
@@ -339,6 +340,8 @@ def run(job: PruneJob, start_devices: Callable[[], Optional[jax.sharding.Mesh]])
     None on processes other than 0 (they only train; process 0 measures scores, prunes,
     evaluates and writes)."""
     job.check()
+    if not job.process_id:
+        prune.warn_if_sample_alone(job.outputs.modes)
     with run_lock.hold(job.out_dir if not job.process_id else None):
         job.check_out_dir()
         return _run(job, start_devices)
