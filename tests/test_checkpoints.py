@@ -53,6 +53,15 @@ def test_sliced_model_round_trip(sliced, tmp_path, dtype):
     _assert_same_weights(weights, sources.load_model(str(path), dtype=None))
 
 
+def test_a_relative_path_reads_as_its_absolute_one(sliced, tmp_path, monkeypatch):
+    """orbax restores absolute paths only; a user's relative --model/--input must work too."""
+    weights = sliced[0]
+    orbax_format.save_model(str(tmp_path / "run" / "m"), weights, {"ratio": 0.5})
+    monkeypatch.chdir(tmp_path)
+    assert orbax_format.read_meta(os.path.join("run", "m"))["ratio"] == 0.5
+    _assert_same_weights(weights, orbax_format.load_model(os.path.join("run", "m"), dtype=None))
+
+
 def test_policy_round_trip_and_kind_checks(sliced, tmp_path):
     params = jax.tree.map(np.asarray, trainer.initial_params(5, 40, 32))
     orbax_format.save_policy(str(tmp_path / "policy"), params, {"seed": 5})

@@ -80,7 +80,8 @@ def read_meta(path: str) -> Optional[dict]:
     meta_file = os.path.join(path, "meta", "metadata")
     if not os.path.isfile(meta_file):
         return None
-    meta = _checkpointer().restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _checkpointer().restore(os.path.abspath(path),
+                                   args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return meta if isinstance(meta, dict) and "kind" in meta else None
 
 
@@ -99,8 +100,8 @@ def _expect_kind(path: str, kind: str, what: str, fix: str) -> dict:
 
 def _restore(path: str, items: dict[str, Any]) -> dict[str, Any]:
     args = {name: ocp.args.StandardRestore(target) for name, target in items.items()}
-    try:
-        return _checkpointer().restore(path, args=ocp.args.Composite(**args))
+    try:  # orbax takes absolute paths only; a user's relative path is as good
+        return _checkpointer().restore(os.path.abspath(path), args=ocp.args.Composite(**args))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UserError(f"{path}: the checkpoint is damaged or incomplete ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); write it again") from None
