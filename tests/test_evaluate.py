@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from prunenet_jax import perplexity
 from prunenet_jax.formats import texts
 from prunenet_jax.errors import UserError
 from tests.machine import machine_skip
@@ -19,10 +18,10 @@ TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial/*.rst.txt"
 
 
 def test_windows_do_not_overlap_and_pad_the_last():
-    tokens, mask = perplexity.windows(np.arange(1, 12), 4)
+    tokens, mask = texts.windows(np.arange(1, 12), 4)
     assert tokens.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 0]]
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]]
-    tokens, mask = perplexity.windows(np.arange(1, 10), 4)  # a 1-token tail scores nothing: dropped
+    tokens, mask = texts.windows(np.arange(1, 10), 4)  # a 1-token tail scores nothing: dropped
     assert len(tokens) == 2
 
 
@@ -82,8 +81,8 @@ def test_default_model_perplexity_matches_transformers(hf_default_model):
     from prunenet_jax.formats import gguf_tokenizer
 
     tokenizer = gguf_tokenizer.load_gguf_tokenizer(gguf_format.default_model_path())
-    ids = perplexity.tokenize(tokenizer, "".join(texts.read_texts(TUTORIAL).values()), 16384)
-    tokens, mask = perplexity.windows(ids, 512)
+    ids = texts.tokenize(tokenizer, "".join(texts.read_texts(TUTORIAL).values()), 16384)
+    tokens, mask = texts.windows(ids, 512)
     nll, count = 0.0, 0
     with torch.no_grad():
         for t, m in zip(tokens, mask):
