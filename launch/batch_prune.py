@@ -6,12 +6,12 @@ what is done, a failed checkpoint is skipped (exit code 1).
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import jax
 from absl import flags
 
+from prunenet_jax.files import json_files
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 from prunenet_jax.run import batch
@@ -42,6 +42,7 @@ def batch_job() -> batch.BatchJob:
     """The job the flags ask for (checked by batch.run, before anything is loaded). No
     jax.distributed: shards never talk to each other, so each VM runs on its own."""
     ratios = launch_flags.parse_ratios(FLAGS.ratios)
+    launch_flags.warn_ignored_flags(policy_given=bool(FLAGS.policy))
     return batch.BatchJob(
         checkpoints=tuple(batch.parse_checkpoints(FLAGS.checkpoints) if FLAGS.checkpoints else ()),
         ratios=tuple(ratios), training=launch_flags.training(ratios),
@@ -54,11 +55,11 @@ def batch_job() -> batch.BatchJob:
 
 def main(argv) -> int:
     if FLAGS.merge:
-        print(json.dumps(batch.merge(FLAGS.out_dir, FLAGS.num_shards)))
+        print(json_files.dumps(batch.merge(FLAGS.out_dir, FLAGS.num_shards)))
         return 0
     result = batch.run(batch_job(), common.make_mesh)
     print(result.format_table())
-    print(json.dumps(result.summary()[0]))
+    print(json_files.dumps(result.summary()[0]))
     if result.failure():  # each checkpoint's error was reported as it failed
         print(f"error: {result.failure()}", file=sys.stderr)
     return 1 if result.failure() else 0

@@ -14,6 +14,7 @@ from absl import logging as absl_logging
 from prunenet_jax import progress
 from prunenet_jax.errors import UserError, WriteError
 from prunenet_jax.files import atomic
+from prunenet_jax.launch import flag_checks
 from prunenet_jax.launch import flags as launch_flags
 
 
@@ -39,7 +40,11 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(f"{e}; run with --help to see the flags")
+        _fail(f"{str(e).removeprefix('ERROR:: ')}; run with --help to see the flags")
+    except UnicodeDecodeError as e:  # absl reads a --flagfile as UTF-8 text
+        files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith(("--flagfile=", "-flagfile="))]
+        _fail(f"--flagfile={','.join(files) or '?'}: not UTF-8 text ({e.reason} at byte {e.start}); "
+              "save the flag file as UTF-8 text, one --name=value per line")
 
 
 def _asks_help(argv) -> bool:
@@ -100,6 +105,8 @@ def run(main) -> None:
         if len(argv) > 1:
             _fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
         try:
+            flag_checks.check_flags([n for names in launch_flags.launcher_flags(module).values()
+                                     for n in names])
             return main(argv)
         except WriteError as e:
             _fail_now(str(e))

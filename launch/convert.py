@@ -10,10 +10,9 @@ A prune run folder or a ratio_<r> folder converts its orbax model.
 """
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
+from prunenet_jax.files import json_files
 from prunenet_jax.run import convert
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
@@ -41,7 +40,7 @@ def main(argv) -> None:
                              revision=FLAGS.revision, dtype=FLAGS.dtype,
                              torch_format=FLAGS.torch_format, overwrite=FLAGS.overwrite,
                              command=common.command_line(), ratio=FLAGS.ratio, mode=FLAGS.mode)
-    print(json.dumps(convert.convert(job)))
+    print(json_files.dumps(convert.convert(job)))
 
 
 def run():

@@ -10,11 +10,10 @@ gate spectra (KS per layer), perplexity and zero-shot accuracy (lm-eval), option
 """
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
 from prunenet_jax.evaluation import comparison
+from prunenet_jax.files import json_files
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 
@@ -52,7 +51,7 @@ def compare_job() -> comparison.CompareJob:
 def main(argv) -> None:
     text, result = comparison.evaluate(compare_job())
     print(text)
-    print(json.dumps(result))
+    print(json_files.dumps(result))
 
 
 def run():

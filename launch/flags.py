@@ -13,7 +13,7 @@ from typing import Optional
 
 from absl import flags
 
-from prunenet_jax import prune, weights
+from prunenet_jax import progress, prune, weights
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import texts
 from prunenet_jax.perplexity import EvalConfig
@@ -212,6 +212,26 @@ def output_options(resume: bool = False) -> OutputOptions:
     return OutputOptions(modes=prune.parse_modes(FLAGS.mode), seed=FLAGS.seed,
                          export_hf=FLAGS.export_hf, torch_format=FLAGS.torch_format,
                          guard=FLAGS.guard, recover=recover_spec(resume))
+
+
+def warn_ignored_flags(policy_given: bool) -> None:
+    """One warning per flag given on the command line that the run will not use: training flags
+    when no policy is trained, calibration flags without --mode=energy, recovery flags at
+    --recover_steps=0 (launch.prune, launch.batch_prune)."""
+    modes = prune.parse_modes(FLAGS.mode)
+    unused = []
+    if policy_given or not set(modes) & set(prune.POLICY_MODES):
+        why = "--policy is given" if policy_given else f"--mode={FLAGS.mode} trains no policy"
+        unused += [(n, why) for n in _GROUPS.get(TRAINING, []) if n != "policy"]
+    if not set(modes) & set(prune.SCORE_MODES):
+        unused += [(n, f"--mode={FLAGS.mode} measures no scores (only energy does)")
+                   for n in _GROUPS.get(ENERGY, []) if n != "scores"]
+    if "recover_steps" in FLAGS and not FLAGS.recover_steps:
+        unused += [(n, "--recover_steps=0: no recovery runs")
+                   for n in _GROUPS.get(RECOVERY, []) if n != "recover_steps"]
+    for name, why in unused:
+        if name in FLAGS and FLAGS[name].present:
+            progress.warning(f"--{name} is ignored: {why}")
 
 
 def calibration_config() -> calibration.Calibration:

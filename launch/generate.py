@@ -9,11 +9,10 @@ Prints the completion, then as its last line one JSON object: {"prompt", "comple
 """
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
 from prunenet_jax import generation
+from prunenet_jax.files import json_files
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 
@@ -29,11 +28,14 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: draw from the most likely to
                    "probability reaches top_p (1: all tokens)")
 flags.DEFINE_integer("seed", 0, "Seed of the sampling draws")
 flags.DEFINE_bool("chat", False, "Wrap --prompt as a user message in the tokenizer's chat template")
+flags.DEFINE_bool("truncate_prompt", False, "When the prompt plus --max_new_tokens exceed the "
+                  "model's context (max_position_embeddings), keep the prompt's last tokens (with a "
+                  "warning) instead of refusing")
 flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16")
 launch_flags.define_pick_flags()
 launch_flags.put_in_group(launch_flags.MODEL, "model", "revision")
-launch_flags.put_in_group("generation", "prompt", "chat", "max_new_tokens", "temperature", "top_p",
-                          "seed", "dtype")
+launch_flags.put_in_group("generation", "prompt", "chat", "truncate_prompt", "max_new_tokens",
+                          "temperature", "top_p", "seed", "dtype")
 
 
 def main(argv) -> None:
@@ -41,9 +43,9 @@ def main(argv) -> None:
         model=FLAGS.model, prompt=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
         temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed, chat=FLAGS.chat,
         dtype=FLAGS.dtype, revision=FLAGS.revision,
-        ratio=FLAGS.ratio, mode=FLAGS.mode))
+        ratio=FLAGS.ratio, mode=FLAGS.mode, truncate_prompt=FLAGS.truncate_prompt))
     print(result["completion"])
-    print(json.dumps(result))
+    print(json_files.dumps(result))
 
 
 def run():

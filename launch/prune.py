@@ -5,10 +5,9 @@ r"""Learn a PruneNet policy on a model and slice its FFNs at one or more ratios.
 """
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
+from prunenet_jax.files import json_files
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 from prunenet_jax.run import prune_run
@@ -36,6 +35,7 @@ launch_flags.put_in_group(launch_flags.ENERGY, "scores")
 def prune_job() -> prune_run.PruneJob:
     """The job the flags ask for (checked by prune_run.run, before anything is loaded)."""
     ratios = launch_flags.parse_ratios(FLAGS.ratios)
+    launch_flags.warn_ignored_flags(policy_given=bool(FLAGS.policy))
     return prune_run.PruneJob(
         model=FLAGS.model, revision=FLAGS.revision, ratios=tuple(ratios),
         training=launch_flags.training(ratios),
@@ -49,7 +49,7 @@ def main(argv) -> None:
     result = prune_run.run(prune_job(), common.start_devices)
     if result is not None:  # process 0
         print(result.format_table())
-        print(json.dumps(result.to_json()))
+        print(json_files.dumps(result.to_json()))
 
 
 def run():

@@ -6,10 +6,9 @@ text it samples itself (default) or on --train_text.
 """
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
+from prunenet_jax.files import json_files
 from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 from prunenet_jax.recovery import job as recovery
@@ -50,7 +49,7 @@ def recover_job() -> recovery.RecoverJob:
 def main(argv) -> None:
     entries = recovery.run(recover_job())
     print(recovery.format_table(entries))
-    print(json.dumps({"outputs": [e.to_json() for e in entries]}))
+    print(json_files.dumps({"outputs": [e.to_json() for e in entries]}))
 
 
 def run():

@@ -16,3 +16,9 @@ class WriteError(UserError):
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, honoured at a safe point (after an episode); the message says how to continue.
     Launchers print it as one `error: ...` line and exit with code 130."""
+
+
+class Diverged(UserError):
+    """Training became non-finite (NaN or Inf loss, gradient or weights): the run stops, nothing
+    is marked done and the last good training checkpoint is kept; the message names the flags
+    that usually cause it (a learning rate or scale too large)."""

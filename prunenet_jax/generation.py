@@ -10,7 +10,7 @@ import logging
 import math
 from typing import Optional
 
-from prunenet_jax import pruned_models, rng, sources, special_tokens
+from prunenet_jax import progress, pruned_models, rng, sources, special_tokens
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import decoder, decode
 from prunenet_jax.weights import dtype_by_name
@@ -31,6 +31,7 @@ class GenerateJob:
     revision: Optional[str] = None
     ratio: Optional[float] = None  # --ratio/--mode: which pruned model of a run folder
     mode: Optional[str] = None
+    truncate_prompt: bool = False  # keep the prompt's last tokens when it would overflow the context
 
     def check(self) -> None:
         """Refuses bad flags, before the model is loaded."""
@@ -59,6 +60,28 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, model: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def fit_context(ids: list[int], max_new_tokens: int, context: int, truncate: bool) -> list[int]:
+    """`ids` when the prompt and `max_new_tokens` fit the model's `context` (its
+    max_position_embeddings: positions past it were never trained and RoPE tables may end there);
+    else, with `truncate`, the prompt's last tokens that fit (a warning says how many were cut),
+    without it a UserError."""
+    if len(ids) + max_new_tokens <= context:
+        return ids
+    if max_new_tokens >= context:
+        raise UserError(f"--max_new_tokens={max_new_tokens} leaves no room for the prompt in the "
+                        f"model's context of {context} tokens; use --max_new_tokens < {context}")
+    room = context - max_new_tokens
+    if not truncate:
+        raise UserError(f"the prompt ({len(ids)} tokens) and --max_new_tokens={max_new_tokens} "
+                        f"exceed the model's context of {context} tokens (max_position_embeddings); "
+                        f"shorten the prompt to {room} tokens, lower --max_new_tokens, or pass "
+                        "--truncate_prompt to keep the prompt's last tokens")
+    progress.warning(f"--truncate_prompt: the prompt's first {len(ids) - room} of {len(ids)} tokens "
+                     f"are dropped to fit the model's context of {context} tokens with "
+                     f"--max_new_tokens={max_new_tokens}")
+    return ids[-room:]
+
+
 def generate(job: GenerateJob) -> dict:
     job.check()
     pruned = pruned_models.resolve_one(job.model, job.ratio, job.mode, "--model")
@@ -70,6 +93,8 @@ def generate(job: GenerateJob) -> dict:
     ids = prompt_ids(tokenizer, job.prompt, job.chat, job.model)
     if not ids:
         raise UserError("--prompt is empty after tokenisation; pass some text")
+    ids = fit_context(ids, job.max_new_tokens, weights.config.max_position_embeddings,
+                      job.truncate_prompt)
     model = decoder.from_named_arrays(weights.config, weights.named_arrays(), dtype=dtype_by_name(job.dtype))
     eos = special_tokens.eos_ids(weights, lambda: tokenizer)
     del weights

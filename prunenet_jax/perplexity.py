@@ -75,12 +75,19 @@ def perplexity(model: nnx.Module, tokenizer, texts: dict[str, str], seq_len: int
         if len(tokens) == 0:
             raise UserError(f"eval text {name} has fewer than 2 tokens; pass a longer text")
         nll, count, hits = scorer.score(tokens, mask, batch_size)
-        files[name] = {"ppl": math.exp(nll / count), "tokens": count, "accuracy": hits / count}
+        files[name] = {"ppl": _ppl(nll, count), "tokens": count, "accuracy": hits / count}
         total_nll += nll
         total_count += count
         total_hits += hits
-    return {"ppl": math.exp(total_nll / total_count), "tokens": total_count,
+    return {"ppl": _ppl(total_nll, total_count), "tokens": total_count,
             "accuracy": total_hits / total_count, "files": files}
+
+
+def _ppl(nll: float, count: int) -> float:
+    """exp(mean NLL); inf past float range (a broken model's, which math.exp would raise on) and
+    nan for a NaN loss: reports and JSON writers show both as not measurable."""
+    mean = nll / count
+    return math.exp(mean) if mean < 709.0 else (math.inf if mean == mean else math.nan)
 
 
 def accuracy_retention(accuracy: Optional[float], dense_accuracy: Optional[float]) -> Optional[float]:

@@ -101,6 +101,30 @@ def unique_labels(models: list[PrunedModel], taken: tuple = ("dense",)) -> list[
     return out
 
 
+def weights_ratio(recorded, kept: int, width: int, where: str) -> float:
+    """The ratio a pruned model is labelled with, from its weights: `recorded` (a manifest's or
+    orbax metadata's nominal ratio) when it keeps exactly `kept` of the dense model's `width`
+    channels (int((1 - r) * width), the pruning's rounding), 1 - kept/width when nothing is
+    recorded; a UserError naming `where` when the record disagrees with the weights."""
+    from prunenet_jax.method.sampling import num_kept  # imported on use: it imports jax
+
+    measured = 1.0 - kept / width
+    if recorded is None:
+        return measured
+    ok = isinstance(recorded, (int, float)) and not isinstance(recorded, bool)
+    if ok:
+        try:
+            ok = num_kept(width, recorded) == kept
+        except UserError:
+            ok = False
+    if not ok:
+        raise UserError(f"{where} records ratio {recorded!r}, but its weights keep {kept} of the "
+                        f"dense model's {width} channels per layer (ratio "
+                        f"{run_dir.format_ratio(measured)}); the record was edited or belongs to "
+                        "another model: restore it, or pass the model's own folder")
+    return float(recorded)
+
+
 # ----------------------------------------------------------------------------- the four ways
 
 def _in_run(path: str) -> Optional[list[PrunedModel]]:
@@ -127,6 +151,8 @@ def _match(o: run_dir.FinishedOutput, run: str, path: str, real: str) -> Optiona
     """The output `o` of the run folder `run` when it lies at or below `path`: only the named
     format's folder when `path` is its orbax or HF folder."""
     orbax_dir, hf_dir = o.orbax_dir, o.hf_dir
+    if orbax_dir and _is_orbax(orbax_dir):  # (a hand-made run may hold an HF folder there)
+        _check_record(o, run)
     if orbax_dir and os.path.realpath(orbax_dir) == real:
         orbax_dir, hf_dir = path, None
     elif hf_dir and os.path.realpath(hf_dir) == real:
@@ -146,6 +172,28 @@ def _match(o: run_dir.FinishedOutput, run: str, path: str, real: str) -> Optiona
     return PrunedModel(_label(o.checkpoint or o.source, o.mode, o.ratio, o.recovery, fallback),
                        where, orbax_dir, hf_dir, o.ratio, o.mode_name, o.guard, o.source,
                        o.recovery, o.checkpoint)
+
+
+def _check_record(o: run_dir.FinishedOutput, run: str) -> None:
+    """The manifest's record of output `o` agrees with the orbax metadata of the model it names
+    (kind, mode, guard, ratio): an edited manifest must not label one model as another."""
+    where = os.path.join(run, run_dir.MANIFEST)
+    meta = _orbax_meta(o.orbax_dir)
+    if meta is None:
+        raise UserError(f"{where}: the output at ratio {o.ratio} names {o.orbax_dir}, which is not "
+                        "a pruned model's orbax checkpoint; restore the manifest, or pass the "
+                        "model's own folder")
+    recorded = {"mode": o.mode_name, "guard": o.guard, "ratio": o.ratio}
+    saved = {"mode": meta.get("mode"), "guard": bool(meta.get("guard")), "ratio": meta.get("ratio")}
+    for key, value in recorded.items():
+        if value is None or saved[key] is None:
+            continue  # not recorded on one side (an older run, a converted model)
+        same = (abs(float(value) - float(saved[key])) < 1e-12 if key == "ratio"
+                and isinstance(saved[key], (int, float)) else value == saved[key])
+        if not same:
+            raise UserError(f"{where} records {key} {value!r} for {o.orbax_dir}, but the model's "
+                            f"own metadata says {saved[key]!r}; restore the manifest, or pass the "
+                            "model's own folder")
 
 
 def _local(path: str) -> Optional[list[PrunedModel]]:

@@ -5,7 +5,8 @@ It owns what such a loop needs besides its step: the training checkpoints under 
 (an old run's discarded unless resuming; the resume point), the progress bar, the save schedule
 (every N units; at the end; and when stopped), Ctrl-C (stop after the running unit, checkpoint,
 say how to continue: one jitted call cannot be cut short) and, on leaving, also on an error,
-waiting for the running save and closing the checkpoints, so none is left half written.
+ending the bar's line, waiting for the running save and closing the checkpoints, so none is left
+half written (a failed run's partial save and empty state folder are removed).
 
     with Resumable(state_dir, meta, resume=..., total=n, every=k, unit="step", desc="recovery") as loop:
         if loop.resuming:
@@ -18,10 +19,13 @@ waiting for the running save and closing the checkpoints, so none is left half w
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
+import time
 from typing import Callable, Optional
 
 import jax
@@ -37,6 +41,24 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _drop_closed_loop_reports() -> None:
+    """After a failed checkpoint write, tensorstore's threads may still call back into orbax's
+    event loop, closed by then, and Python prints each call as an unraisable "Event loop is
+    closed" traceback; the failure itself is reported once (a WriteError), so these are dropped.
+    Installed once for the process: they can come until it exits."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
 
 
 class StopOnCtrlC:
@@ -75,7 +97,8 @@ class Resumable:
     refused on restore. A checkpoint is saved after every `every` units (0: never), after the
     last with `save_last`, and when Ctrl-C stops the loop. `all_processes`: every process of a
     multi-host run runs this loop (process 0 clears the folder and shows the bar; the others wait
-    for it); otherwise this process runs it alone."""
+    for it); otherwise this process runs it alone. `last_saved`: the units done at the latest
+    checkpoint saved or resumed from (None: none)."""
 
     def __init__(self, state_dir: Optional[str], meta: dict, *, resume: bool, total: int,
                  every: int, unit: str, desc: str, save_last: bool = False,
@@ -83,7 +106,9 @@ class Resumable:
         self.total, self.every, self.unit, self.desc = total, every, unit, desc
         self.save_last, self.all_processes = save_last, all_processes
         self.ckpts, self.bar, self._stop = None, None, StopOnCtrlC(unit)
+        self.last_saved: Optional[int] = None
         if state_dir:
+            _drop_closed_loop_reports()
             if not resume and os.path.isdir(state_dir) and (
                     not all_processes or jax.process_index() == 0):
                 shutil.rmtree(state_dir)  # an old run's resume points belong to the run being replaced
@@ -98,7 +123,9 @@ class Resumable:
 
     def restore(self, state_template, history_template_fn: Callable) -> tuple:
         """(state, history, units done) of the checkpoint to resume from (orbax.TrainCheckpoints)."""
-        return self.ckpts.restore(state_template, history_template_fn)
+        state, history, done = self.ckpts.restore(state_template, history_template_fn)
+        self.last_saved = done
+        return state, history, done
 
     def __enter__(self) -> "Resumable":
         return self
@@ -122,6 +149,7 @@ class Resumable:
                or stop)
         if self.ckpts is not None and due:
             self.ckpts.save(done, *saved())
+            self.last_saved = done
         if stop:
             if self.ckpts is not None:
                 self.ckpts.wait()  # the checkpoint of this finished unit is complete
@@ -129,11 +157,39 @@ class Resumable:
                 f"; the training state is saved in {self.ckpts.directory}: rerun the same command "
                 "with --resume to continue" if self.ckpts is not None else ""))
 
-    def __exit__(self, *exc) -> None:
-        """Also on an error: no checkpoint is left half written by a running save."""
-        self._stop.__exit__()
+    def __exit__(self, exc_type, *exc) -> None:
+        """Also on an error: the bar ends its line first (an `error:` line printed next stands on
+        its own), no checkpoint is left half written by a running save, and a failed run leaves
+        no partial save (nor a state folder it left empty) behind."""
         if self.bar is not None:
             self.bar.close()
-        if self.ckpts is not None:
+        self._stop.__exit__()
+        if self.ckpts is None:
+            return
+        try:
             self.ckpts.wait()
             self.ckpts.close()
+        except BaseException:
+            self._discard_unfinished()
+            raise
+        if exc_type is not None:
+            self._discard_unfinished()
+
+    def _discard_unfinished(self) -> None:
+        """After a failure: orbax's partial saves (`<n>.orbax-checkpoint-tmp*`, which it leaves
+        when a write fails) are removed, and the state folder when nothing else is in it (the
+        last good checkpoints stay)."""
+        if self.all_processes and jax.process_index() != 0:
+            return
+        directory = self.ckpts.directory
+        for _ in range(50):  # the failed save's writer threads may still add files for a moment
+            partial = [os.path.join(directory, n) for n in
+                       (os.listdir(directory) if os.path.isdir(directory) else [])
+                       if ".orbax-checkpoint-tmp" in n]
+            if not partial:
+                break
+            for path in partial:
+                shutil.rmtree(path, ignore_errors=True)
+            time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # only when empty

@@ -7,11 +7,10 @@ neither does, the tokenizer's. `tokenizer_fn()` loads the tokenizer, and is only
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Optional
 
-from prunenet_jax.errors import UserError
+from prunenet_jax.files import json_files
 from prunenet_jax.weights import ModelWeights
 
 GENERATION_CONFIG = "generation_config.json"
@@ -24,14 +23,8 @@ def generation_config(weights: ModelWeights) -> dict:
     path = os.path.join(weights.tokenizer_dir, GENERATION_CONFIG)
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            found = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as JSON ({e}); fix or remove it") from None
-    if not isinstance(found, dict):
-        raise UserError(f"{path} is not a JSON object; fix or remove it")
-    return found
+    # transformers writes it (NaN/Infinity included, as Python's json does)
+    return json_files.read_json(path, fix="fix or remove it", constants=True)
 
 
 def _ids(value) -> list[int]:

@@ -103,7 +103,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, pruned):
         "not_parent": ([f"--dense={other}"], "was not pruned from"),
         "other_shape": ([f"--dense={wider}"], "cannot be a pruned version"),
         "steps": (["--recover_steps=0", "--norefit"], "--recover_steps=0 must be at least 1"),
-        "refit_rows": (["--refit_rows=-1"], "--refit_rows=-1 must be >= 0"),
+        "refit_rows": (["--refit_rows=-1"], "--refit_rows=-1 must be an integer in [0,"),
         "no_text": (["--objective=lm"], "--objective=lm trains on text"),
     }
     before = _tree_hash(run), _tree_hash(dense)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prunenet_jax import prune
+from prunenet_jax import prune, pruned_models
+from prunenet_jax.files import json_files
 from prunenet_jax import sources
 from prunenet_jax.evaluation import lm_eval
 from prunenet_jax.evaluation import measures, plots, report, tables
@@ -75,7 +76,7 @@ def test_identical_model_has_zero_ks_and_ratio(dense):
     assert spectra[0].shape == (L, min(I, H))
     assert (np.diff(spectra[0], axis=1) <= 0).all()  # descending
     assert ks[0].tolist() == [0.0] * L and ks[1].tolist() == [0.0] * L
-    assert measures.ratio_of(dense, I) == 0.0
+    assert pruned_models.weights_ratio(None, dense.config.intermediate_size, I, 'dense') == 0.0
 
 
 def test_sliced_model_ks_equals_direct_computation(dense):
@@ -90,7 +91,7 @@ def test_sliced_model_ks_equals_direct_computation(dense):
     np.testing.assert_allclose(ks[1], want, rtol=1e-6)
     assert (ks[1] > 0).all()
     assert spectra[1].shape == (L, 20)
-    assert measures.ratio_of(sliced, I) == pytest.approx(1 - 20 / 48)
+    assert pruned_models.weights_ratio(None, sliced.config.intermediate_size, I, 'sliced') == pytest.approx(1 - 20 / 48)
 
 
 def test_plotted_layers():
@@ -107,7 +108,7 @@ def _summary(dense, with_ppl=True):
     layers = measures.plotted_layers(L)
     ppl = lambda v: {"ppl": v, "tokens": 100, "files": {"t.txt": {"ppl": v, "tokens": 100}}} if with_ppl else None
     models = [measures.model_record("dense", "dense-src", dense, 0.0, ks[0], ppl(12.5)),
-              measures.model_record("r25", "pruned-src", pruned, measures.ratio_of(pruned, I), ks[1],
+              measures.model_record("r25", "pruned-src", pruned, pruned_models.weights_ratio(None, pruned.config.intermediate_size, I, 'pruned'), ks[1],
                                   ppl(float("inf")))]  # an overflowing ppl must not break anything
     summary = {"eval_text": "t.txt" if with_ppl else None, "tokens": 100, "max_tokens": 0,
                "seq_len": 16, "spectra_layers": layers, "lm_eval": None, "models": models}
@@ -131,7 +132,7 @@ def test_write_report_files_and_numbers(dense, tmp_path):
     for png in (report.SPECTRA_PNG, report.KS_PNG, report.PPL_PNG):
         _assert_png(out / png)
     data = json.loads((out / report.JSON).read_text())
-    assert data == report.json_safe(written)
+    assert data == json_files.finite(written)
     d, p = data["models"]
     assert d["ks"] == [0.0] * 3 and d["mean_ks"] == 0.0 and d["ppl"] == 12.5 and d["ratio"] == 0.0
     assert p["kept"] == 36 and p["ratio"] == pytest.approx(0.25) and p["ppl"] is None  # inf -> null

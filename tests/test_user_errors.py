@@ -89,8 +89,9 @@ def _command(launcher, model, out, text):
 def _assert_user_error(proc, *fragments):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
+    # lines end at "\n" only: a progress bar's "\r" redraws must not share the error's line
+    last = proc.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith("error: ") and "\r" not in last, repr(last[-500:])
     for f in fragments:
         assert f in last, (f, last)
     return last

@@ -3,6 +3,7 @@
 and the report folder. One model is in memory at a time."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -12,6 +13,7 @@ from absl import logging
 
 from prunenet_jax import progress, pruned_models, sources
 from prunenet_jax.errors import UserError
+from prunenet_jax.files import json_files, run_lock
 from prunenet_jax.evaluation import lm_eval, measures, plots, report, tables
 from prunenet_jax import perplexity
 
@@ -126,6 +128,15 @@ def _check_compatible(weights, dense_cfg, name: str) -> None:
                         "dense source?")
 
 
+def _ratio(p: Pruned, weights, dense_cfg, model: str) -> float:
+    """The ratio `p` is labelled with: from its weights against --model's width (the recorded one
+    checked against them) when --model is its dense source; as recorded when it names another."""
+    if p.ratio is not None and p.pruned_from and _identity(p.pruned_from) != _identity(model):
+        return p.ratio  # another dense model's width: nothing to check against (warned above)
+    return pruned_models.weights_ratio(p.ratio, weights.config.intermediate_size,
+                                       dense_cfg.intermediate_size, p.path)
+
+
 def measure(model: str, dense_path: str, pruned: list[Pruned],
             eval_cfg: Optional[perplexity.EvalConfig],
             continue_prompt: bool = False) -> tuple[list[dict], list, Optional[dict]]:
@@ -157,7 +168,7 @@ def measure(model: str, dense_path: str, pruned: list[Pruned],
         weights = sources.load_model(p.path)
         _check_compatible(weights, dense_cfg, p.source)
         sv = measures.gate_spectra(weights)
-        ratio = p.ratio if p.ratio is not None else measures.ratio_of(weights, dense_cfg.intermediate_size)
+        ratio = _ratio(p, weights, dense_cfg, model)
         models.append(measures.model_record(p.name, p.source, weights, ratio,
                                           measures.gate_ks(dense_sv, sv), ppl(weights),
                                           mode=p.mode, continuation=continuation(weights),
@@ -187,7 +198,7 @@ def evaluate(job: CompareJob) -> tuple[str, dict]:
     summary, dense_ppl = run(job)
     table = tables.format_table(summary["models"], summary)
     return (f"{perplexity_table(dense_ppl)}\n\n{table}" if dense_ppl else table,
-            report.json_safe(summary))
+            json_files.finite(summary))
 
 
 def dense_perplexity(job: CompareJob) -> dict:
@@ -200,8 +211,14 @@ def dense_perplexity(job: CompareJob) -> dict:
 
 
 def run(job: CompareJob) -> tuple[dict, Optional[dict]]:
-    """(the summary: report.json's content, the dense model's perplexity result or None)."""
+    """(the summary: report.json's content, the dense model's perplexity result or None); the
+    --report_dir's lock is held throughout (one writer at a time)."""
     job.check()
+    with contextlib.ExitStack() as lock:
+        return _run(job, lock)
+
+
+def _run(job: CompareJob, lock: contextlib.ExitStack) -> tuple[dict, Optional[dict]]:
     kind, dense_path = sources.resolve_source(job.model, job.revision)
     dense_hf = dense_path if kind == "hf" and lm_eval.is_hf_folder(dense_path) else None
     pruned = expand_pruned(job.pruned, job.ratio, job.mode)
@@ -209,6 +226,9 @@ def run(job: CompareJob) -> tuple[dict, Optional[dict]]:
     if job.report_dir:
         inputs = [dense_path] + [p.source for p in pruned] + [
             e.strip() for e in (job.pruned or "").split(",") if e.strip()]
+        report.check_report_dir(job.report_dir, inputs, job.overwrite)
+        # after the check (the lock is a file beside --report_dir: never one inside an input)
+        lock.enter_context(run_lock.hold_beside(job.report_dir, flag="--report_dir"))
         report.check_report_dir(job.report_dir, inputs, job.overwrite)
     tasks = lm_eval.prepare(job.lm_eval_tasks)
     if tasks is not None and tasks.message():

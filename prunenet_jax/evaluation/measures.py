@@ -51,11 +51,6 @@ def plotted_layers(num_layers: int) -> list[int]:
     return sorted({0, num_layers // 2, num_layers - 1})
 
 
-def ratio_of(weights: ModelWeights, dense_intermediate: int) -> float:
-    """1 - I_pruned / I_dense, for a pruned model whose ratio is not recorded anywhere."""
-    return 1.0 - weights.config.intermediate_size / dense_intermediate
-
-
 def model_record(name: str, source: str, weights: ModelWeights, ratio: float, ks: np.ndarray,
                  perplexity: Optional[dict] = None, mode: Optional[str] = None,
                  continuation: Optional[str] = None, recovery: Optional[dict] = None) -> dict:

@@ -3,14 +3,13 @@ sibling name and renamed into place when complete (measures.py: what is measured
 plots.py: how it is shown)."""
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
 import numpy as np
 
 from prunenet_jax.evaluation import plots, tables
-from prunenet_jax.files import atomic, output_folder
+from prunenet_jax.files import atomic, json_files, output_folder
 
 JSON, MARKDOWN = "report.json", "report.md"
 SPECTRA_PNG, KS_PNG, PPL_PNG = "spectra.png", "ks_per_layer.png", "ppl_vs_ratio.png"
@@ -43,18 +42,8 @@ def write_report(report_dir: str, summary: dict, spectra: list[np.ndarray],
             plots.plot_ppl(os.path.join(tmp, PPL_PNG), models,
                            f"Perplexity on {text} ({summary.get('tokens', '?')} tokens)", summary)
         summary = {**summary, "plots": written}
-        atomic.write_json(os.path.join(tmp, JSON), json_safe(summary))
+        atomic.write_json(os.path.join(tmp, JSON), json_files.finite(summary))
         with open(os.path.join(tmp, MARKDOWN), "w") as f:
             f.write(tables.markdown(summary))
     return summary
 
-
-def json_safe(obj):
-    """JSON has no inf/nan: an overflowing perplexity is written as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import json
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ import uuid
 from typing import Optional
 
 from prunenet_jax.errors import UserError, WriteError
+from prunenet_jax.files import json_files
 
 
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -27,6 +27,11 @@ _WRITE_TEXTS = {"RESOURCE_EXHAUSTED": _WRITE_ERRNOS[errno.ENOSPC],
                 "PERMISSION_DENIED": _WRITE_ERRNOS[errno.EACCES],
                 "Permission denied": _WRITE_ERRNOS[errno.EACCES],
                 "Read-only file system": _WRITE_ERRNOS[errno.EROFS]}
+
+
+# What a rerun after a failed write keeps, for every launcher that writes.
+RERUN = ("finished outputs are kept; with --resume, launch.prune and launch.recover continue "
+         "training from their last checkpoint")
 
 
 def write_failure(error: BaseException) -> Optional[str]:
@@ -58,8 +63,7 @@ def write_errors(path: str):
         if reason is None:
             raise
         raise WriteError(f"cannot write {path}: {reason}; free space or restore write access, "
-                         "then rerun the same command (finished outputs are kept; launch.prune "
-                         "continues with --resume)") from None
+                         f"then rerun the same command ({RERUN})") from None
 
 
 @contextlib.contextmanager
@@ -165,6 +169,7 @@ def _atomic_write(path: str, folder: str, write) -> None:
 
 
 def write_json(path: str, obj, *, sort_keys: bool = False) -> None:
-    """`obj` as indented JSON, written atomically (fsynced, then renamed into place)."""
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
+    """`obj` as indented strict JSON (NaN/Infinity become null), written atomically (fsynced,
+    then renamed into place)."""
+    text = json_files.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))

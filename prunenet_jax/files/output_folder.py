@@ -6,6 +6,7 @@ import shutil
 from typing import Optional
 
 from prunenet_jax.errors import UserError, WriteError
+from prunenet_jax.files import atomic
 from prunenet_jax.files.run_lock import LOCK_FILE
 
 RUN_DIR_FIX = ("pass --overwrite to replace an earlier run's outputs, --resume to continue it, "
@@ -64,5 +65,4 @@ def check_free_space(path: str, nbytes: int) -> None:
     if free < nbytes:
         raise WriteError(f"cannot write {path}: it needs about {nbytes / 2**20:.1f} MiB but "
                          f"{existing} has {free / 2**20:.1f} MiB free; free space, then rerun "
-                         "the same command (finished outputs are kept; launch.prune continues "
-                         "with --resume)")
+                         f"the same command ({atomic.RERUN})")

@@ -27,16 +27,18 @@ def lock_path(folder: str, name: str = LOCK_FILE) -> str:
 
 
 @contextlib.contextmanager
-def hold(folder: Optional[str], *, flag: str = "--out_dir", name: str = LOCK_FILE):
+def hold(folder: Optional[str], *, flag: str = "--out_dir", name: str = LOCK_FILE,
+         shown: Optional[str] = None):
     """Holds the lock of `folder` (nothing when `folder` is None). `name`: the lock file's name
-    (batch shards, which write disjoint files, each lock their own)."""
+    (batch shards, which write disjoint files, each lock their own); `shown`: the path the
+    refusal names (default `folder`)."""
     if not folder:
         yield
         return
     created = not os.path.exists(folder)
     with atomic.write_errors(folder):
         os.makedirs(folder, exist_ok=True)
-        fd = _acquire(folder, lock_path(folder, name), flag)
+        fd = _acquire(shown or folder, lock_path(folder, name), flag)
     try:
         yield
     finally:
@@ -46,6 +48,16 @@ def hold(folder: Optional[str], *, flag: str = "--out_dir", name: str = LOCK_FIL
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only if the run wrote nothing else
+
+
+def hold_beside(path: Optional[str], *, flag: str):
+    """The lock of an output that is swapped in whole (convert's --output, evaluate's
+    --report_dir): the folder itself is replaced, so its lock is a file beside it,
+    `.<name>.prunenet.lock`, in its parent."""
+    if not path:
+        return hold(None)
+    parent, name = os.path.split(os.path.abspath(path))
+    return hold(parent, flag=flag, name=f".{name}{LOCK_FILE}", shown=path)
 
 
 def _acquire(folder: str, path: str, flag: str) -> int:

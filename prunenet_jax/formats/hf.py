@@ -3,7 +3,6 @@ safetensors, read tensor by tensor through a memory map; pickle .bin files are n
 Writing one is hf_export.py's."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Optional
@@ -11,6 +10,7 @@ from typing import Optional
 import numpy as np
 
 from prunenet_jax.errors import UserError
+from prunenet_jax.files import json_files
 from prunenet_jax.formats.layer_stack import LazyLayerStack
 from prunenet_jax.formats.safetensors import SafetensorsFile
 from prunenet_jax.models import registry
@@ -36,15 +36,10 @@ def read_config(folder: str) -> dict:
 
 
 def _read_json(path: str, fix: str):
-    """A JSON file's value; unreadable or invalid JSON is a UserError naming the file and `fix`."""
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"{path} is not valid JSON ({reason}); {fix}") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); check the path and permissions") from None
+    """A JSON file's value; unreadable or invalid JSON is a UserError naming the file and `fix`.
+    NaN/Infinity are read (Python's json, which transformers uses, writes them); the fields used
+    are checked by their readers."""
+    return json_files.read_json(path, fix=fix, kind=None, constants=True)
 
 
 def read_weight_map(index: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prunenet_jax.files import atomic, output_folder
+from prunenet_jax.files import atomic, json_files, output_folder
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import registry
 from prunenet_jax.models.config import ModelConfig
@@ -36,6 +36,7 @@ MODEL_KIND = "prunenet_jax.sliced_model"
 TRAIN_KIND = "prunenet_jax.train_state"
 SCORES_KIND = "prunenet_jax.channel_scores"
 FORMAT_VERSION = 1
+META_FIX = "the checkpoint is damaged: restore it, or write it again (rerun the launcher that made it)"
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -63,7 +64,7 @@ def _save(path: str, items: dict[str, Any], meta: dict, overwrite: bool) -> None
         raise UserError(f"{path} already exists; pass --overwrite to replace it, or choose "
                         "another --out_dir")
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    args["meta"] = ocp.args.JsonSave(meta)
+    args["meta"] = ocp.args.JsonSave(json_files.finite(meta))  # orbax would write NaN
     output_folder.check_free_space(path, _nbytes(items) + 2**16)  # + metadata
     with atomic.staged_dir(path, create=False) as tmp:  # orbax creates tmp; we swap it into path
         _checkpointer().save(tmp, args=ocp.args.Composite(**args))
@@ -76,12 +77,13 @@ def _nbytes(tree) -> int:
 
 
 def read_meta(path: str) -> Optional[dict]:
-    """The JSON `meta` item of one of our checkpoints, or None when `path` is not one."""
+    """The JSON `meta` item of one of our checkpoints, or None when `path` is not one. Read as
+    the file orbax's JsonSave wrote (`meta/metadata`): faster than a restore, and a damaged file
+    is a UserError naming it."""
     meta_file = os.path.join(path, "meta", "metadata")
     if not os.path.isfile(meta_file):
         return None
-    meta = _checkpointer().restore(os.path.abspath(path),
-                                   args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = json_files.read_json(meta_file, fix=META_FIX, kind=None)
     return meta if isinstance(meta, dict) and "kind" in meta else None
 
 
@@ -92,19 +94,36 @@ def _expect_kind(path: str, kind: str, what: str, fix: str) -> dict:
     if meta is None or meta.get("kind") != kind:
         found = "another kind of checkpoint" if meta else "not a prunenet-jax orbax checkpoint"
         raise UserError(f"{path} is {found}; pass {what} ({fix})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not _is_int(version):
+        raise _bad_meta(path, f"format_version is {version!r}, not an integer")
+    if version > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer prunenet-jax (format "
                         f"{meta['format_version']}); upgrade prunenet-jax to read it")
     return meta
 
 
-def _restore(path: str, items: dict[str, Any]) -> dict[str, Any]:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad_meta(path: str, problem: str) -> UserError:
+    """A field of a checkpoint's `meta/metadata` that we never write so: the file was edited."""
+    return UserError(f"{os.path.join(path, 'meta', 'metadata')}: {problem}; {META_FIX}")
+
+
+def _restore(path: str, items: dict[str, Any], error=None) -> dict[str, Any]:
+    """The checkpoint's `items`; a damaged one is `error(problem)` (default: a UserError naming
+    `path`)."""
     args = {name: ocp.args.StandardRestore(target) for name, target in items.items()}
     try:  # orbax takes absolute paths only; a user's relative path is as good
         return _checkpointer().restore(os.path.abspath(path), args=ocp.args.Composite(**args))
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise UserError(f"{path}: the checkpoint is damaged or incomplete ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); write it again") from None
+        problem = (f"the checkpoint is damaged or incomplete ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0] if str(e) else ''})")
+        if error is not None:
+            raise error(problem) from None
+        raise UserError(f"{path}: {problem}; write it again") from None
 
 
 def _to_numpy(tree):
@@ -127,7 +146,9 @@ def load_policy(path: str) -> tuple[dict, dict]:
     """(params as host arrays, metadata) of a policy saved by `save_policy`."""
     meta = _expect_kind(path, POLICY_KIND, "the policy/ folder of an earlier prune run",
                         "e.g. --policy=<previous --out_dir>/policy")
-    I, H = meta["intermediate_size"], meta["hidden_size"]
+    I, H = meta.get("intermediate_size"), meta.get("hidden_size")
+    if not (_is_int(I) and _is_int(H) and I >= 1 and H >= 1):
+        raise _bad_meta(path, f"intermediate_size={I!r}, hidden_size={H!r} are not sizes")
     target = {"P": np.zeros((I, H), np.float32), "b": np.zeros((I,), np.float32),
               "r": np.zeros((I, 1), np.float32)}
     return _to_numpy(_restore(path, {"params": target})["params"]), meta
@@ -181,7 +202,9 @@ class TrainCheckpoints:
         if step is None:
             raise UserError(f"{self.directory} holds no training checkpoint to resume from; "
                             "drop --resume to start afresh")
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = json_files.read_json(os.path.join(self.directory, str(step), "meta", "metadata"),
+                                    fix="the training checkpoint is damaged: drop --resume (with "
+                                        "--overwrite) to start afresh")
         diff = sorted(k for k in set(meta) | set(self.run_meta) if meta.get(k) != self.run_meta.get(k))
         if diff:
             detail = ", ".join(f"{k}: saved {meta.get(k)!r} vs now {self.run_meta.get(k)!r}"
@@ -216,18 +239,48 @@ def save_scores(path: str, arrays: dict[str, np.ndarray], metadata: dict, *,
     _save(path, {"scores": {n: np.asarray(a, np.float32) for n, a in arrays.items()}}, meta, overwrite)
 
 
+class BadScores(UserError):
+    """Saved scores that cannot be used, and why (`problem`): a rerun's own saved scores are
+    measured again, with `problem` in a warning; `--scores` names them and the fix."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"--scores={path}: {problem}; pass the scores/ folder of an earlier "
+                         "energy run of this model (<its --out_dir>/scores), or drop --scores")
+        self.problem = problem
+
+
 def scores_meta(path: str) -> dict:
-    """The metadata of scores saved by `save_scores`, without reading the arrays."""
-    return _expect_kind(path, SCORES_KIND, "the scores/ folder of an earlier energy run",
+    """The metadata of scores saved by `save_scores`, without reading the arrays: its "shape"
+    [L, I, H] (integers >= 1) and the names of its "arrays" are checked."""
+    meta = _expect_kind(path, SCORES_KIND, "the scores/ folder of an earlier energy run",
                         "e.g. --scores=<previous --out_dir>/scores")
+    shape, arrays = meta.get("shape"), meta.get("arrays")
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(_is_int(n) and 1 <= n < 2**31 for n in shape)):
+        raise BadScores(path, f"its metadata's shape is {shape!r}, not [layers, "
+                        "intermediate_size, hidden_size] (3 integers >= 1)")
+    if not (isinstance(arrays, list) and all(isinstance(n, str) for n in arrays)):
+        raise BadScores(path, f"its metadata's arrays is {arrays!r}, not a list of names")
+    return meta
 
 
-def load_scores(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays, metadata) of scores saved by `save_scores`."""
+def load_scores(path: str, names: tuple) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, metadata) of scores saved by `save_scores`; the arrays `names` must be there,
+    each of shape (L, I) as the metadata says."""
     meta = scores_meta(path)
+    missing = [n for n in names if n not in meta["arrays"]]
+    if missing:
+        raise BadScores(path, f"its metadata lists the arrays {meta['arrays']}, without "
+                        f"{', '.join(missing)}")
     L, I = meta["shape"][:2]
     target = {n: np.zeros((L, I), np.float32) for n in meta["arrays"]}
-    return _to_numpy(_restore(path, {"scores": target})["scores"]), meta
+    arrays = _to_numpy(_restore(path, {"scores": target},
+                                error=lambda problem: BadScores(path, problem))["scores"])
+    for n in names:  # orbax restores the saved shape, whatever the target's
+        if arrays[n].shape != (L, I):
+            raise BadScores(path, f"array {n!r} has shape {arrays[n].shape}, not (layers, "
+                            f"intermediate_size) = ({L}, {I}) as its metadata says")
+    return arrays, meta
 
 
 # ----------------------------------------------------------------------------- sliced model
@@ -275,13 +328,15 @@ def model_shardings(shapes: dict[str, tuple], mesh: Mesh) -> dict[str, NamedShar
 
 
 def _model_templates(meta: dict, path: str) -> tuple[ModelConfig, dict]:
-    config = ModelConfig.from_hf(meta["hf_config"], source=os.path.join(path, "meta"))
+    config = ModelConfig.from_hf(meta.get("hf_config"), source=os.path.join(path, "meta"))
     shapes = registry.expected_shapes(config)
-    dtypes = meta["dtypes"]
-    globals_ = {n: jax.ShapeDtypeStruct(shapes[n], np.dtype(dtypes[n]))
-                for n in registry.global_tensor_names(config)}
-    layers = {n: jax.ShapeDtypeStruct(shapes[n], np.dtype(dtypes[n]))
-              for n in registry.layer_tensor_names(config)}
+    dtypes = meta.get("dtypes")
+    try:
+        dtype = {n: np.dtype(dtypes[n]) for n in shapes}
+    except (KeyError, TypeError):  # not a dict, a tensor missing, not a dtype name
+        raise _bad_meta(path, "its 'dtypes' does not name a dtype for every tensor") from None
+    globals_ = {n: jax.ShapeDtypeStruct(shapes[n], dtype[n]) for n in registry.global_tensor_names(config)}
+    layers = {n: jax.ShapeDtypeStruct(shapes[n], dtype[n]) for n in registry.layer_tensor_names(config)}
     return config, {"globals": globals_, "layers": layers}
 
 

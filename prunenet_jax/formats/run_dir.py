@@ -14,12 +14,11 @@ skipping the entries marked done (by the same recipe) whose folders still exist.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional
 
 from prunenet_jax.errors import UserError
-from prunenet_jax.files import atomic, run_lock
+from prunenet_jax.files import atomic, json_files, run_lock
 
 MANIFEST = "manifest.json"
 POLICY = "policy"
@@ -34,17 +33,26 @@ RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_forma
 _FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir", "status", "error")
 
 
+# What to do about a damaged manifest: of a run being continued, and of a run folder read as input.
+RESUME_FIX = ("the run's record of its outputs is damaged: restore it, or pass --overwrite to "
+              "start the run afresh (its outputs are made again)")
+INPUT_FIX = ("the run's record of its outputs is damaged: restore it, or pass the model folders "
+             "(<run>/[<mode>/]ratio_<r>/orbax or hf) instead of the run folder")
+
 # Names a batch item's folder must not take: they are the run folder's own.
 RESERVED = (MANIFEST, POLICY, TRAIN_STATE, "manifests")
 
 
 def check_resume(out_dir: Optional[str], resume: bool, overwrite: bool) -> None:
-    """--resume continues the run in --out_dir; --overwrite replaces it: never both."""
+    """--resume continues the run in --out_dir (whose manifest, if any, must be readable);
+    --overwrite replaces it: never both."""
     if resume and not out_dir:
         raise UserError("--resume needs --out_dir (the folder of the run to continue)")
     if resume and overwrite:
         raise UserError("--resume continues the run in --out_dir and --overwrite replaces "
                         "it; pass only one")
+    if resume:
+        resumed_outputs(out_dir)  # a damaged manifest is refused before any work is done
 
 
 def ratio_dirname(ratio: float) -> str:
@@ -149,9 +157,8 @@ class Manifest:
         """by_mode: the run has several modes, so an output is told apart by its mode too (in a
         one-mode run, outputs of every mode share the ratio's folder)."""
         self.folder, self.path, self.by_mode = folder, os.path.join(folder, name), by_mode
-        old = read_manifest(self.path) if resume else None
         self.header = dict(header)
-        self.outputs = [OutputEntry.from_json(e) for e in old["outputs"]] if old else []
+        self.outputs = resumed_outputs(folder, name) if resume else []
 
     def find(self, ratio: float, checkpoint: Optional[str] = None,
              mode: Optional[str] = None) -> Optional[OutputEntry]:
@@ -189,16 +196,69 @@ def manifest_json(header: dict, entries: list[OutputEntry]) -> dict:
     return {**header, "outputs": [e.to_json() for e in entries]}
 
 
-def read_manifest(path: str) -> Optional[dict]:
-    """The manifest's JSON, or None when there is none (or a foreign file: start afresh)."""
+def resumed_outputs(folder: str, name: str = MANIFEST) -> list[OutputEntry]:
+    """The outputs the manifest `name` of the run folder `folder` records, for a run that
+    continues it ([] when there is none); a damaged one is a UserError naming it (a run must not
+    silently start afresh over outputs it would then make again)."""
+    path = os.path.join(folder, name)
+    data = read_manifest(path, fix=RESUME_FIX)
+    outputs = [OutputEntry.from_json(e) for e in data["outputs"]] if data else []
+    for e in outputs:  # is_done joins their folders to the run folder
+        check_entry(folder, path, e, RESUME_FIX)
+    return outputs
+
+
+def read_manifest(path: str, fix: Optional[str] = None) -> Optional[dict]:
+    """The manifest's JSON, or None when there is none. One that is not a manifest (unreadable,
+    not JSON, not an object with an "outputs" list of objects) is a UserError naming it and
+    `fix`; without `fix`, None. (It is written atomically: only a foreign or damaged file can be
+    broken.)"""
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except ValueError:
-        return None  # written atomically, so only a foreign file can be broken: start afresh
-    return data if isinstance(data, dict) and isinstance(data.get("outputs"), list) else None
+        data = json_files.read_json(path, fix=fix or "")
+        outputs = data.get("outputs")
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise UserError(f"{path} is not a prune manifest (its 'outputs' is not a list of "
+                            f"objects); {fix}")
+    except UserError:
+        if fix is None:
+            return None
+        raise
+    return data
+
+
+def check_entry(folder: str, manifest: str, entry: OutputEntry, fix: str) -> None:
+    """Refuses an entry of `manifest` (of the run folder `folder`) that no run writes: a ratio
+    that is not a number, a mode or checkpoint that is not a string, or a folder (orbax_dir,
+    hf_dir) that is not a relative path inside the run folder: an absolute or `..` path, or one
+    through a symbolic link out of it, would make a run read or skip folders elsewhere."""
+    where = f"{manifest}: the output at ratio {entry.ratio!r}"
+    if entry.ratio is not None and (isinstance(entry.ratio, bool)
+                                    or not isinstance(entry.ratio, (int, float))):
+        raise UserError(f"{where}: its ratio is not a number; {fix}")
+    for field, value in (("mode", entry.recipe.get("mode")), ("checkpoint", entry.checkpoint)):
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{where} has {field}={value!r}, not a string; {fix}")
+    for field in ("orbax_dir", "hf_dir"):
+        problem = _outside(folder, getattr(entry, field))
+        if problem:
+            raise UserError(f"{where} has {field}={getattr(entry, field)!r}, {problem}; {fix}")
+
+
+def _outside(folder: str, rel) -> Optional[str]:
+    """Why the output folder `rel` (relative to the run folder `folder`) is not one inside it,
+    or None (also for no folder)."""
+    if rel is None:
+        return None
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        return "not a folder name"
+    if os.path.isabs(rel) or os.pardir in rel.split(os.sep):
+        return "not a path inside the run folder"
+    root, real = os.path.realpath(folder), os.path.realpath(os.path.join(folder, rel))
+    if not real.startswith(root.rstrip(os.sep) + os.sep):
+        return f"which resolves to {real}, outside the run folder (a symbolic link)"
+    return None
 
 
 def is_run_dir(folder: str) -> bool:
@@ -224,14 +284,21 @@ def finished_outputs(folder: str, strict: bool = True) -> list[FinishedOutput]:
     there are none or one's folder is missing. Not `strict`: [] for a folder without a readable
     manifest, and outputs whose folders are missing are left out."""
     path = os.path.join(folder, MANIFEST)
-    data = read_manifest(path)
+    try:
+        data = read_manifest(path, fix=INPUT_FIX)
+    except UserError:
+        if strict:
+            raise
+        return []  # a run folder above the model folder named: that folder speaks for itself
     if data is None:
         if not strict:
             return []
         raise UserError(f"{path} is not a readable prune manifest; pass the --out_dir of a "
                         "finished launch.prune run")
-    done = [OutputEntry.from_json(o) for o in data["outputs"] if isinstance(o, dict)]
+    done = [OutputEntry.from_json(o) for o in data["outputs"]]
     done = [o for o in done if o.done]
+    for o in done:
+        check_entry(folder, path, o, INPUT_FIX)
     if not done and strict:
         raise UserError(f"{path} lists no finished output (status '{DONE}'); finish or resume "
                         "the prune run, or pass model folders")
@@ -270,10 +337,12 @@ def lock_name(index: int, count: int) -> str:
 
 
 def merge_manifests(out_dir: str, count: int) -> dict:
-    """manifest.json listing the outputs of every shard manifest present, and which are missing."""
+    """manifest.json listing the outputs of every shard manifest present, and which are missing;
+    a damaged one is a UserError naming it."""
     merged, present, missing = None, [], []
     for i in range(count):
-        data = read_manifest(os.path.join(out_dir, shard_manifest_name(i, count)))
+        fix = f"restore it, or rerun shard {i} (--shard_index={i}) with --overwrite"
+        data = read_manifest(os.path.join(out_dir, shard_manifest_name(i, count)), fix=fix)
         if data is None:
             missing.append(i)
             continue

@@ -15,18 +15,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
 import os
+import zipfile
 from typing import Optional
 
 import jax
 import numpy as np
 
-from prunenet_jax import rng, special_tokens
+from prunenet_jax import progress, rng, special_tokens
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import texts
 from prunenet_jax.models import decoder, decode
-from prunenet_jax.files import atomic
+from prunenet_jax.files import atomic, json_files
 from prunenet_jax.weights import ModelWeights
 
 SELF = "self"
@@ -103,20 +103,27 @@ def from_text(tokenizer, cal: Calibration) -> np.ndarray:
 
 
 def _saved(path: str, meta: dict) -> Optional[np.ndarray]:
+    """The tokens saved at `path` when made by the same recipe `meta`, else None; a file that
+    cannot be read gets a warning naming it (the tokens are made again)."""
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as f:  # tokens and a JSON string: no objects
-            if json.loads(str(f["meta"])) == meta:
-                return np.asarray(f["tokens"])
-    except (OSError, ValueError, KeyError):
-        pass  # written atomically, so only a foreign file: make the tokens again
+            saved = json_files.loads(str(f["meta"]), source=f"{path} (its 'meta')",
+                                     fix="the tokens are made again")
+            return np.asarray(f["tokens"]) if saved == meta else None
+    except UserError as e:
+        reason = str(e)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # it is written atomically: a foreign or damaged file
+        reason = f"{path} is not a calibration file ({type(e).__name__}); the tokens are made again"
+    progress.warning(f"the saved calibration tokens are not used: {reason}")
     return None
 
 
 def _save(path: str, tokens: np.ndarray, meta: dict) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, tokens=tokens, meta=json.dumps(meta))
+    np.savez(buffer, tokens=tokens, meta=json_files.dumps(meta))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic.atomic_write(path, lambda f: f.write(buffer.getvalue()))
 

@@ -38,7 +38,7 @@ from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import sampling
 from prunenet_jax.method import sharding
 from prunenet_jax.method import spectral
-from prunenet_jax.errors import UserError
+from prunenet_jax.errors import Diverged, UserError
 
 SCHEDULES = ("layer", "episode")
 _HIGHEST = lax.Precision.HIGHEST
@@ -403,7 +403,7 @@ def check_finite_episode(episode: int, metrics: "EpisodeMetrics", params, cfg: T
     if not bool(sharding.to_host(all_finite_fn(params))):
         bad.append("the updated policy (a non-finite gradient)")
     if bad:
-        raise UserError(f"training became non-finite in episode {episode}: {' and '.join(bad)} "
+        raise Diverged(f"training became non-finite in episode {episode}: {' and '.join(bad)} "
                         f"hold NaN or Inf, at learning rate {cfg.learning_rate}; lower --lr, or "
                         "check that the model's gate weights are of a sane size")
 

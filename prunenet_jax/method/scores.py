@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from prunenet_jax import progress
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import calibration as calibration_lib
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 GUARD_Z = 6.0
 MAD_TO_SIGMA = 1.4826
 SCORES = "scores"  # the folder in a run folder
+ARRAYS = ("energy", "mean_sq", "peak")  # what `save` writes and `load` needs
 
 
 def robust_outliers(x: np.ndarray, z: float = GUARD_Z) -> np.ndarray:
@@ -116,26 +118,38 @@ def obtain(weights: ModelWeights, cal: calibration_lib.Calibration, tokenizer_fn
            scores_path: Optional[str] = None, folder: Optional[str] = None,
            mesh=None) -> tuple[Scores, bool]:
     """(scores, computed): from `scores_path`, else from `<folder>/scores` when an earlier run
-    measured them with the same calibration on the same model, else measured now (and saved to
-    `<folder>/scores`). `computed` is False when no forward pass ran."""
+    measured them with the same calibration on the same model (and they are valid: else a
+    warning says why), else measured now (and saved to `<folder>/scores`). `computed` is False
+    when no forward pass ran."""
     if scores_path:
-        scores = load(scores_path)
-        check_fits(scores.meta, _shape(weights), weights.source, scores_path)
-        return scores, False
+        check_fits(orbax.scores_meta(scores_path), _shape(weights), weights.source, scores_path)
+        return load(scores_path), False
     saved = os.path.join(folder, SCORES) if folder else None
     if saved and os.path.isdir(saved):
-        try:
-            scores = load(saved)
-        except UserError:
-            scores = None  # not ours or damaged: measure again
-        if (scores is not None and scores.meta.get("calibration") == cal.describe()
-                and scores.meta.get("model") == weights.source
-                and list(scores.meta["shape"]) == _shape(weights)):
+        scores = _reusable(saved, weights, cal)
+        if scores is not None:
             return scores, False
     scores = measure(weights, cal, tokenizer_fn, folder, mesh=mesh)
     if saved:
         save(saved, scores)
     return scores, True
+
+
+def _reusable(saved: str, weights: ModelWeights, cal: calibration_lib.Calibration) -> Optional[Scores]:
+    """The scores an earlier run saved in `saved` when they were measured with the same
+    calibration on the same model; None when not, or (with a warning) when they are not valid."""
+    try:
+        meta = orbax.scores_meta(saved)
+        if (meta.get("calibration") != cal.describe() or meta.get("model") != weights.source
+                or meta["shape"] != _shape(weights)):
+            return None  # another recipe: measured again, as asked
+        return load(saved)
+    except orbax.BadScores as e:
+        reason = e.problem
+    except UserError as e:  # not ours, or damaged
+        reason = str(e)
+    progress.warning(f"the saved scores {saved} are not used ({reason}); measuring them again")
+    return None
 
 
 def save(path: str, scores: Scores) -> None:
@@ -144,5 +158,28 @@ def save(path: str, scores: Scores) -> None:
 
 
 def load(path: str) -> Scores:
-    arrays, meta = orbax.load_scores(path)
+    """Scores saved by `save`, checked (`invalid`): an orbax.BadScores naming `path` when they
+    cannot rank channels."""
+    arrays, meta = orbax.load_scores(path, ARRAYS)
+    problem = invalid(arrays)
+    if problem:
+        raise orbax.BadScores(path, problem)
     return Scores(arrays["energy"], arrays["mean_sq"], arrays["peak"], meta)
+
+
+def invalid(arrays: dict[str, np.ndarray]) -> Optional[str]:
+    """Why saved (L, I) scores cannot rank channels, or None: a value NaN, Inf or negative (they
+    are energies and magnitudes), or one layer's energy the same for all its channels."""
+    for name in ARRAYS:
+        bad = int(np.count_nonzero(~np.isfinite(arrays[name])))
+        if bad:
+            return f"{name} has {bad} NaN or Inf values"
+        negative = int(np.count_nonzero(arrays[name] < 0))
+        if negative:
+            return f"{name} has {negative} negative values"
+    energy = arrays["energy"]
+    flat = [l for l in range(energy.shape[0]) if energy.shape[1] > 1 and np.ptp(energy[l]) == 0]
+    if flat:
+        return (f"energy is {energy[flat[0], 0]:g} for every channel of layer {flat[0]}, so it "
+                "cannot rank them")
+    return None

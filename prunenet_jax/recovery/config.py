@@ -1,9 +1,12 @@
 """How a pruned model is fine-tuned: `RecoverConfig` (what the manifest records and a resumed run
 compares), and its rules: each value's (`check`), against the model (`check_model`: the LoRA
-rank) and against the text trained on (`check_text`)."""
+rank), against the text trained on (`check_text`) and against the machine's memory
+(`check_pool`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Optional
 
 import jax
@@ -15,6 +18,20 @@ from prunenet_jax.recovery import lora, objectives
 
 METHODS = ("lora", "full")
 TEACHER_CACHE = ("auto", "on", "off")
+MAX_STEPS = 2**31 - 1  # optax counts steps in int32 (and the schedule's spans must fit it)
+MAX_SEED = 2**63 - 1  # numpy's default_rng takes no negative seed; jax.random.key a C long
+POOL_MEMORY_FRACTION = 0.5  # of host memory: the most a sampled pool may take
+
+
+def _finite(x, low: float, low_open: bool = True) -> bool:
+    """`x` is a finite number above `low` (or at least `low` when not `low_open`)."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return ok and (x > low if low_open else x >= low)
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +60,28 @@ class RecoverConfig:
     refit_rows: int = 64  # pool rows the refit fits on (0: all)
 
     def check(self) -> None:
+        """Refuses a value no run can use: NaN, Inf, out of range, or too large for the type it
+        feeds (optax's int32 step count, numpy's seed)."""
         checks = [
             (self.refit and self.steps < 0, f"--recover_steps={self.steps} must be >= 0 (0: the refit alone)"),
             (not self.refit and self.steps < 1,
              f"--recover_steps={self.steps} must be at least 1 (0 steps, the refit alone, needs --refit)"),
+            (self.steps > MAX_STEPS, f"--recover_steps={self.steps} is too many: optax counts steps "
+                                     f"in int32; use at most {MAX_STEPS}"),
+            (not 0 <= self.warmup <= MAX_STEPS,
+             f"--warmup={self.warmup} must be in [0, {MAX_STEPS}] (optax counts steps in int32)"),
             (self.refit_rows < 0, f"--refit_rows={self.refit_rows} must be >= 0 (0: every pool row)"),
             (self.method not in METHODS, f"--method={self.method} is unknown; use one of {', '.join(METHODS)}"),
             (self.objective not in objectives.OBJECTIVES,
              f"--objective={self.objective} is unknown; use one of {', '.join(objectives.OBJECTIVES)}"),
-            (not self.lr > 0, f"--recover_lr={self.lr} must be > 0"),
-            (self.warmup < 0, f"--warmup={self.warmup} must be >= 0"),
+            (not _finite(self.lr, 0), f"--recover_lr={self.lr} must be a finite number > 0, e.g. 1e-3"),
+            (not _finite(self.weight_decay, 0, low_open=False),
+             f"--weight_decay={self.weight_decay} must be a finite number >= 0, e.g. 0"),
+            (not _finite(self.clip_norm, 0),
+             f"--clip_norm={self.clip_norm} must be a finite number > 0, e.g. 1.0"),
+            (not _finite(self.lora_alpha, 0),
+             f"--lora_alpha={self.lora_alpha} must be a finite number > 0, e.g. 32"),
+            (not 0 <= self.seed <= MAX_SEED, f"--recover_seed={self.seed} must be in [0, 2**63 - 1], e.g. 0"),
             (self.batch_size < 1, f"--train_batch={self.batch_size} must be at least 1"),
             (self.grad_accum < 1, f"--grad_accum={self.grad_accum} must be at least 1"),
             (self.seq_len < 2, f"--train_seq_len={self.seq_len} must be at least 2"),
@@ -81,6 +110,22 @@ class RecoverConfig:
             raise UserError("--objective=lm trains on text: pass --train_text (a path or glob)")
         if train_text:
             texts.read_texts(train_text, flag="--train_text")
+
+    def check_pool(self, train_text: Optional[str]) -> None:
+        """Refuses text to sample (distillation without --train_text) that could not fit in host
+        memory: its tokens and mask, rows x seq_len int32 each, above POOL_MEMORY_FRACTION of it."""
+        if train_text:
+            return  # the pool is the text's windows, no larger than the text already read
+        rows = self.generated_rows()
+        need, memory = 2 * 4 * rows * self.seq_len, host_memory_bytes()
+        if need <= POOL_MEMORY_FRACTION * memory:
+            return
+        fix = ("lower --pool_rows or --train_seq_len" if self.pool_rows else
+               "lower --recover_steps, --train_batch or --grad_accum (one sequence is sampled per "
+               "row trained), or set --pool_rows to sample fewer sequences and reuse them")
+        raise UserError(f"the distillation text would be {rows} sampled sequences of "
+                        f"{self.seq_len} tokens ({need / 2**30:.1f} GiB as tokens and mask), more "
+                        f"than half of this machine's {memory / 2**30:.1f} GiB of memory; {fix}")
 
     @property
     def rows_per_step(self) -> int:

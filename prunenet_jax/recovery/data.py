@@ -19,9 +19,10 @@ def generated_pool(model, bos_id: int, eos_ids, rows: int, seq_len: int, *, seed
     """`rows` sequences of `seq_len` tokens sampled from `model` after a BOS token (a row that
     ends at an EOS id early is padded, mask 0), in batches of at most `batch` rows, each batch
     with its own seed."""
+    # modulo 2**63: a seed up to 2**63 - 1 still makes a valid key (jax.random.key takes a C long)
     return decode.sample_rows(model, bos_id, rows, seq_len,
-                              seed_of_batch=lambda start: seed * 1_000_003 + start, batch=batch,
-                              eos_ids=eos_ids, temperature=temperature, top_p=top_p,
+                              seed_of_batch=lambda start: (seed * 1_000_003 + start) % 2**63,
+                              batch=batch, eos_ids=eos_ids, temperature=temperature, top_p=top_p,
                               desc="sampling distillation text")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -67,6 +68,10 @@ class Recovery:
             self.batch(tokens, mask, *cached))
         return {"loss": loss, "grad_norm": gnorm, "targets": targets}
 
+    def params_finite(self) -> bool:
+        """Whether every trainable parameter is finite (a diverged state is never saved)."""
+        return bool(_all_finite(self.params))
+
     def state(self) -> dict:
         return {"params": self.params, "opt_state": self.opt_state}
 
@@ -80,3 +85,8 @@ class Recovery:
         model.model.remat = False
         lora.merge_lora(model)
         return model
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

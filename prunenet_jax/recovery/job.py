@@ -3,13 +3,14 @@ pruned_models.resolve), each recovered (recover.py) and written atomically: orba
 folder with --export_hf, and its manifest entry; `format_table` is what the launcher prints."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Optional
 
 from prunenet_jax import perplexity, pruned_models, sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.files import output_folder
+from prunenet_jax.files import output_folder, run_lock
 from prunenet_jax.formats import orbax, run_dir
 from prunenet_jax.recovery import lineage, placement
 from prunenet_jax.recovery.recover import RecoverSpec, recover_weights
@@ -59,20 +60,76 @@ def _dense_source(job: RecoverJob, p: pruned_models.PrunedModel) -> str:
     return source
 
 
-def run(job: RecoverJob) -> list:
-    """Recovers every pruned model of `job.input` into `job.out_dir`; returns the manifest entries."""
-    job.check()
-    spec = job.recovery
-    inputs = pruned_inputs(job.input, job.ratio, job.mode)
-    output_folder.check_out_dir(job.out_dir, [job.input] + ([job.dense] if job.dense else []),
-                                reuse=spec.resume or job.overwrite)
-    configs = [(p.folder(run_dir.ORBAX), sources.load_config(p.folder(run_dir.ORBAX))) for p in inputs]
-    for _, config in configs:
-        spec.config.check_model(config)
-    dense_name = _dense_source(job, inputs[0])
+def _ratio_record(path: str, p: pruned_models.PrunedModel) -> str:
+    """Where `p`'s recorded ratio was read, for the error of a wrong one: the manifest of the run
+    folder at or above `path` that lists it, else its orbax metadata, else `path` (a folder
+    name)."""
+    mine = {os.path.realpath(d) for d in (p.orbax_dir, p.hf_dir) if d}
+    folder = os.path.abspath(path)
+    while True:
+        if run_dir.is_run_dir(folder) and any(
+                mine & {os.path.realpath(d) for d in (o.orbax_dir, o.hf_dir) if d}
+                for o in run_dir.finished_outputs(folder, strict=False)):
+            return os.path.join(folder, run_dir.MANIFEST)
+        if os.path.dirname(folder) == folder:
+            break
+        folder = os.path.dirname(folder)
+    return f"the orbax metadata of {p.orbax_dir}" if p.orbax_dir else path
+
+
+def _checked_ratios(job: RecoverJob, inputs: list, dense_name: str) -> list[float]:
+    """Each input's ratio as its weights say (pruned_models.weights_ratio: a recorded one must
+    match them), from the configs alone, after their other cheap checks: the LoRA rank, and the
+    shapes against the dense model's."""
     dense_config = sources.load_config(dense_name)
-    for path, config in configs:  # shapes first (cheap); the tensors once loaded
+    ratios = []
+    for p in inputs:
+        path = p.folder(run_dir.ORBAX)
+        config = sources.load_config(path)  # the weights are checked against it when loaded
+        job.recovery.config.check_model(config)
         lineage.check_parent_shapes(config, dense_config, path, dense_name)
+        ratios.append(pruned_models.weights_ratio(p.ratio, config.intermediate_size,
+                                                  dense_config.intermediate_size,
+                                                  _ratio_record(job.input, p)))
+    return ratios
+
+
+def _check_out_dir(job: RecoverJob) -> None:
+    output_folder.check_out_dir(job.out_dir, [job.input] + ([job.dense] if job.dense else []),
+                                reuse=job.recovery.resume or job.overwrite)
+
+
+def _remove_empty_folders(root: str) -> None:
+    """Removes every folder under `root` (and `root`) that holds nothing, deepest first: state
+    folders a failed run created and left empty."""
+    for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only when empty
+
+
+def run(job: RecoverJob) -> list:
+    """Recovers every pruned model of `job.input` into `job.out_dir`; returns the manifest
+    entries. Everything cheap (flags, inputs, configs, shapes, ratios) is checked before the
+    out_dir is locked (files/run_lock.py, as launch.prune does) and checked again under the
+    lock, since another run may have filled it meanwhile; a failed run leaves no empty state
+    folder behind."""
+    job.check()
+    inputs = pruned_inputs(job.input, job.ratio, job.mode)
+    _check_out_dir(job)
+    dense_name = _dense_source(job, inputs[0])
+    ratios = _checked_ratios(job, inputs, dense_name)
+    with run_lock.hold(job.out_dir):
+        _check_out_dir(job)
+        try:
+            return _recover_all(job, inputs, ratios, dense_name)
+        except BaseException:
+            _remove_empty_folders(os.path.join(job.out_dir, run_dir.RECOVER_STATE))
+            raise
+
+
+def _recover_all(job: RecoverJob, inputs: list, ratios: list[float], dense_name: str) -> list:
+    """Loads the dense model, then recovers and writes each input at its checked ratio."""
+    spec = job.recovery
     mesh = placement.data_mesh(job.data_devices or None)
     dense = sources.load_model(dense_name)
     needs_tokenizer = bool(spec.train_text) or job.eval is not None
@@ -86,12 +143,10 @@ def run(job: RecoverJob) -> list:
     by_mode = len({p.mode for p in inputs}) > 1
     manifest = run_dir.Manifest(job.out_dir, header, resume=spec.resume, by_mode=by_mode)
     entries = []
-    for p in inputs:
+    for p, ratio in zip(inputs, ratios):
         path, folder_mode = p.folder(run_dir.ORBAX), (p.mode if by_mode else None)
         pruned = sources.load_model(path)
         lineage.check_parent(pruned, dense, path, dense_name)
-        ratio = float(p.ratio) if p.ratio is not None else (  # not recorded: measured
-            1.0 - pruned.config.intermediate_size / dense.config.intermediate_size)
         # a batch run's items keep their own folders (<name>/[<mode>/]ratio_<r>)
         item = [p.checkpoint] if p.checkpoint else []
         orbax_dir, hf_dir = run_dir.output_dirs(os.path.join(job.out_dir, *item), ratio,
@@ -104,9 +159,10 @@ def run(job: RecoverJob) -> list:
         meta = {k: v for k, v in (orbax.read_meta(path) or {}).items()
                 if k not in ("kind", "format_version", "hf_config", "dtypes", "tokenizer_dir",
                              "gguf_file", "has_kept")}
-        for key, value in (("source", p.source), ("ratio", ratio), ("mode", p.mode),
+        for key, value in (("source", p.source), ("mode", p.mode),
                            ("guard", p.guard)):  # an HF input has no orbax record of its own
             meta.setdefault(key, value)
+        meta["ratio"] = ratio  # as checked against the weights
         meta.update(recovered_from=os.path.abspath(path), recovery_steps=spec.config.steps,
                     recovery_objective=spec.config.objective, recovery_method=spec.config.method)
         save_like = dataclasses.replace(recovered, tokenizer_dir=dense.tokenizer_dir,

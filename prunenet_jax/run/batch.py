@@ -71,6 +71,9 @@ class BatchJob:
         output_folder.check_out_dir(self.out_dir, list(self.checkpoints) + ([self.policy] if self.policy else []))
         for name in output_names(list(self.checkpoints)):
             run_dir.check_inside(self.out_dir, os.path.join(self.out_dir, name))
+        if not self.overwrite:  # a rerun continues: its manifest must be readable, before training
+            run_dir.resumed_outputs(self.out_dir,
+                                    run_dir.shard_manifest_name(self.shard_index, self.num_shards))
         if self.outputs.needs_scores:
             self.calibration.check()
         if self.eval is not None:

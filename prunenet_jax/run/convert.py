@@ -12,7 +12,7 @@ from absl import logging
 from prunenet_jax import pruned_models, sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats import orbax, run_dir
-from prunenet_jax.files import output_folder
+from prunenet_jax.files import output_folder, run_lock
 from prunenet_jax.weights import dtype_by_name
 
 
@@ -47,7 +47,8 @@ class ConvertJob:
 
 
 def convert(job: ConvertJob) -> dict:
-    """Writes `job.output`; returns what the launcher prints (formats, params, width)."""
+    """Writes `job.output` (holding its lock: one writer at a time); returns what the launcher
+    prints (formats, params, width)."""
     job.check()
     pruned = pruned_models.resolve_one(job.input, job.ratio, job.mode, "--input")
     # a pruned model's orbax folder is the one that records how it was made: convert from it
@@ -57,10 +58,17 @@ def convert(job: ConvertJob) -> dict:
     dtype = None if job.dtype is None else dtype_by_name(job.dtype)
     # the folder read (a run folder's output: --output may lie elsewhere in the run folder)
     inputs = [path] if pruned else [job.input, path]
-    output_folder.check_out_dir(job.output, inputs, reuse=job.overwrite,
-                         name=f"--output={job.output}", replaced=True, must_not_exist=True,
-                         fix="pass --overwrite to replace it, or choose a new folder")
+    check = lambda: output_folder.check_out_dir(
+        job.output, inputs, reuse=job.overwrite, name=f"--output={job.output}", replaced=True,
+        must_not_exist=True, fix="pass --overwrite to replace it, or choose a new folder")
+    check()  # before the lock, which is a file beside --output: never one inside an input
+    with run_lock.hold_beside(job.output, flag="--output"):
+        check()  # again: another run may have written it meanwhile
+        return _write(job, source, kind, path, to, dtype, pruned)
 
+
+def _write(job: ConvertJob, source: str, kind: str, path: str, to: str, dtype, pruned) -> dict:
+    """Loads `source` (of format `kind`, read at `path`) and writes it as `to` to job.output."""
     weights = sources.load_model(source, dtype=None, revision=job.revision)
     logging.info("loaded %s (%s): %d layers, I=%d", pruned.label if pruned else job.input, kind,
                  weights.config.num_hidden_layers, weights.config.intermediate_size)

@@ -172,6 +172,10 @@ class PruneJob:
         self.check_out_dir()
         if self.outputs.needs_scores:
             self.calibration.check()
+        elif self.scores:  # it would be silently ignored
+            raise UserError(f"--scores={self.scores} is used only by --mode="
+                            f"{','.join(prune.SCORE_MODES)}, and --mode={','.join(self.outputs.modes)} "
+                            "uses no scores; add energy to --mode, or drop --scores")
         if self.eval is not None:
             self.eval.check()
 
