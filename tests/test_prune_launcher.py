@@ -197,7 +197,8 @@ def test_saved_policy_is_reused_without_training(single, checkpoint, tmp_path):
     proc = _run(checkpoint, out, 1, f"--policy={first_out / 'policy'}", "--ratios=0.5,0.25")
     manifest, kept, _ = _load_outputs_only(out)
     assert manifest["training"] == {"policy": str(first_out / "policy")}
-    assert "episodes" not in proc.stderr  # no training progress bar
+    assert "episodes:" not in proc.stderr  # no training progress bar
+    assert "warning: --episodes is ignored: --policy is given" in proc.stderr
     assert not (out / "train_state").exists() and not (out / "policy").exists()
     # Same policy, seed and ratio: the same channels as the run that trained it.
     np.testing.assert_array_equal(kept[0.5], single[1][1][0.5])
