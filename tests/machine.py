@@ -6,8 +6,10 @@ every one of these conditions, so there the same call fails instead: a CI run ca
 skipping a test it was meant to run. Skips that depend on a parameter or on the math (e.g.
 test_spectral's gram case) are not machine-dependent and use pytest.skip directly.
 """
+import contextlib
 import importlib
 import os
+import subprocess
 
 import pytest
 
@@ -35,3 +37,17 @@ def require_module(name: str, install: str = "bash scripts/install.sh --test"):
         return importlib.import_module(name)
     except ImportError as e:
         machine_skip(f"could not import {name!r} ({e}): install the test extras: {install}")
+
+
+@contextlib.contextmanager
+def small_disk(mount, size: str):
+    """A tmpfs of `size` (e.g. "2m") mounted on the new folder `mount` while inside: a disk that
+    fills up (needs root; skipped where it cannot be mounted, failing under CI=true)."""
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        machine_skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -14,7 +14,7 @@ import pytest
 
 from prunenet_jax.files import run_lock
 from tests import tiny_models
-from tests.machine import machine_skip
+from tests import machine
 from tests.test_user_errors import ENV, ROOT, _assert_user_error, _run, tree_hash
 
 
@@ -144,13 +144,8 @@ def test_ctrl_c_stops_after_an_episode_and_resume_continues(models, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MiB tmpfs (needs root); skipped where it cannot be mounted (fails under CI=true)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        machine_skip("cannot mount a tmpfs here (not root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    with machine.small_disk(tmp_path / "disk", "2m") as mount:
+        yield mount
 
 
 def test_a_full_disk_is_one_error_line_and_the_rerun_resumes(tmp_path, small_disk):

@@ -22,11 +22,11 @@ from prunenet_jax.recovery import data
 from prunenet_jax.recovery.config import RecoverConfig
 from prunenet_jax.recovery.recover import RecoverSpec, recover_weights
 from tests import tiny_models
-from tests.machine import machine_skip
+from tests import machine
+from tests.test_recovery_launcher import _recover
 from tests.test_report import save_tokenizer
 from tests.test_user_errors import ENV, ROOT, _assert_user_error, _run, tree_hash
 
-FAST = ["--train_seq_len=32", "--lora_rank=4", "--pool_rows=8", "--train_batch=2"]
 STEPS = ["--recover_steps=12", "--recover_checkpoint_every=1"]  # the killed and locked-out runs
 
 
@@ -40,10 +40,6 @@ def pruned(tmp_path_factory):
                 f"--out_dir={base / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dense, str(base / "run")
-
-
-def _recover(inp, out, *extra):
-    return ["launch.recover", f"--input={inp}", f"--out_dir={out}", *FAST, *extra]
 
 
 def _start(args, log):
@@ -256,13 +252,8 @@ def test_a_train_text_of_one_token_is_refused_and_leaves_no_folder_behind(tmp_pa
 def small_disk(tmp_path):
     """A 300 KiB tmpfs: one recovery checkpoint of the tiny model (~190 KiB) fits, a second does
     not (needs root); skipped where it cannot be mounted (fails under CI=true)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        machine_skip("cannot mount a tmpfs here (not root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    with machine.small_disk(tmp_path / "disk", "300k") as mount:
+        yield mount
 
 
 def test_a_full_disk_during_recovery_is_one_line_and_leaves_no_partial_checkpoint(small_disk,
