@@ -85,7 +85,8 @@ def time_ours(checkpoints: list[str], ratios: list[float], out_dir: str, seed: i
         for r in ratios:
             orbax_dir, hf_dir = run_dir.output_dirs(os.path.join(out_dir, name), r)
             t = [time.perf_counter()]
-            kept = prune.select_kept(params, weights.layers[registry.GATE], r, mode, seed)
+            scored = weights.layers[registry.scored(weights.config)]
+            kept = prune.select_kept(params, scored, r, mode, seed)
             t.append(time.perf_counter())
             pruned = prune.slice_weights(weights, kept)
             t.append(time.perf_counter())

@@ -28,7 +28,7 @@ def config(layers: int, args) -> ModelConfig:
     return ModelConfig(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
                        intermediate_size=args.intermediate, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
-                       rms_norm_eps=1e-5, rope_theta=10000.0)
+                       norm_eps=1e-5)
 
 
 def main() -> None:

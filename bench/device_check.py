@@ -109,8 +109,7 @@ def ppl_throughput() -> dict:
     from prunenet_jax.models.decoder import CausalLM
     from prunenet_jax.perplexity import Scorer
 
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in DEFAULT_CONFIG.items() if k in fields})
+    cfg = ModelConfig.from_hf(DEFAULT_CONFIG)
     if TINY:
         cfg = dataclasses.replace(cfg, num_hidden_layers=2, vocab_size=512)
     seq, batch, windows = (64, 2, 4) if TINY else (512, 8, 64)
@@ -144,8 +143,7 @@ def recovery_throughput(steps: int = 5) -> dict:
     if TINY:
         shape.update(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    dense_cfg = ModelConfig(**{k: v for k, v in shape.items() if k in fields})
+    dense_cfg = ModelConfig.from_hf(shape)
     pruned_cfg = dataclasses.replace(dense_cfg, intermediate_size=sampling.num_kept(
         dense_cfg.intermediate_size, 0.3))
     batch, seq = (2, 32) if TINY else (8, 512)

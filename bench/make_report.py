@@ -47,7 +47,7 @@ def main() -> None:
     weights = sources.load_model(args.model)
     tokenizer = sources.load_tokenizer(weights)
     eval_texts = texts.read_texts(args.eval_text)
-    W = weights.layers[registry.GATE]
+    W = weights.layers[registry.scored(weights.config)]
 
     measure = perplexity.perplexity_fn(tokenizer, perplexity.EvalConfig(
         eval_texts, seq_len=args.seq_len, batch_size=8, max_tokens=args.max_tokens))

@@ -76,8 +76,8 @@ def run_study(args, weights, tokenizer, measure) -> None:
             row = {"sequences": n, "seq_len": t, "tokens": n * t, "seed": seed, "seconds": seconds,
                    "ppl": {}, "accuracy": {}}
             for r in args.ratios_list:
-                kept = prune.select_kept(None, weights.layers[registry.GATE], r, "energy", 0,
-                                         scores=s.energy)
+                scored = weights.layers[registry.scored(weights.config)]
+                kept = prune.select_kept(None, scored, r, "energy", 0, scores=s.energy)
                 m = measure(prune.slice_weights(weights, kept))
                 row["ppl"][str(r)], row["accuracy"][str(r)] = m["ppl"], m["accuracy"]
             data["sizes"].append(row)
@@ -117,7 +117,7 @@ def main() -> None:
 
     weights = sources.load_model(args.model)
     tokenizer = sources.load_tokenizer(weights)
-    W = weights.layers[registry.GATE]
+    W = weights.layers[registry.scored(weights.config)]
     evaluate = perplexity.perplexity_fn(tokenizer, perplexity.EvalConfig(
         texts.read_texts(args.eval_text), seq_len=args.seq_len, batch_size=args.batch_size,
         max_tokens=args.study_eval_tokens if args.study else args.max_tokens))

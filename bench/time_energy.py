@@ -16,6 +16,6 @@ for seed in (0, 1):
     out[f"energy_seed{seed}"] = s.meta["seconds"]
     print(out, flush=True)
 t = time.time()
-trainer.train(w.layers[registry.GATE], episode.TrainConfig(ratio=0.3), seed=42, num_episodes=20)
+trainer.train(w.layers[registry.scored(w.config)], episode.TrainConfig(ratio=0.3), seed=42, num_episodes=20)
 out["train_20_episodes_s"] = time.time() - t
 print(json.dumps(out))

@@ -1,7 +1,9 @@
-"""LLaMA-family decoder (llama, mistral, qwen2) in Flax NNX.
+"""The decoder of every family (models/families.py: LLaMA, Mistral, Qwen2, OPT, Phi, Falcon,
+GPT-NeoX) in Flax NNX, each layer built from the config's norm, block, MLP and position kinds.
 
-Attribute names follow Hugging Face, so a parameter's path in the NNX state is its HF name
-(`model.layers.3.mlp.gate_proj.weight`), and weights are kept in HF layout `[out, in]`. When all
+Attribute names are the canonical names (models/registry.py; LLaMA's Hugging Face names), so a
+parameter's path in the NNX state is its canonical name (`model.layers.3.mlp.gate_proj.weight`),
+and weights are kept in HF layout `[out, in]`. When all
 layers have the same MLP width they are stacked on a leading layer axis and the forward scans over
 them (`model.layers.mlp.gate_proj.weight` is `(L, I, H)`, row i is HF's layer i), so compile time
 does not grow with depth; a model pruned to different widths per layer keeps a list of layers and
@@ -21,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prunenet_jax.models import activations, rope as rope_lib
 from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.errors import UserError
 
 _INIT_STD = 0.02
+POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
 
 class Linear(nnx.Module):
@@ -49,6 +53,13 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], tokens, axis=0)
 
 
+class TiedHeadBias(nnx.Module):
+    """The bias of an output head whose weight is the token embedding."""
+
+    def __init__(self, size: int, dtype):
+        self.bias = nnx.Param(jnp.zeros((size,), dtype))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, size: int, eps: float, *, dtype):
         self.weight = nnx.Param(jnp.ones((size,), dtype))
@@ -61,30 +72,23 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * h.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies of the rotary embedding, with llama3 scaling when configured."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-    if cfg.rope_scaling is None:
-        return inv_freq.astype(np.float32)
-    s = dict(cfg.rope_scaling)
-    old_len, factor = s["original_max_position_embeddings"], s["factor"]
-    low_wavelen = old_len / s["low_freq_factor"]
-    high_wavelen = old_len / s["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
+class LayerNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((size,), dtype))
+        self.bias = nnx.Param(jnp.zeros((size,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x, cos, sin):
-    """x: (B, T, N, D); cos/sin: (B, T, D). HF's rotate-half convention."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+def norm(cfg: ModelConfig, size: int, dtype):
+    """The family's norm: RMSNorm, or LayerNorm with a bias."""
+    return (LayerNorm if cfg.norm == "layer" else RMSNorm)(size, cfg.norm_eps, dtype=dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -117,6 +121,8 @@ class Attention(nnx.Module):
         self.k_proj = Linear(H, self.num_kv_heads * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(H, self.num_kv_heads * D, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(self.num_heads * D, H, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q_norm = norm(cfg, D, dtype) if cfg.qk_norm else None
+        self.k_norm = norm(cfg, D, dtype) if cfg.qk_norm else None
 
     def __call__(self, x, cos, sin, mask, cache: Optional[KVCache] = None, layer=0):
         """mask: (B or 1, T, S) over the S keys (S = T without a cache, the cache size with one)."""
@@ -124,7 +130,10 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:  # rotary positions (learned ones were added to the embeddings)
+            q, k = rope_lib.apply(q, cos, sin), rope_lib.apply(k, cos, sin)
         if cache is not None:
             k, v, cache = cache.write(layer, k, v)
         group = self.num_heads // self.num_kv_heads
@@ -138,14 +147,20 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, hidden_size: int, width: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear(hidden_size, width, bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(hidden_size, width, bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(width, hidden_size, bias=bias, dtype=dtype, rngs=rngs)
+    """Gated (act(gate x) * up x, LLaMA) or plain (act(fc1 x): fc1 is up_proj, fc2 down_proj)."""
+
+    def __init__(self, cfg: ModelConfig, width: int, *, dtype, rngs: nnx.Rngs):
+        H, bias = cfg.hidden_size, cfg.mlp_bias
+        self.gate_proj = Linear(H, width, bias=bias, dtype=dtype, rngs=rngs) if cfg.gated else None
+        self.up_proj = Linear(H, width, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(width, H, bias=bias, dtype=dtype, rngs=rngs)
+        self.activation = cfg.activation
 
     def hidden(self, x):
-        """The input of down_proj, one value per channel: silu(gate x) * up x."""
-        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        """The input of down_proj, one value per channel."""
+        if self.gate_proj is None:
+            return activations.apply(self.activation, self.up_proj(x))
+        return activations.apply(self.activation, self.gate_proj(x)) * self.up_proj(x)
 
     def __call__(self, x):
         return self.down_proj(self.hidden(x))
@@ -160,19 +175,42 @@ def channel_moments(h, valid):
 
 
 class DecoderLayer(nnx.Module):
+    """One block: sequential pre-norm (LLaMA), parallel attention + MLP with one shared norm or
+    two (Phi, Falcon, GPT-NeoX), or post-norm (OPT-350m). `attend` and `finish` are the parts
+    before and after the MLP, so a caller can put its own MLP output in between (refit)."""
+
     def __init__(self, cfg: ModelConfig, width: int, *, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.input_layernorm = norm(cfg, cfg.hidden_size, dtype)
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg.hidden_size, width, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = norm(cfg, cfg.hidden_size, dtype) if cfg.mlp_norm else None
+        self.mlp = MLP(cfg, width, dtype=dtype, rngs=rngs)
+        self.parallel, self.post_norm = cfg.parallel, cfg.post_norm
+
+    def attend(self, x, cos, sin, mask, cache=None, layer=0):
+        """(mid, mlp_in, cache): the residual stream after attention, and the MLP's input."""
+        if self.post_norm:
+            attn, cache = self.self_attn(x, cos, sin, mask, cache, layer)
+            mid = self.input_layernorm(x + attn)
+            return mid, mid, cache
+        normed = self.input_layernorm(x)
+        attn, cache = self.self_attn(normed, cos, sin, mask, cache, layer)
+        mid = x + attn
+        if self.post_attention_layernorm is None:  # parallel, one shared norm
+            return mid, normed, cache
+        return mid, self.post_attention_layernorm(x if self.parallel else mid), cache
+
+    def finish(self, mid, mlp_out):
+        """The layer's output from `attend`'s mid and the MLP's output."""
+        if self.post_norm:
+            return self.post_attention_layernorm(mid + mlp_out)
+        return mid + mlp_out
 
     def __call__(self, x, cos, sin, mask, cache=None, layer=0, stats_mask=None):
         """(x, cache, channel moments of the MLP hidden, or None without stats_mask)."""
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        x = x + attn
-        h = self.mlp.hidden(self.post_attention_layernorm(x))
+        mid, mlp_in, cache = self.attend(x, cos, sin, mask, cache, layer)
+        h = self.mlp.hidden(mlp_in)
         stats = None if stats_mask is None else channel_moments(h, stats_mask)
-        return x + self.mlp.down_proj(h), cache, stats
+        return self.finish(mid, self.mlp.down_proj(h)), cache, stats
 
 
 def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
@@ -187,11 +225,18 @@ class LlamaModel(nnx.Module):
     the same MLP width (compile time independent of depth); else a list, unrolled."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, scan: bool):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        H, E = cfg.hidden_size, cfg.embed_width
+        self.embed_tokens = Embedding(cfg.vocab_size, E, dtype=dtype, rngs=rngs)
+        self.embed_positions = (Embedding(cfg.max_position_embeddings + POSITION_OFFSET, H,
+                                          dtype=dtype, rngs=rngs)
+                                if cfg.positions == "learned" else None)
+        projected = E != H
+        self.project_in = Linear(E, H, bias=False, dtype=dtype, rngs=rngs) if projected else None
+        self.project_out = Linear(H, E, bias=False, dtype=dtype, rngs=rngs) if projected else None
         layers = [DecoderLayer(cfg, cfg.mlp_width(i), dtype=dtype, rngs=rngs)
                   for i in range(cfg.num_hidden_layers)]
         self.layers = _stack_layers(layers) if scan else nnx.List(layers)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.norm = norm(cfg, H, dtype) if cfg.final_norm else None
         self.remat = False  # recompute each layer in the backward pass (training: less memory)
 
     def run_layers(self, x, cos, sin, mask, cache=None, stats_mask=None):
@@ -236,8 +281,11 @@ class CausalLM(nnx.Module):
             raise ValueError("layers of different MLP widths cannot be scanned")
         self.config = cfg
         self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs, scan=scan)
-        self.lm_head = (None if cfg.tie_word_embeddings else
-                        Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.embed_width, cfg.vocab_size, bias=cfg.lm_head_bias,
+                                  dtype=dtype, rngs=rngs)
+        else:  # the embedding is the head's weight; a bias (Phi's) stays its own
+            self.lm_head = TiedHeadBias(cfg.vocab_size, dtype) if cfg.lm_head_bias else None
 
     def __call__(self, tokens, attention_mask=None, positions=None):
         """Logits (B, T, V) in fp32. attention_mask: (B, T), 1 for real tokens, 0 for padding."""
@@ -246,6 +294,13 @@ class CausalLM(nnx.Module):
         if window is not None and T > window:
             raise UserError(f"input of {T} tokens exceeds the model's sliding window of {window}; "
                             f"use --seq_len <= {window}")
+        table = self.config.max_position_embeddings
+        if self.config.positions == "learned" and T > table:  # no position embedding past it
+            raise UserError(f"input of {T} tokens exceeds the model's {table} learned positions "
+                            f"(max_position_embeddings); use --seq_len <= {table}")
+        if positions is None and attention_mask is not None and self.config.positions == "learned":
+            # As OPT does: positions count the real tokens (rotary families count every slot).
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         mask = jnp.tril(jnp.ones((T, T), bool))[None]
@@ -255,23 +310,42 @@ class CausalLM(nnx.Module):
         return self.logits(x)
 
     def hidden_states(self, tokens, positions, mask, cache: Optional[KVCache] = None, stats_mask=None):
-        """The final-normed hidden states (B, T, H), the cache with this call's keys/values
-        written, and (with stats_mask (B, T)) the MLP channel moments of `LlamaModel.run_layers`.
-        mask: (B or 1, T, S), which keys each query sees."""
+        """The final hidden states (B, T, E) the head reads (normed, projected out where the
+        model has those), the cache with this call's keys/values written, and (with stats_mask
+        (B, T)) the MLP channel moments of `LlamaModel.run_layers`. mask: (B or 1, T, S), which
+        keys each query sees."""
         cos, sin = self.rope(positions)
-        x = self.model.embed_tokens(tokens)
+        x = self.embed(tokens, positions)
         x, cache, stats = self.model.run_layers(x, cos, sin, mask, cache, stats_mask)
-        return self.model.norm(x), cache, stats
+        return self.head_input(x), cache, stats
+
+    def embed(self, tokens, positions):
+        """The first layer's input: token embeddings (projected in), plus learned positions."""
+        x = self.model.embed_tokens(tokens)
+        if self.model.project_in is not None:
+            x = self.model.project_in(x)
+        if self.model.embed_positions is not None:
+            x = x + self.model.embed_positions(positions + POSITION_OFFSET)
+        return x
+
+    def head_input(self, x):
+        if self.model.norm is not None:
+            x = self.model.norm(x)
+        return x if self.model.project_out is None else self.model.project_out(x)
 
     def rope(self, positions):
-        """(cos, sin) of the rotary embedding at positions (B, T), each (B, T, head_dim)."""
-        freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(self.config)
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        return jnp.cos(emb), jnp.sin(emb)
+        """(cos, sin) of the rotary embedding at positions (B, T), each (B, T, rotary dims);
+        (None, None) for a model with learned positions."""
+        if self.config.rope is None:
+            return None, None
+        return rope_lib.cos_sin(self.config.rope, positions)
 
     def logits(self, x):
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return jnp.einsum("bth,vh->btv", x, head[...], preferred_element_type=jnp.float32)
+        tied = not isinstance(self.lm_head, Linear)
+        head = self.model.embed_tokens.weight if tied else self.lm_head.weight
+        logits = jnp.einsum("bth,vh->btv", x, head[...], preferred_element_type=jnp.float32)
+        bias = None if self.lm_head is None else self.lm_head.bias
+        return logits if bias is None else logits + bias[...].astype(jnp.float32)
 
 
 class ChannelStats(NamedTuple):

@@ -1,34 +1,35 @@
-"""Supported architectures and where their weights live, in Hugging Face and GGUF names.
+"""The canonical names of a model's tensors, their roles in pruning, and their shapes.
 
-Everything that differs between `model_type`s is kept here, in one place. Our Flax modules use the
-Hugging Face attribute names, so the HF name of a parameter is also its path in the Flax state.
+Every family (models/families.py) is held under the same canonical names, LLaMA's Hugging Face
+names: the first FFN matrix of a plain MLP (OPT/Phi `fc1`, Falcon/GPT-NeoX `dense_h_to_4h`) is
+`mlp.up_proj`, the second (`fc2`, `dense_4h_to_h`) `mlp.down_proj`; a fused `query_key_value` is
+split into q/k/v. Our Flax modules use these names, so a canonical name is also the parameter's
+path in the Flax state; the family table maps them to and from each family's HF names.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Callable, Optional
-
 import numpy as np
 
-from prunenet_jax.errors import UserError
-
-# Per-layer tensors, as suffixes of `model.layers.{i}.` in HF names (layout [out, in]).
+# Per-layer tensors, as suffixes of `model.layers.{i}.` (layout [out, in]).
 Q, K, V, O = (f"self_attn.{p}_proj.weight" for p in "qkvo")
 Q_BIAS, K_BIAS, V_BIAS, O_BIAS = (f"self_attn.{p}_proj.bias" for p in "qkvo")
+Q_NORM, K_NORM = "self_attn.q_norm.weight", "self_attn.k_norm.weight"
+Q_NORM_BIAS, K_NORM_BIAS = "self_attn.q_norm.bias", "self_attn.k_norm.bias"
 GATE, UP, DOWN = (f"mlp.{p}_proj.weight" for p in ("gate", "up", "down"))
 GATE_BIAS, UP_BIAS, DOWN_BIAS = (f"mlp.{p}_proj.bias" for p in ("gate", "up", "down"))
-INPUT_NORM = "input_layernorm.weight"
-POST_ATTN_NORM = "post_attention_layernorm.weight"
+INPUT_NORM, INPUT_NORM_BIAS = "input_layernorm.weight", "input_layernorm.bias"
+POST_ATTN_NORM, POST_ATTN_NORM_BIAS = "post_attention_layernorm.weight", "post_attention_layernorm.bias"
 
 # Whole-model tensors.
 EMBED = "model.embed_tokens.weight"
-FINAL_NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
+POS_EMBED = "model.embed_positions.weight"  # learned positions (OPT)
+PROJECT_IN, PROJECT_OUT = "model.project_in.weight", "model.project_out.weight"  # OPT-350m
+FINAL_NORM, FINAL_NORM_BIAS = "model.norm.weight", "model.norm.bias"
+LM_HEAD, LM_HEAD_BIAS = "lm_head.weight", "lm_head.bias"
 
 LAYER_PREFIX = "model.layers.{}."
 
-# llama.cpp's tensor names for the same tensors (GGUF files).
+# llama.cpp's tensor names for the same tensors (GGUF files of the LLaMA-style families).
 GGUF_GLOBAL = {EMBED: "token_embd.weight", FINAL_NORM: "output_norm.weight", LM_HEAD: "output.weight"}
 GGUF_LAYER = {
     Q: "attn_q.weight", K: "attn_k.weight", V: "attn_v.weight", O: "attn_output.weight",
@@ -38,94 +39,80 @@ GGUF_LAYER = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    # (qkv_bias, o_bias) from the HF config dict.
-    attention_biases: Callable[[dict], tuple[bool, bool]]
-    # Longest input the model is defined for without a sliding-window mask (None: no limit).
-    sliding_window: Callable[[dict], Optional[int]] = lambda cfg: None
-    # llama.cpp's converter permutes q/k rows for this GGUF architecture; we undo it on load.
-    gguf_permutes_qk: bool = False
-    gguf_arch: str = ""
+# ----------------------------------------------------------------------------- roles in pruning
+
+def scored(cfg) -> str:
+    """The matrix the reward scores: the first FFN matrix (gate of a gated MLP, else fc1), as
+    the reference does whatever the family."""
+    return GATE if cfg.gated else UP
 
 
-def _llama_biases(cfg: dict) -> tuple[bool, bool]:
-    b = bool(cfg.get("attention_bias", False))
-    return b, b
+def row_sliced(cfg) -> list[str]:
+    """Tensors whose rows are FFN channels (they lose the pruned rows)."""
+    names = [GATE, UP] if cfg.gated else [UP]
+    if cfg.mlp_bias:
+        names += [GATE_BIAS, UP_BIAS] if cfg.gated else [UP_BIAS]
+    return names
 
 
-def _mistral_window(cfg: dict) -> Optional[int]:
-    w = cfg.get("sliding_window")
-    return int(w) if w else None
+COLUMN_SLICED = DOWN  # its columns are FFN channels; its bias (per output) is kept whole
 
 
-def _qwen2_window(cfg: dict) -> Optional[int]:
-    w = cfg.get("sliding_window")
-    return int(w) if cfg.get("use_sliding_window") and w else None
-
-
-ARCHITECTURES = {
-    "llama": Architecture("llama", _llama_biases, gguf_permutes_qk=True, gguf_arch="llama"),
-    "mistral": Architecture("mistral", lambda cfg: (False, False), _mistral_window,
-                            gguf_permutes_qk=True, gguf_arch="llama"),
-    "qwen2": Architecture("qwen2", lambda cfg: (True, False), _qwen2_window, gguf_arch="qwen2"),
-}
-SUPPORTED = tuple(sorted(ARCHITECTURES))
-
-
-def get(model_type: Optional[str], source: str = "config.json") -> Architecture:
-    if model_type not in ARCHITECTURES:
-        raise UserError(
-            f"{source}: model_type {model_type!r} is not supported; supported model types: "
-            f"{', '.join(SUPPORTED)}. Use a checkpoint of one of these architectures"
-        )
-    return ARCHITECTURES[model_type]
-
+# ----------------------------------------------------------------------------- names and shapes
 
 def layer_tensor_names(cfg) -> list[str]:
     """Per-layer tensor suffixes a checkpoint of this config must contain."""
-    names = [INPUT_NORM, POST_ATTN_NORM, Q, K, V, O, GATE, UP, DOWN]
+    layer_norm = cfg.norm == "layer"
+    names = [INPUT_NORM] + [INPUT_NORM_BIAS] * layer_norm
+    if cfg.mlp_norm:
+        names += [POST_ATTN_NORM] + [POST_ATTN_NORM_BIAS] * layer_norm
+    names += [Q, K, V, O]
     if cfg.qkv_bias:
         names += [Q_BIAS, K_BIAS, V_BIAS]
     if cfg.o_bias:
         names.append(O_BIAS)
-    if cfg.mlp_bias:
-        names += [GATE_BIAS, UP_BIAS, DOWN_BIAS]
+    if cfg.qk_norm:
+        names += [Q_NORM, K_NORM] + [Q_NORM_BIAS, K_NORM_BIAS] * layer_norm
+    names += row_sliced(cfg) + [COLUMN_SLICED] + [DOWN_BIAS] * cfg.mlp_bias
     return names
 
 
 def global_tensor_names(cfg) -> list[str]:
-    return [EMBED, FINAL_NORM] + ([] if cfg.tie_word_embeddings else [LM_HEAD])
+    names = [EMBED]
+    if cfg.positions == "learned":
+        names.append(POS_EMBED)
+    if cfg.embed_width != cfg.hidden_size:
+        names += [PROJECT_IN, PROJECT_OUT]
+    if cfg.final_norm:
+        names += [FINAL_NORM] + [FINAL_NORM_BIAS] * (cfg.norm == "layer")
+    if not cfg.tie_word_embeddings:
+        names.append(LM_HEAD)
+    if cfg.lm_head_bias:
+        names.append(LM_HEAD_BIAS)
+    return names
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:
     """Shape of every tensor: global names as is, layer names as stacked (L, ...) arrays."""
-    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    H, I, L, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim
+    E = cfg.embed_width
+    q, kv = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
     per_layer = {
-        INPUT_NORM: (H,), POST_ATTN_NORM: (H,),
+        INPUT_NORM: (H,), INPUT_NORM_BIAS: (H,), POST_ATTN_NORM: (H,), POST_ATTN_NORM_BIAS: (H,),
         Q: (q, H), K: (kv, H), V: (kv, H), O: (H, q),
         Q_BIAS: (q,), K_BIAS: (kv,), V_BIAS: (kv,), O_BIAS: (H,),
+        Q_NORM: (D,), K_NORM: (D,), Q_NORM_BIAS: (D,), K_NORM_BIAS: (D,),
         GATE: (I, H), UP: (I, H), DOWN: (H, I),
         GATE_BIAS: (I,), UP_BIAS: (I,), DOWN_BIAS: (H,),
     }
-    shapes = {EMBED: (cfg.vocab_size, H), FINAL_NORM: (H,), LM_HEAD: (cfg.vocab_size, H)}
+    shapes = {EMBED: (cfg.vocab_size, E), POS_EMBED: (cfg.max_position_embeddings + 2, H),
+              PROJECT_IN: (H, E), PROJECT_OUT: (E, H), FINAL_NORM: (H,), FINAL_NORM_BIAS: (H,),
+              LM_HEAD: (cfg.vocab_size, E), LM_HEAD_BIAS: (cfg.vocab_size,)}
     shapes.update({n: (L,) + per_layer[n] for n in layer_tensor_names(cfg)})
     return {n: shapes[n] for n in global_tensor_names(cfg) + layer_tensor_names(cfg)}
 
 
 # ----------------------------------------------------------------------------- GGUF transforms
-
-def gguf_transforms(cfg) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Per-layer HF name -> what turns the GGUF tensor (numpy, HF layout) into the HF one: the
-    q/k row un-permutation for architectures whose llama.cpp converter permutes them."""
-    if not ARCHITECTURES[cfg.model_type].gguf_permutes_qk:
-        return {}
-    heads = {Q: cfg.num_attention_heads, Q_BIAS: cfg.num_attention_heads,
-             K: cfg.num_key_value_heads, K_BIAS: cfg.num_key_value_heads}
-    return {name: functools.partial(unpermute_qk, n_head=n) for name, n in heads.items()}
-
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's q/k row permutation (rows = n_head * head_dim, weights or biases).

@@ -20,7 +20,7 @@ from prunenet_jax import progress, rng
 from prunenet_jax.errors import UserError
 from prunenet_jax.method import policy as policy_lib
 from prunenet_jax.method import sampling
-from prunenet_jax.models import registry
+from prunenet_jax.models import families, registry
 from prunenet_jax.weights import ModelWeights
 
 
@@ -116,14 +116,13 @@ def slice_weights(weights: ModelWeights, indices: np.ndarray) -> ModelWeights:
     if indices.size and (indices.min() < 0 or indices.max() >= I):
         raise UserError(f"kept indices must lie in [0, {I}); got [{indices.min()}, {indices.max()}]")
     k = indices.shape[1]
-    rows = indices[:, :, None]  # gather along the channel axis of each layer
     layers = dict(weights.layers)
-    for name in (registry.GATE, registry.UP):
+    for name in registry.row_sliced(weights.config):  # gather the kept channels of each layer
+        rows = indices if layers[name].ndim == 2 else indices[:, :, None]
         layers[name] = np.take_along_axis(weights.layers[name], rows, axis=1)
-    layers[registry.DOWN] = np.take_along_axis(weights.layers[registry.DOWN], indices[:, None, :], axis=2)
-    for name in (registry.GATE_BIAS, registry.UP_BIAS):
-        if name in layers:
-            layers[name] = np.take_along_axis(weights.layers[name], indices, axis=1)
+    layers[registry.COLUMN_SLICED] = np.take_along_axis(
+        weights.layers[registry.COLUMN_SLICED], indices[:, None, :], axis=2)
     config = dataclasses.replace(weights.config, intermediate_size=k)
-    hf_config = {**weights.hf_config, "intermediate_size": k}
+    width_key = families.family_of(weights.config.model_type).width_key
+    hf_config = {**weights.hf_config, width_key: k}
     return dataclasses.replace(weights, config=config, hf_config=hf_config, layers=layers)

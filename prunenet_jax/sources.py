@@ -102,7 +102,7 @@ def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[ModelC
         return _gguf().gguf_gate_stack(source)
     if kind == "orbax":  # a sliced model of ours: small enough to read whole
         weights = load_model(source)
-        return weights.config, weights.layers[registry.GATE]
+        return weights.config, weights.layers[registry.scored(weights.config)]
     return hf.load_gate_stack(source)
 
 

@@ -53,15 +53,15 @@ def numpy_down_inputs(weights, tokens):
     causal = np.tril(np.ones((T, T), bool))
     for l in range(cfg.num_hidden_layers):
         p = lambda n: g[f"model.layers.{l}.{n}"]
-        a = _rms(x, p("input_layernorm.weight"), cfg.rms_norm_eps)
+        a = _rms(x, p("input_layernorm.weight"), cfg.norm_eps)
         q, k, v = ((a @ p(f"self_attn.{n}_proj.weight").T).reshape(T, nh, d) for n in "qkv")
-        q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+        q, k = _rope(q, cfg.rope.theta), _rope(k, cfg.rope.theta)
         att = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
         att = np.where(causal[None], att, -np.inf)
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
         x = x + np.einsum("hqk,khd->qhd", att, v).reshape(T, -1) @ p("self_attn.o_proj.weight").T
-        m = _rms(x, p("post_attention_layernorm.weight"), cfg.rms_norm_eps)
+        m = _rms(x, p("post_attention_layernorm.weight"), cfg.norm_eps)
         gate, up = m @ p("mlp.gate_proj.weight").T, m @ p("mlp.up_proj.weight").T
         h = gate / (1 + np.exp(-gate)) * up
         hs.append(h)

@@ -381,14 +381,14 @@ def test_rope_freqs_in_a_file(tmp_path):
     weights = gguf_format.load_gguf(path)
     rope = weights.hf_config["rope_parameters"]
     assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0 and rope["rope_theta"] == 10000.0
-    assert dict(weights.config.rope_scaling)["factor"] == 8.0
+    assert weights.config.rope.rope_type == "llama3" and weights.config.rope.param("factor") == 8.0
     bad = write_gguf(tmp_path / "b.gguf", make_tensors(),
                      extra_tensors={"rope_freqs.weight": np.linspace(3, 1, HD // 2, dtype=np.float32)})
     with pytest.raises(UserError, match="rope_freqs"):
         gguf_format.load_gguf(bad)
     ones = write_gguf(tmp_path / "o.gguf", make_tensors(),
                       extra_tensors={"rope_freqs.weight": np.ones(HD // 2, np.float32)})
-    assert gguf_format.load_gguf(ones).config.rope_scaling is None
+    assert gguf_format.load_gguf(ones).config.rope.rope_type == "default"
 
 
 # ---------------------------------------------------------------------------------------------

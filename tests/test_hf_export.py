@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from prunenet_jax import prune
-from prunenet_jax.formats import hf_export
+from prunenet_jax.formats import hf_export, hf_names
 from prunenet_jax import sources
 from prunenet_jax.formats import safetensors as safetensors_format
 from prunenet_jax.errors import UserError
@@ -99,17 +99,22 @@ def test_transformers_loads_export_with_our_logits(tmp_path, sliced, name):
     weights = sliced(name)
     out = hf_export.export_hf(weights, str(tmp_path / "export"), torch_format=True)
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["intermediate_size"] == K and config["dtype"] == "float32"
+    width = tiny_models.width_key(weights.config.model_type)  # ffn_dim, ffn_hidden_size, ...
+    assert config[width] == K and config["dtype"] == "float32"
     assert config["architectures"] == weights.hf_config["architectures"]
     assert config["model_type"] == weights.config.model_type
     stored = _tensor_dtypes(out)
     assert set(stored.values()) == {"F32"}
-    assert (registry.LM_HEAD in stored) == (not weights.config.tie_word_embeddings)
+    embed, head = (hf_names.global_name(weights.config, n) for n in (registry.EMBED, registry.LM_HEAD))
+    assert (head in stored) == (not weights.config.tie_word_embeddings)
 
     tokens = _tokens(weights.config.vocab_size)
     want = _our_logits(weights, tokens)
     hf = _hf_load(out)
-    assert hf.config.intermediate_size == K
+    assert getattr(hf.config, width) == K
+    ffn = [p for n, p in hf.named_parameters() if n.endswith("weight") and any(
+        t in n for t in ("fc1", "fc2", "gate_proj", "up_proj", "down_proj", "h_to_4h", "4h_to_h"))]
+    assert ffn and all(K in p.shape for p in ffn)  # the FFN matrices themselves are sliced
     _assert_close(_hf_logits(hf, tokens), want)
 
     # Our loader reads the export back to the same arrays and config.
@@ -121,10 +126,13 @@ def test_transformers_loads_export_with_our_logits(tmp_path, sliced, name):
     state = torch.load(os.path.join(out, "pytorch_model.bin"), weights_only=True)
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.from_pretrained(out), attn_implementation="eager")
+    if weights.config.model_type == "gpt_neox":  # checkpoints name the head embed_out (as the
+        state["lm_head.weight"] = state.pop("embed_out.weight")  # hub's Pythia); the module lm_head
     model.load_state_dict(state, strict=True)
     if weights.config.tie_word_embeddings:  # the alias is stored once
-        assert state[registry.LM_HEAD].data_ptr() == state[registry.EMBED].data_ptr()
+        assert state[head].data_ptr() == state[embed].data_ptr()
     _assert_close(_hf_logits(model.eval(), tokens), want)
+    _assert_close(_hf_logits(_hf_load(out, use_safetensors=False), tokens), want)
 
 
 def test_sharded_export(tmp_path, sliced):

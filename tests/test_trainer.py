@@ -12,7 +12,7 @@ from prunenet_jax.models.config import ModelConfig
 L, I, H = 3, 16, 4
 CONFIG = ModelConfig(model_type="llama", vocab_size=8, hidden_size=H, intermediate_size=I,
                      num_hidden_layers=L, num_attention_heads=1, num_key_value_heads=1, head_dim=H,
-                     rms_norm_eps=1e-6, rope_theta=10000.0)
+                     norm_eps=1e-6)
 CFG = TrainConfig(ratio=0.25)
 
 

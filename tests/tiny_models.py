@@ -15,18 +15,90 @@ CONFIGS = {
         rope_theta=500000.0)),
     "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=4096)),
+    # The non-LLaMA families (plain MLPs, LayerNorms with biases, partial rotary, fused qkv):
+    # positions up to 512, so sequences of several hundred tokens fit.
+    "opt": ("opt", dict(max_position_embeddings=512, activation_function="relu",
+                        enable_bias=True, do_layer_norm_before=True, tie_word_embeddings=True)),
+    "opt_350m_postln": ("opt", dict(  # post-LN; embeddings of 16 projected in and out
+        max_position_embeddings=512, do_layer_norm_before=False, word_embed_proj_dim=16,
+        intermediate_size=64)),
+    "phi2": ("phi", dict(  # head_dim 16: int(16 * 0.4) = 6 rotary dims
+        max_position_embeddings=512, num_attention_heads=2, num_key_value_heads=2,
+        hidden_act="gelu_new", tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.4})),
+    "phi_qk_ln": ("phi", dict(max_position_embeddings=512, qk_layernorm=True, num_key_value_heads=2,
+                              num_hidden_layers=2)),
+    "falcon_7b": ("falcon", dict(  # multi-query, parallel attention + MLP off one norm
+        max_position_embeddings=512, multi_query=True, parallel_attn=True,
+        new_decoder_architecture=False, bias=False, alibi=False, intermediate_size=64)),
+    "falcon_new": ("falcon", dict(  # grouped kv heads, ln_attn + ln_mlp
+        max_position_embeddings=512, new_decoder_architecture=True, num_kv_heads=2,
+        parallel_attn=True, bias=False, alibi=False, intermediate_size=64,
+        tie_word_embeddings=False)),
+    "falcon_seq_bias": ("falcon", dict(  # fused qkv in (heads, 3) layout, sequential, biases
+        max_position_embeddings=512, parallel_attn=False, multi_query=False,
+        new_decoder_architecture=False, bias=True, alibi=False, num_hidden_layers=2)),
+    "neox_parallel": ("gpt_neox", dict(
+        max_position_embeddings=512, use_parallel_residual=True, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.25})),
+    "neox_seq": ("gpt_neox", dict(
+        max_position_embeddings=512, use_parallel_residual=False, attention_bias=True,
+        tie_word_embeddings=False, num_hidden_layers=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
+                         "partial_rotary_factor": 0.5})),
 }
+
+# transformers' name of the FFN width, per model_type (BASE and overrides say intermediate_size).
+WIDTH_KEY = {"opt": "ffn_dim", "falcon": "ffn_hidden_size"}
+# transformers' name of the kv head count (None: the family has all heads; BASE's is dropped).
+KV_HEADS_KEY = {"opt": None, "gpt_neox": None, "falcon": "num_kv_heads"}
+
+
+def width_key(model_type: str) -> str:
+    """The config.json key of the FFN width of this model_type."""
+    return WIDTH_KEY.get(model_type, "intermediate_size")
+
+
+def config_kwargs(name: str, **overrides) -> tuple[str, dict]:
+    """(model_type, the AutoConfig.for_model keyword arguments) of a CONFIGS entry: BASE, the
+    entry, then `overrides`; `intermediate_size` and `num_key_value_heads` renamed (or dropped)
+    to what the family's config takes."""
+    model_type, extra = CONFIGS[name]
+    kwargs = {**BASE, **extra, **overrides}
+    width = width_key(model_type)
+    if width != "intermediate_size":
+        value = kwargs.pop("intermediate_size")
+        if width not in kwargs or "intermediate_size" in overrides:
+            kwargs[width] = value
+    kv = KV_HEADS_KEY.get(model_type, "num_key_value_heads")
+    if kv != "num_key_value_heads":  # BASE's count is dropped; the entry's or overrides' renamed
+        value = kwargs.pop("num_key_value_heads")
+        if kv is not None and "num_key_value_heads" in {**extra, **overrides}:
+            kwargs[kv] = value
+    return model_type, kwargs
+
+
+def _norm_parameters(model) -> set:
+    """Names of the parameters of normalisation layers (LayerNorm, RMSNorm, ...)."""
+    names = set()
+    for mname, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) or "Norm" in type(module).__name__:
+            names.update(f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False))
+    return names
 
 
 def make_hf_model(name: str, seed: int = 0, **overrides):
     """A random fp32 model whose every parameter (norms and biases too) is non-trivial."""
-    model_type, extra = CONFIGS[name]
-    cfg = transformers.AutoConfig.for_model(model_type, **{**BASE, **extra, **overrides})
+    model_type, kwargs = config_kwargs(name, **overrides)
+    cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    norms = _norm_parameters(model)
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if "norm" in pname:
+            if pname in norms and not pname.endswith(".bias"):  # a norm's scale: around 1
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))

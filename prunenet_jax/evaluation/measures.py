@@ -27,7 +27,7 @@ def gate_spectra(weights: ModelWeights) -> np.ndarray:
     """Singular values of every layer's gate matrix, (L, min(I, H)), descending, float32.
 
     One layer at a time, so device memory holds one matrix whatever the model size."""
-    W = weights.layers[registry.GATE]
+    W = weights.layers[registry.scored(weights.config)]
     return np.stack([np.asarray(_layer_sv(jnp.asarray(W[l], jnp.float32))) for l in range(len(W))])
 
 

@@ -85,7 +85,7 @@ def spectra_figure(models: list[dict], spectra: list[np.ndarray], layers: list[i
                     ls="--" if dense else "-", zorder=3 if dense else 2, label=_label(m, dense))
         ax.set_yscale("log")
         _plain_log_axis(ax.yaxis)
-        ax.set_title(f"layer {layer}: gate_proj singular values")
+        ax.set_title(f"layer {layer}: scored FFN matrix singular values")
         ax.set_xlabel("index (descending order)")
         ax.set_ylabel("singular value")
         ax.grid(True, which="both", alpha=0.3)

@@ -20,7 +20,7 @@ from prunenet_jax import progress
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats.gguf_config import ROPE_FREQS, gguf_hf_config
 from prunenet_jax.formats.gguf_file import dequantize, open_gguf
-from prunenet_jax.models import registry
+from prunenet_jax.models import families, registry
 from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.weights import ModelWeights, check_shape
 
@@ -81,7 +81,7 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
         copy = np.may_share_memory(arr, reader.data)
         globals_[hf_name] = arr.astype(dtype, copy=copy)
 
-    transforms = registry.gguf_transforms(config)
+    transforms = families.gguf_transforms(config)
     names = registry.layer_tensor_names(config)
     missing = [n for n in (f"blk.{i}.{registry.GGUF_LAYER[h]}" for i in range(config.num_hidden_layers)
                            for h in names) if n not in tensors]

@@ -9,10 +9,8 @@ import numpy as np
 
 from prunenet_jax.errors import UserError
 from prunenet_jax.formats.gguf_file import Metadata, dequantize
-from prunenet_jax.models import registry
+from prunenet_jax.models import families, registry
 
-# Transformers class names, as `config.json` states them, for the GGUF architectures we read.
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_FREQS = "rope_freqs.weight"  # llama3-style rope scaling, stored as per-dimension factors
 
 
@@ -55,7 +53,7 @@ def gguf_hf_config(reader, path: str, tensors: Optional[dict] = None) -> dict[st
     theta = float(arch("rope.freq_base", 10000.0))
 
     cfg: dict[str, Any] = {
-        "architectures": [_HF_ARCHITECTURES[model_type]],
+        "architectures": [families.family_of(model_type).hf_class],
         "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -125,13 +123,12 @@ def llama3_from_rope_factors(factors: np.ndarray, theta: float, head_dim: int) -
         if intercept < 0 and slope > 0:
             high = 1.0 - 1.0 / intercept
             candidates.insert(0, (1.0, high, slope * (high - 1.0)))
-    for low, high, orig in candidates:
-        params = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                  "original_max_position_embeddings": orig}
-        if np.allclose(_llama3_factors(inv_freq, **params), factors, rtol=1e-5, atol=0):
-            if float(orig).is_integer():
-                params["original_max_position_embeddings"] = int(orig)
-            return params
+    for low, high, fitted in candidates:
+        for orig in (int(round(fitted)), fitted):  # a context length is a whole number of tokens
+            params = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                      "original_max_position_embeddings": orig}
+            if np.allclose(_llama3_factors(inv_freq, **params), factors, rtol=1e-5, atol=0):
+                return params
     return None
 
 
@@ -146,9 +143,11 @@ def _llama3_factors(inv_freq, factor, low_freq_factor, high_freq_factor,
 
 def _model_type(arch_name: str, path: str) -> str:
     """Our model_type for a GGUF `general.architecture` (mistral models are written as llama)."""
-    gguf_archs = {a.gguf_arch: t for t, a in registry.ARCHITECTURES.items() if a.gguf_arch == t}
+    gguf_archs = {f.gguf_arch: f.name for f in families.FAMILIES if f.gguf_arch == f.name}
     if arch_name not in gguf_archs:
+        others = [t for t in families.SUPPORTED if t not in gguf_archs.values()]
         raise UserError(f"{path}: GGUF architecture {arch_name!r} is not supported; supported GGUF "
-                        f"architectures: {', '.join(sorted(gguf_archs))} (model types "
-                        f"{', '.join(registry.SUPPORTED)}). Use a model of one of these")
+                        f"architectures: {', '.join(sorted(gguf_archs))} (other model types, "
+                        f"{', '.join(others)}, load from Hugging Face folders). Use a model of one "
+                        "of these")
     return gguf_archs[arch_name]

@@ -4,20 +4,18 @@ Writing one is hf_export.py's."""
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional
 
 import numpy as np
 
 from prunenet_jax.errors import UserError
 from prunenet_jax.files import json_files
+from prunenet_jax.formats import hf_names
 from prunenet_jax.formats.layer_stack import LazyLayerStack
 from prunenet_jax.formats.safetensors import SafetensorsFile
-from prunenet_jax.models import registry
+from prunenet_jax.models import families, registry
 from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.weights import ModelWeights, check_shape
-
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -88,13 +86,17 @@ def open_shards(folder: str) -> dict[str, SafetensorsFile]:
 
 
 def load_folder(folder: str, dtype=np.float32, source: Optional[str] = None) -> ModelWeights:
+    """The checkpoint in `folder`, under canonical names (models/registry.py) whatever its family;
+    fused q/k/v tensors are split. A checkpoint saved without the base model's prefix (an OPT
+    saved from `OPTModel`: `decoder.layers...`) is read too, as transformers does."""
     source = source or folder
     hf_config = read_config(folder)
     cfg = ModelConfig.from_hf(hf_config, source=os.path.join(folder, "config.json"))
-    where = open_shards(folder)
+    where = _with_base_prefix(open_shards(folder), cfg)
     shapes = registry.expected_shapes(cfg)
+    layer_name = hf_names.layer_pattern(cfg)
     for name in where:  # layers beyond the config mean config and weights disagree
-        m = _LAYER_NAME.match(name)
+        m = layer_name.match(name)
         if m and int(m.group(1)) >= cfg.num_hidden_layers:
             raise UserError(f"{source}: tensor {name!r} is beyond num_hidden_layers="
                             f"{cfg.num_hidden_layers}; fix config.json or use matching weights")
@@ -107,13 +109,20 @@ def load_folder(folder: str, dtype=np.float32, source: Optional[str] = None) -> 
                     "fix config.json or use matching weights")
         return where[name].get(name)
 
-    globals_ = {n: np.array(read(n, shapes[n]), dtype=dtype) for n in registry.global_tensor_names(cfg)}
+    globals_ = {n: np.array(read(hf_names.global_name(cfg, n), shapes[n]), dtype=dtype)
+                for n in registry.global_tensor_names(cfg)}
+    prefix = families.family_of(cfg.model_type).layer_prefix
     layers = {}
     for suffix in registry.layer_tensor_names(cfg):
         L, *shape = shapes[suffix]
+        hf_suffix, part = hf_names.layer_source(cfg, suffix)
         stacked = None
         for i in range(L):  # fill a preallocated stack: host peak stays near one copy
-            t = read(registry.LAYER_PREFIX.format(i) + suffix, tuple(shape))
+            if part is None:
+                t = read(prefix.format(i) + hf_suffix, tuple(shape))
+            else:  # one part of a fused q/k/v
+                fused = read(prefix.format(i) + hf_suffix, hf_names.fused_shape(cfg, suffix))
+                t = hf_names.split_part(cfg, fused, part)
             if stacked is None:
                 stacked = np.empty((L, *shape), dtype=dtype or t.dtype)
             stacked[i] = t
@@ -122,17 +131,30 @@ def load_folder(folder: str, dtype=np.float32, source: Optional[str] = None) -> 
                         source=source, tokenizer_dir=folder)
 
 
+def _with_base_prefix(where: dict, cfg: ModelConfig) -> dict:
+    """Tensor names with the base model's prefix added where the checkpoint lacks it (transformers
+    loads a base model's checkpoint into the *ForCausalLM model the same way)."""
+    base = families.family_of(cfg.model_type).layer_prefix.split(".")[0] + "."
+    if any(name.startswith(base) for name in where):
+        return where
+    return {**where, **{base + name: f for name, f in where.items()}}
+
+
 def load_config(folder: str) -> ModelConfig:
     return ModelConfig.from_hf(read_config(folder), source=os.path.join(folder, "config.json"))
 
 
 def load_gate_stack(folder: str) -> tuple[ModelConfig, LazyLayerStack]:
-    """The config and the gate matrices (L, I, H) read layer by layer on use, in their stored
-    dtype when it is fp32, bf16 or fp16 (a bf16 checkpoint stays bf16 on the device), else fp32."""
+    """The config and the scored matrices (L, I, H) (gate, or fc1 of a plain MLP) read layer by
+    layer on use, in their stored dtype when it is fp32, bf16 or fp16 (a bf16 checkpoint stays
+    bf16 on the device), else fp32."""
     cfg = load_config(folder)
-    where = open_shards(folder)
-    names = [registry.LAYER_PREFIX.format(i) + registry.GATE for i in range(cfg.num_hidden_layers)]
-    shape = registry.expected_shapes(cfg)[registry.GATE]
+    where = _with_base_prefix(open_shards(folder), cfg)
+    scored = registry.scored(cfg)
+    prefix = families.family_of(cfg.model_type).layer_prefix
+    hf_suffix, _ = hf_names.layer_source(cfg, scored)
+    names = [prefix.format(i) + hf_suffix for i in range(cfg.num_hidden_layers)]
+    shape = registry.expected_shapes(cfg)[scored]
     for n in names:
         if n not in where or where[n].shape(n) != shape[1:]:
             raise UserError(f"{folder}: tensor {n!r} is missing or has the wrong shape; the "

@@ -1,7 +1,7 @@
 """Writing a Hugging Face checkpoint folder (`export_hf`) that PyTorch `transformers` loads.
 
 The exported folder holds what `save_pretrained` would write: `config.json` (the source's, with the sliced
-`intermediate_size` and the dtype written), safetensors weights with HF names (sharded like
+FFN width and the dtype written), safetensors weights with HF names (sharded like
 transformers above `max_shard_bytes`), `generation_config.json`, the tokenizer files and a
 `README.md` model card; optionally `pytorch_model.bin` too. It is written under a temporary
 sibling name and renamed into place when complete, so `out_dir` never holds a partial export.
@@ -14,7 +14,6 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import shutil
 from typing import Callable, Optional
 
@@ -23,9 +22,10 @@ import numpy as np
 from prunenet_jax import progress
 from prunenet_jax.errors import UserError
 from prunenet_jax.files import atomic, output_folder
+from prunenet_jax.formats import hf_names
 from prunenet_jax.formats.hf import SAFE_WEIGHTS, TORCH_WEIGHTS
 from prunenet_jax.formats.safetensors import write_safetensors
-from prunenet_jax.models import registry
+from prunenet_jax.models import families, registry
 from prunenet_jax.weights import DTYPES, ModelWeights
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def render_model_card(config: dict, num_params: int, card: dict) -> str:
                if pruned else "")
               + f"A plain `{config.get('model_type')}` model with {num_params:,} parameters "
               f"({config.get('dtype', config.get('torch_dtype'))}), "
-              f"`intermediate_size = {config['intermediate_size']}`."]
+              f"`{_width_key(config)} = {config[_width_key(config)]}`."]
     keys = [k for k in _CARD_ORDER if k in card] + sorted(k for k in card if k not in _CARD_ORDER)
     show = lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else v
     entries = [f"- **{k}**: {show(card[k])}" for k in keys if k != "command"]
@@ -159,36 +159,46 @@ def _config(weights: ModelWeights, dtype: np.dtype) -> dict:
     """The source config.json with the sliced width and the dtype written; GGUF's
     quantization_config dropped (the export is dense)."""
     config = {k: v for k, v in weights.hf_config.items() if k != "quantization_config"}
-    config["intermediate_size"] = weights.config.intermediate_size
+    config[_width_key(config)] = weights.config.intermediate_size
     # transformers v5 writes `dtype`, v4 `torch_dtype`: keep the source's spelling.
     for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
         config[key] = _dtype_name(dtype)
     return config
 
 
+def _width_key(config: dict) -> str:
+    """The config.json field of the FFN width (`intermediate_size`, OPT's `ffn_dim`, ...)."""
+    return families.family_of(config.get("model_type")).width_key
+
+
 def _ordered_tensors(weights: ModelWeights) -> dict[str, np.ndarray]:
     """HF name -> array in model order (embeddings, layer 0, layer 1, ..., norm, head), which also
-    decides the shards. A tied lm_head is not written (transformers ties it on load)."""
-    named = dict(weights.named_arrays())
-    if weights.config.tie_word_embeddings:
-        named.pop(registry.LM_HEAD, None)
+    decides the shards; fused q/k/v tensors fused again. A tied lm_head is not written
+    (transformers ties it on load)."""
+    cfg = weights.config
+    named = dict(hf_names.hf_named_arrays(cfg, weights.globals, weights.layers))
+    if cfg.tie_word_embeddings:
+        named.pop(hf_names.global_name(cfg, registry.LM_HEAD), None)
+    layer, embed = hf_names.layer_pattern(cfg), hf_names.global_name(cfg, registry.EMBED)
 
     def key(name):
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        return (1, int(m.group(1)), name) if m else (0 if name == registry.EMBED else 2, 0, name)
+        m = layer.match(name)
+        return (1, int(m.group(1)), name) if m else (0 if name == embed else 2, 0, name)
 
     return {n: named[n] for n in sorted(named, key=key)}
 
 
 def _with_tied_head(weights: ModelWeights, tensors: dict) -> dict:
     """For the .bin state dict: a tied lm_head right after the embedding, as the same array."""
-    if not weights.config.tie_word_embeddings:
+    cfg = weights.config
+    if not cfg.tie_word_embeddings:
         return tensors
+    embed, head = (hf_names.global_name(cfg, n) for n in (registry.EMBED, registry.LM_HEAD))
     out = {}
     for name, array in tensors.items():
         out[name] = array
-        if name == registry.EMBED:
-            out[registry.LM_HEAD] = array
+        if name == embed:
+            out[head] = array
     return out
 
 

@@ -54,9 +54,12 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 
 def weight_guard(weights: ModelWeights) -> np.ndarray:
-    """(L, I) bool: the weight-only super channels (log(||gate_j|| * ||up_j||) outliers)."""
-    gate, up = weights.layers[registry.GATE], weights.layers[registry.UP]
-    norms = np.linalg.norm(gate, axis=2) * np.linalg.norm(up, axis=2)
+    """(L, I) bool: the weight-only super channels: outliers of log of the product of channel j's
+    row norms in the row-sliced matrices (||gate_j|| * ||up_j||; ||fc1_j|| for a plain MLP)."""
+    norms = 1.0
+    for name in registry.row_sliced(weights.config):
+        if weights.layers[name].ndim == 3:  # weights, not biases
+            norms = norms * np.linalg.norm(weights.layers[name], axis=2)
     return robust_outliers(_log(norms))
 
 
@@ -110,7 +113,7 @@ def measure(weights: ModelWeights, cal: calibration_lib.Calibration, tokenizer_f
     meta = {"calibration": cal.describe(), "model": weights.source, "shape": _shape(weights),
             "tokens": stats.tokens, "tokens_reused": reused,
             "seconds": {"calibration": round(t1 - t0, 3), "statistics": round(t2 - t1, 3)}}
-    return Scores(energy(stats.mean_sq, weights.layers[registry.DOWN]), stats.mean_sq,
+    return Scores(energy(stats.mean_sq, weights.layers[registry.COLUMN_SLICED]), stats.mean_sq,
                   stats.peak, meta)
 
 

@@ -26,8 +26,11 @@ def check_parent(pruned: ModelWeights, dense: ModelWeights, pruned_name: str, de
     """Refuses a dense model that is not the pruned model's source: the shapes, and the tensors
     pruning leaves untouched (embeddings, attention, norms), must agree."""
     check_parent_shapes(pruned.config, dense.config, pruned_name, dense_name)
-    untouched = [registry.EMBED, registry.FINAL_NORM]
-    for name in untouched + [registry.Q, registry.K, registry.V, registry.O, registry.INPUT_NORM]:
+    untouched = [registry.EMBED, registry.FINAL_NORM, registry.Q, registry.K, registry.V,
+                 registry.O, registry.INPUT_NORM]
+    for name in untouched:
+        if name not in dense.globals and name not in dense.layers:  # e.g. no final norm (OPT-350m)
+            continue
         x = pruned.globals.get(name, pruned.layers.get(name))
         y = dense.globals.get(name, dense.layers.get(name))
         x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)

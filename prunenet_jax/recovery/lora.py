@@ -4,7 +4,7 @@
 x W^T + (alpha / rank) (x A^T) B^T with A (rank, in) and B (out, rank) held as `LoraParam`, so
 training can take the factors alone (`nnx.split(model, LoraParam, ...)`). In a scanned model the
 factors are stacked on the layer axis like every other parameter. `merge_lora` folds
-W + (alpha / rank) B A into plain `Linear`s: the result is again a plain LLaMA.
+W + (alpha / rank) B A into plain `Linear`s: the result is again a plain model of its family.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from flax import nnx
 from prunenet_jax.errors import UserError
 from prunenet_jax.models import decoder
 
+# Every family's projections under their canonical names (fc1/fc2 are up_proj/down_proj).
 TARGETS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
            ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
@@ -71,6 +72,8 @@ def add_lora(model: decoder.CausalLM, rank: int, alpha: float, seed: int) -> Non
     for i, layer in enumerate(_layers(model)):
         for j, (block, name) in enumerate(TARGETS):
             parent = getattr(layer, block)
+            if getattr(parent, name) is None:  # a plain MLP has no gate_proj
+                continue
             sub = jax.random.fold_in(key, i * len(TARGETS) + j)
             setattr(parent, name, LoraLinear(getattr(parent, name), rank, alpha, sub))
 

@@ -45,8 +45,7 @@ def _layer_system(dense_def, pruned_def, bias: bool, dense_state, pruned_state, 
     channels h (with a constant 1 when fitting a bias), and the sums G = h^T h, B = h^T y, |y|^2
     of the fit, whose target y is the dense layer's whole MLP at the same input."""
     dense_layer, pruned_layer = nnx.merge(dense_def, dense_state), nnx.merge(pruned_def, pruned_state)
-    mid = x + pruned_layer.self_attn(pruned_layer.input_layernorm(x), cos, sin, attend)[0]
-    normed = pruned_layer.post_attention_layernorm(mid)
+    mid, normed, _ = pruned_layer.attend(x, cos, sin, attend)
     h = pruned_layer.mlp.hidden(normed).astype(jnp.float32)
     if bias:
         h = jnp.concatenate([h, jnp.ones(h.shape[:-1] + (1,), h.dtype)], axis=-1)
@@ -57,10 +56,12 @@ def _layer_system(dense_def, pruned_def, bias: bool, dense_state, pruned_state, 
     return mid, h, sums
 
 
-@jax.jit
-def _apply(mid, h, coef):
-    """The refit layer's output: the residual plus the kept channels through the new down_proj."""
-    return mid + jnp.einsum("bti,io->bto", h, coef).astype(mid.dtype)
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(layer_def, layer_state, mid, h, coef):
+    """The refit layer's output: the kept channels through the new down_proj, added to the
+    residual (and normed, in a post-norm layer)."""
+    layer = nnx.merge(layer_def, layer_state)
+    return layer.finish(mid, jnp.einsum("bti,io->bto", h, coef).astype(mid.dtype))
 
 
 def _solve(G: np.ndarray, B: np.ndarray, bias: bool, ridge: float) -> np.ndarray:
@@ -97,7 +98,7 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
     if window is not None and tokens.shape[1] > window:  # the forward pass refuses it too
         raise UserError(f"--train_seq_len={tokens.shape[1]} exceeds the sliding window of {window} "
                         f"of the model; use --train_seq_len <= {window}")
-    bias = registry.DOWN_BIAS in pruned.layers
+    bias = registry.DOWN_BIAS in pruned.layers  # the column-sliced matrix's bias
     pruned_model = decoder.from_named_arrays(cfg, pruned.named_arrays())
     batches = []  # per batch: the refit path's hidden states, rope, attention mask, valid tokens
     for start in range(0, len(tokens), batch_size):
@@ -105,9 +106,9 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
         valid = jnp.asarray(mask[start:start + batch_size]).astype(bool)
         positions, attend = decoder.padded_positions(valid)
         cos, sin = dense_model.rope(positions)
-        x = dense_model.model.embed_tokens(t)
+        x = dense_model.embed(t, positions)
         batches.append([x, cos, sin, attend, valid])
-    down = np.array(pruned.layers[registry.DOWN], copy=True)  # (L, H, k)
+    down = np.array(pruned.layers[registry.COLUMN_SLICED], copy=True)  # (L, H, k)
     down_bias = np.array(pruned.layers[registry.DOWN_BIAS], copy=True) if bias else None
     before, after = [], []
     for l in progress.over(range(cfg.num_hidden_layers), "refit", "layer"):
@@ -133,8 +134,8 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
             down_bias[l] = coef[k].astype(down_bias.dtype)
         coef_device = jnp.asarray(coef, jnp.float32)
         for b, (mid, h) in zip(batches, outs):
-            b[0] = _apply(mid, h, coef_device)
-    layers = {**pruned.layers, registry.DOWN: down}
+            b[0] = _apply(pruned_def, pruned_state, mid, h, coef_device)
+    layers = {**pruned.layers, registry.COLUMN_SLICED: down}
     if bias:
         layers[registry.DOWN_BIAS] = down_bias
     info = {"tokens": int(np.sum(mask)), "rows": int(len(tokens)),

@@ -177,7 +177,7 @@ def get_policy(job: BatchJob, mesh) -> tuple[Optional[dict], Optional[dict], Opt
     check_ratios_fit(weights.config.intermediate_size, list(job.ratios) + [cfg.ratio],
                      job.checkpoints[0])
     params, summary = trainer.train_policy(
-        weights.layers[registry.GATE], weights.config, cfg, seed=job.outputs.seed,
+        weights.layers[registry.scored(weights.config)], weights.config, cfg, seed=job.outputs.seed,
         episodes=job.training.episodes, mesh=mesh(),
         state_dir=os.path.join(job.out_dir, run_dir.TRAIN_STATE),
         policy_dir=os.path.join(job.out_dir, run_dir.POLICY), resume=True,

@@ -109,7 +109,7 @@ class Selection:
 
     def kept(self, mode: str, ratio: float):
         if self._gate is None:  # on the device once for all ratios (GBs on a 7B model)
-            self._gate = jax.device_put(self.weights.layers[registry.GATE])
+            self._gate = jax.device_put(self.weights.layers[registry.scored(self.weights.config)])
         energy = self.scores.energy if mode in prune.SCORE_MODES else None
         return prune.select_kept(self.params, self._gate, ratio, mode, self.options.seed,
                                  guard=self.guard(mode), scores=energy)
@@ -296,7 +296,8 @@ def random_baseline(weights: ModelWeights, selection: Selection, ratios, measure
             found[str(r)] = {"ppl": own.ppl, **{k: own.extra.get(k) for k in
                                                 ("accuracy", "accuracy_retention")}}
             continue
-        kept = prune.select_kept(None, weights.layers[registry.GATE], r, "random", selection.options.seed)
+        kept = prune.select_kept(None, weights.layers[registry.scored(weights.config)], r, "random",
+                                 selection.options.seed)
         found[str(r)] = measure(prune.slice_weights(weights, kept))
     return found
 
@@ -374,7 +375,7 @@ def _run(job: PruneJob, start_devices) -> Optional[PruneResult]:
         return None  # nothing to train: process 0 prunes, evaluates and writes
     if jax.process_index() == 0:
         weights = sources.load_model(job.model, revision=job.revision)
-        config, W = weights.config, weights.layers[registry.GATE]
+        config, W = weights.config, weights.layers[registry.scored(weights.config)]
         if weights.gguf_file is None and policy is None:
             # training reads the gate matrices as stored (bf16 stays bf16 on the device), streamed a
             # layer at a time from the memory-mapped file; a GGUF's are dequantised to fp32 anyway

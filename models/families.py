@@ -1,0 +1,283 @@
+"""The family table: one declarative entry per model family, everything that differs between them.
+
+An entry says which `model_type`s it covers, how to read the config fields our model needs
+(`read`: norm kind, block kind, MLP kind and activation, positions, biases, FFN width), where its
+tensors live in Hugging Face names (the layer prefix, and canonical name -> HF name where they
+differ; canonical names are registry.py's), which fused tensors it stores (`fused_qkv`, split on
+read and fused on write, models/fused_qkv.py), and its llama.cpp architecture where we read GGUF.
+The model code builds each layer from the config fields the entry read. Adding a family is one
+entry here plus its tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import numpy as np
+
+from prunenet_jax.errors import UserError
+from prunenet_jax.models import activations, registry as r, rope
+from prunenet_jax.models.config_fields import Fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    hf_class: str  # the `architectures` entry transformers writes
+    # config.json fields -> ModelConfig fields (besides model_type), each checked.
+    read: Callable[[Fields], dict]
+    layer_prefix: str = "model.layers.{}."
+    # ModelConfig -> {canonical layer suffix: HF suffix}, for the names that differ.
+    layer_names: Callable[[object], dict] = lambda cfg: {}
+    global_names: dict = dataclasses.field(default_factory=dict)  # canonical -> HF, where they differ
+    width_key: str = "intermediate_size"  # the config.json field holding the FFN width
+    # HF suffix (less .weight/.bias) of a fused q/k/v tensor; "" when q, k, v are separate.
+    fused_qkv: str = ""
+    gguf_arch: str = ""  # llama.cpp architecture we read GGUF files of ("" : not read)
+    gguf_permutes_qk: bool = False  # llama.cpp's converter permutes q/k rows; undone on load
+
+    def hf_layer_name(self, cfg, suffix: str) -> str:
+        return self.layer_names(cfg).get(suffix, suffix)
+
+    def hf_global_name(self, name: str) -> str:
+        return self.global_names.get(name, name)
+
+
+# ----------------------------------------------------------------------------- config readers
+
+def _heads(c: Fields, hidden: int, heads: int, kv_heads: int, head_dim: Optional[int]) -> dict:
+    if heads % kv_heads:
+        c.fail("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads={heads}")
+    if head_dim is None:
+        if hidden % heads:
+            c.fail("num_attention_heads", f"{heads} does not divide hidden_size={hidden} "
+                   "(and no head_dim is given)")
+        head_dim = hidden // heads
+    return dict(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+
+
+def _rotary(c: Fields, head_dim: int, max_pos: int, **keys) -> rope.Rope:
+    return rope.from_config(c.cfg, c.source, head_dim, max_position_embeddings=max_pos, **keys)
+
+
+def _activation(c: Fields, key: str, default: str) -> str:
+    return activations.check(c.get(key, str, default), c.source, key)
+
+
+def _llama(c: Fields, *, qkv_bias: Callable[[Fields], bool], o_bias: Callable[[Fields], bool],
+           window: Callable[[Fields], Optional[int]]) -> dict:
+    hidden, heads = c.size("hidden_size"), c.size("num_attention_heads")
+    heads_ = _heads(c, hidden, heads, c.size("num_key_value_heads", heads), c.size("head_dim", None))
+    max_pos = c.size("max_position_embeddings", 2048)
+    for key in ("use_sliding_window",):
+        c.get(key, bool, False)
+    c.size("sliding_window", None)
+    return dict(
+        hidden_size=hidden, intermediate_size=c.size("intermediate_size"), **heads_,
+        norm_eps=c.positive("rms_norm_eps", 1e-6),
+        rope=_rotary(c, heads_["head_dim"], max_pos), max_position_embeddings=max_pos,
+        tie_word_embeddings=c.get("tie_word_embeddings", bool, False),
+        qkv_bias=qkv_bias(c), o_bias=o_bias(c), mlp_bias=c.get("mlp_bias", bool, False),
+        sliding_window=window(c), activation=_activation(c, "hidden_act", "silu"))
+
+
+def _attention_bias(c: Fields) -> bool:
+    return c.get("attention_bias", bool, False)
+
+
+def _mistral_window(c: Fields) -> Optional[int]:
+    return c.size("sliding_window", None)
+
+
+def _qwen2_window(c: Fields) -> Optional[int]:
+    return c.size("sliding_window", None) if c.get("use_sliding_window", bool, False) else None
+
+
+def _opt(c: Fields) -> dict:
+    hidden, heads = c.size("hidden_size"), c.size("num_attention_heads")
+    if not c.get("layer_norm_elementwise_affine", bool, True):
+        c.fail("layer_norm_elementwise_affine", "is false (LayerNorms without weights) and is not "
+               "supported")
+    pre_ln = c.get("do_layer_norm_before", bool, True)
+    bias = c.get("enable_bias", bool, True)
+    return dict(
+        hidden_size=hidden, intermediate_size=c.size("ffn_dim"), **_heads(c, hidden, heads, heads, None),
+        norm="layer", norm_eps=1e-5,  # nn.LayerNorm's default: OPT has no eps field
+        rope=None, positions="learned", max_position_embeddings=c.size("max_position_embeddings", 2048),
+        tie_word_embeddings=c.get("tie_word_embeddings", bool, True),
+        qkv_bias=bias, o_bias=bias, mlp_bias=bias, gated=False,
+        activation=_activation(c, "activation_function", "relu"),
+        post_norm=not pre_ln,
+        final_norm=pre_ln and not c.get("_remove_final_layer_norm", bool, False),
+        embed_dim=c.size("word_embed_proj_dim", hidden))
+
+
+def _phi(c: Fields) -> dict:
+    hidden, heads = c.size("hidden_size"), c.size("num_attention_heads")
+    heads_ = _heads(c, hidden, heads, c.size("num_key_value_heads", heads), c.size("head_dim", None))
+    max_pos = c.size("max_position_embeddings", 2048)
+    return dict(
+        hidden_size=hidden, intermediate_size=c.size("intermediate_size"), **heads_,
+        norm="layer", norm_eps=c.positive("layer_norm_eps", 1e-5),
+        rope=_rotary(c, heads_["head_dim"], max_pos, partial_default=0.5),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=c.get("tie_word_embeddings", bool, False),
+        qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True, gated=False,
+        activation=_activation(c, "hidden_act", "gelu_new"),
+        parallel=True, mlp_norm=False, qk_norm=c.get("qk_layernorm", bool, False))
+
+
+def _falcon(c: Fields) -> dict:
+    if c.get("alibi", bool, False):
+        c.fail("alibi", "is true: ALiBi position biases (falcon-rw) are not supported, only rotary "
+               "Falcon models (alibi: false)")
+    hidden = c.size("hidden_size", None) or c.size("n_embed")
+    heads = c.size("num_attention_heads", None) or c.size("n_head")
+    new_arch = c.get("new_decoder_architecture", bool, False)
+    multi_query = c.get("multi_query", bool, True)
+    parallel = c.get("parallel_attn", bool, True)
+    kv = c.size("num_kv_heads", heads) if (new_arch or not multi_query) else 1
+    lns = c.size("num_ln_in_parallel_attn", 2 if new_arch else 1)
+    if new_arch and not parallel and lns == 1:
+        c.fail("parallel_attn", "is false with new_decoder_architecture and one norm, which "
+               "transformers cannot run either")
+    max_pos = c.size("max_position_embeddings", 2048)
+    heads_ = _heads(c, hidden, heads, kv, None)
+    bias = c.get("bias", bool, False)
+    return dict(
+        hidden_size=hidden, intermediate_size=c.size("ffn_hidden_size", 4 * hidden), **heads_,
+        norm="layer", norm_eps=c.positive("layer_norm_epsilon", 1e-5),
+        rope=_rotary(c, heads_["head_dim"], max_pos), max_position_embeddings=max_pos,
+        tie_word_embeddings=c.get("tie_word_embeddings", bool, True),
+        qkv_bias=bias, o_bias=bias, mlp_bias=bias, gated=False,
+        activation=_activation(c, "activation", "gelu"),
+        parallel=parallel or new_arch,
+        mlp_norm=not parallel or (new_arch and lns == 2))
+
+
+def _gpt_neox(c: Fields) -> dict:
+    hidden, heads = c.size("hidden_size"), c.size("num_attention_heads")
+    heads_ = _heads(c, hidden, heads, heads, None)
+    max_pos = c.size("max_position_embeddings", 2048)
+    bias = c.get("attention_bias", bool, True)
+    return dict(
+        hidden_size=hidden, intermediate_size=c.size("intermediate_size"), **heads_,
+        norm="layer", norm_eps=c.positive("layer_norm_eps", 1e-5),
+        rope=_rotary(c, heads_["head_dim"], max_pos, theta_keys=("rope_theta", "rotary_emb_base"),
+                     partial_keys=("partial_rotary_factor", "rotary_pct"), partial_default=0.25),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=c.get("tie_word_embeddings", bool, False),
+        qkv_bias=bias, o_bias=bias, mlp_bias=True, gated=False,
+        activation=_activation(c, "hidden_act", "gelu"),
+        parallel=c.get("use_parallel_residual", bool, True))
+
+
+# ----------------------------------------------------------------------------- HF names
+
+_PLAIN_MLP = {r.UP: "mlp.fc1.weight", r.UP_BIAS: "mlp.fc1.bias",
+              r.DOWN: "mlp.fc2.weight", r.DOWN_BIAS: "mlp.fc2.bias"}
+_H_TO_4H = {r.UP: "mlp.dense_h_to_4h.weight", r.UP_BIAS: "mlp.dense_h_to_4h.bias",
+            r.DOWN: "mlp.dense_4h_to_h.weight", r.DOWN_BIAS: "mlp.dense_4h_to_h.bias"}
+
+def _norms(input_name: str, post_name: str) -> dict:
+    return {r.INPUT_NORM: f"{input_name}.weight", r.INPUT_NORM_BIAS: f"{input_name}.bias",
+            r.POST_ATTN_NORM: f"{post_name}.weight", r.POST_ATTN_NORM_BIAS: f"{post_name}.bias"}
+
+
+def _opt_layer_names(cfg) -> dict:
+    return {**{k: v.replace("mlp.", "") for k, v in _PLAIN_MLP.items()},
+            r.O: "self_attn.out_proj.weight", r.O_BIAS: "self_attn.out_proj.bias",
+            **_norms("self_attn_layer_norm", "final_layer_norm")}
+
+
+def _phi_layer_names(cfg) -> dict:
+    return {**_PLAIN_MLP, r.O: "self_attn.dense.weight", r.O_BIAS: "self_attn.dense.bias",
+            r.Q_NORM: "self_attn.q_layernorm.weight", r.Q_NORM_BIAS: "self_attn.q_layernorm.bias",
+            r.K_NORM: "self_attn.k_layernorm.weight", r.K_NORM_BIAS: "self_attn.k_layernorm.bias"}
+
+
+def _falcon_layer_names(cfg) -> dict:
+    two_norms = cfg.parallel and cfg.mlp_norm  # new architecture: ln_attn / ln_mlp
+    norms = _norms("ln_attn", "ln_mlp") if two_norms else {}
+    return {**_H_TO_4H, r.O: "self_attention.dense.weight", r.O_BIAS: "self_attention.dense.bias",
+            **norms}
+
+
+def _neox_layer_names(cfg) -> dict:
+    return {**_H_TO_4H, r.O: "attention.dense.weight", r.O_BIAS: "attention.dense.bias"}
+
+
+FAMILIES = (
+    Family("llama", ("llama",), "LlamaForCausalLM",
+           functools.partial(_llama, qkv_bias=_attention_bias, o_bias=_attention_bias,
+                             window=lambda c: None),
+           gguf_arch="llama", gguf_permutes_qk=True),
+    Family("mistral", ("mistral",), "MistralForCausalLM",
+           functools.partial(_llama, qkv_bias=lambda c: False, o_bias=lambda c: False,
+                             window=_mistral_window),
+           gguf_arch="llama", gguf_permutes_qk=True),
+    Family("qwen2", ("qwen2",), "Qwen2ForCausalLM",
+           functools.partial(_llama, qkv_bias=lambda c: True, o_bias=lambda c: False,
+                             window=_qwen2_window),
+           gguf_arch="qwen2"),
+    Family("opt", ("opt",), "OPTForCausalLM", _opt, layer_prefix="model.decoder.layers.{}.",
+           layer_names=_opt_layer_names, width_key="ffn_dim",
+           global_names={r.EMBED: "model.decoder.embed_tokens.weight",
+                         r.POS_EMBED: "model.decoder.embed_positions.weight",
+                         r.PROJECT_IN: "model.decoder.project_in.weight",
+                         r.PROJECT_OUT: "model.decoder.project_out.weight",
+                         r.FINAL_NORM: "model.decoder.final_layer_norm.weight",
+                         r.FINAL_NORM_BIAS: "model.decoder.final_layer_norm.bias"}),
+    Family("phi", ("phi",), "PhiForCausalLM", _phi, layer_names=_phi_layer_names,
+           global_names={r.FINAL_NORM: "model.final_layernorm.weight",
+                         r.FINAL_NORM_BIAS: "model.final_layernorm.bias"}),
+    Family("falcon", ("falcon",), "FalconForCausalLM", _falcon, layer_prefix="transformer.h.{}.",
+           layer_names=_falcon_layer_names, width_key="ffn_hidden_size",
+           fused_qkv="self_attention.query_key_value",
+           global_names={r.EMBED: "transformer.word_embeddings.weight",
+                         r.FINAL_NORM: "transformer.ln_f.weight",
+                         r.FINAL_NORM_BIAS: "transformer.ln_f.bias"}),
+    Family("gpt_neox", ("gpt_neox",), "GPTNeoXForCausalLM", _gpt_neox,
+           layer_prefix="gpt_neox.layers.{}.", layer_names=_neox_layer_names,
+           fused_qkv="attention.query_key_value",
+           global_names={r.EMBED: "gpt_neox.embed_in.weight",
+                         r.FINAL_NORM: "gpt_neox.final_layer_norm.weight",
+                         r.FINAL_NORM_BIAS: "gpt_neox.final_layer_norm.bias",
+                         r.LM_HEAD: "embed_out.weight"}),
+)
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+SUPPORTED = tuple(sorted(_BY_MODEL_TYPE))
+
+# Config fields that mark a feature no family here has, refused by name.
+_FEATURES = {"num_local_experts": "a mixture-of-experts FFN", "num_experts": "a mixture-of-experts FFN",
+             "moe_intermediate_size": "a mixture-of-experts FFN"}
+
+
+def family_of(model_type: Optional[str], source: str = "config.json") -> Family:
+    if model_type not in _BY_MODEL_TYPE:
+        raise UserError(
+            f"{source}: model_type {model_type!r} is not supported; supported model types: "
+            f"{', '.join(SUPPORTED)}. Use a checkpoint of one of these families"
+        )
+    return _BY_MODEL_TYPE[model_type]
+
+
+def check_features(cfg: dict, source: str) -> None:
+    """Refuses, by name, a config that asks for a feature our decoder does not compute."""
+    for key, feature in _FEATURES.items():
+        value = cfg.get(key)
+        if value not in (None, 0, 1, False):
+            raise UserError(f"{source}: {feature} ({key}={value!r}) is not supported; supported: "
+                            f"dense FFNs of the families {', '.join(f.name for f in FAMILIES)}")
+
+
+def gguf_transforms(cfg) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Per-layer canonical name -> what turns the GGUF tensor (numpy, HF layout) into the HF one:
+    the q/k row un-permutation for architectures whose llama.cpp converter permutes them."""
+    if not family_of(cfg.model_type).gguf_permutes_qk:
+        return {}
+    heads = {r.Q: cfg.num_attention_heads, r.Q_BIAS: cfg.num_attention_heads,
+             r.K: cfg.num_key_value_heads, r.K_BIAS: cfg.num_key_value_heads}
+    return {name: functools.partial(r.unpermute_qk, n_head=n) for name, n in heads.items()}
