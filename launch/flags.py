@@ -296,9 +296,10 @@ def define_recovery_flags(default_steps: int) -> None:
                       "auto: when the dense model and the training state would not fit 70% of "
                       "one device (never on CPU)")
     flags.DEFINE_integer("teacher_topk", d.teacher_topk, "Tokens per position the teacher cache keeps")
-    flags.DEFINE_bool("refit", d.refit, "Before training, refit each layer's down_proj by least "
-                      "squares so the pruned layer reproduces the dense one on the recovery text "
-                      "(no gradient steps; with --recover_steps=0 on launch.recover, the refit alone)")
+    flags.DEFINE_bool("refit", d.refit, "Before training, refit each layer's down_proj (fc2, "
+                      "dense_4h_to_h) by least squares so the pruned layer reproduces the dense one "
+                      "on the recovery text (no gradient steps; with --recover_steps=0 on "
+                      "launch.recover, the refit alone)")
     flags.DEFINE_integer("refit_rows", d.refit_rows, "Rows of the recovery text the refit fits on "
                          "(0: all)")
     flags.DEFINE_integer("recover_checkpoint_every", 10, "Save the recovery state every this many "

@@ -1,6 +1,7 @@
 """Pruning a model: select the kept channels of every layer (`select_kept`: from the policy and
 the seed's SELECTION stream, or from channel scores), then slice them (`slice_weights`: rows S of
-gate/up, columns S of down).
+the row-sliced tensors (gate/up or fc1, and their biases), columns S of down/fc2; registry.py's
+roles).
 
 Modes: `sample`, `topk` (PruneNet's policy), `random` (uniform, a baseline) and `energy` (the k
 largest scores E[h_j^2] * ||down[:, j]||^2, method/scores.py). A guard (L, I) bool mask, when
@@ -53,7 +54,7 @@ def warn_if_sample_alone(modes) -> bool:
 
 def select_kept(params: Optional[dict], gate, ratio: float, mode: str, seed: int, *,
                 guard: Optional[np.ndarray] = None, scores: Optional[np.ndarray] = None) -> np.ndarray:
-    """Kept channels (L, k) at `ratio` for gate matrices (L, I, H) (host or device). The key
+    """Kept channels (L, k) at `ratio` for the scored matrices (L, I, H) (host or device). The key
     depends on the seed and k only (stream rng.SELECTION), so one seed gives the same channels
     whatever else the run does. `guard`: (L, I) channels always kept; `scores`: (L, I) of `energy`."""
     k = sampling.num_kept(gate.shape[1], ratio)
