@@ -28,7 +28,10 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False  # biases on every FFN matrix (down's is kept whole when pruning)
-    sliding_window: Optional[int] = None  # longest input we accept, for mistral-style models
+    sliding_window: Optional[int] = None  # windowed layers attend to the last this many positions
+    # Per layer "sliding_attention" or "full_attention"; None: every layer is windowed when
+    # sliding_window is set.
+    layer_types: Optional[tuple] = None
     # Per-layer MLP widths of a model pruned non-uniformly; None means all layers use
     # `intermediate_size`.
     intermediate_sizes: Optional[tuple] = None
@@ -43,11 +46,27 @@ class ModelConfig:
     qk_norm: bool = False  # a norm on each head's queries and keys (Phi's qk_layernorm)
     lm_head_bias: bool = False
     embed_dim: Optional[int] = None  # token embedding width when it differs from hidden_size
+    # Gemma: the windowed layers' rope, embeddings scaled by sqrt(hidden), a norm on each
+    # branch's output (sandwich), attention scale and tanh softcaps.
+    rope_local: Optional[rope_lib.Rope] = None
+    embed_scale: bool = False
+    sandwich: bool = False
+    attn_scale: Optional[float] = None  # None: 1 / sqrt(head_dim)
+    attn_softcap: Optional[float] = None
+    logit_softcap: Optional[float] = None
 
     def __post_init__(self):
         if self.positions == "rope" and self.rope is None:  # direct construction: plain rope
             object.__setattr__(self, "rope", rope_lib.Rope(theta=10000.0, dim=self.head_dim,
                                                           rope_type="default"))
+
+    def windowed(self) -> Optional[tuple]:
+        """Per layer whether it attends through the sliding window; None without a window."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None:
+            return (True,) * self.num_hidden_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     @property
     def embed_width(self) -> int:

@@ -8,8 +8,9 @@ positions 0, 1, ... as if unpadded. The cache has S = P + max_new_tokens slots (
 likewise); generated tokens go to slots `[P, P + max_new_tokens)`. Prefill is compiled per
 (batch, P, S); the decode loop (`lax.while_loop`) once per (batch, S) and sampling kind, with the
 length, temperature, top-p, seed and EOS ids as runtime values. A row stops at its first EOS id;
-the loop stops when every row has, or at the length. Sliding-window models (Mistral) attend only to
-the last `sliding_window` positions, as transformers does.
+the loop stops when every row has, or at the length. The windowed layers of a sliding-window model
+(Mistral; Qwen2 with use_sliding_window) attend only to the last `sliding_window` positions, as
+transformers does; the cache keeps every position (full layers need them).
 """
 from __future__ import annotations
 
@@ -33,13 +34,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _attention_mask(q_pos, pad, size: int, window: Optional[int]):
-    """(B, T, S): query at position q_pos (B, T) sees the filled slots at positions <= its own,
-    and with a window only the last `window` of them."""
+def _attention_mask(cfg, q_pos, pad, size: int):
+    """(B, T, S): query at position q_pos (B, T) sees the filled slots at positions <= its own;
+    for a model with a sliding window, the pair (that, the last `sliding_window` of them)."""
     k_pos = jnp.arange(size)[None, :] - pad[:, None]
     q, k = q_pos[:, :, None], k_pos[:, None, :]
-    ok = (k >= 0) & (k <= q)
-    return ok & (q - k < window) if window else ok
+    return decoder.with_window(cfg, (k >= 0) & (k <= q), q_pos, k_pos)
 
 
 def _pick(logits, key, greedy: bool, nucleus: bool, temperature, top_p):
@@ -64,7 +64,7 @@ def _prefill(graphdef, size: int, state, tokens, pad):
     B, P = tokens.shape
     cache = decoder.KVCache.zeros(model.config, B, size, model.model.embed_tokens.weight.dtype)
     q_pos = jnp.arange(P)[None, :] - pad[:, None]
-    mask = _attention_mask(q_pos, pad, size, model.config.sliding_window)
+    mask = _attention_mask(model.config, q_pos, pad, size)
     x, cache, _ = model.hidden_states(tokens, jnp.maximum(q_pos, 0), mask, cache)
     return model.logits(x[:, -1:])[:, 0], dataclasses.replace(cache, index=jnp.int32(P))
 
@@ -73,7 +73,7 @@ def decode_step(model: decoder.CausalLM, cache: decoder.KVCache, token, pad):
     """Runs token (B,) at slot cache.index of left-padded rows: the next-token logits (B, V) and
     the cache with that slot filled."""
     q_pos = (cache.index - pad)[:, None]
-    mask = _attention_mask(q_pos, pad, cache.keys.shape[2], model.config.sliding_window)
+    mask = _attention_mask(model.config, q_pos, pad, cache.keys.shape[2])
     x, cache, _ = model.hidden_states(token[:, None], q_pos, mask, cache)
     return model.logits(x)[:, 0], dataclasses.replace(cache, index=cache.index + 1)
 
@@ -121,12 +121,6 @@ def prefill(model: decoder.CausalLM, prompts: Sequence[Sequence[int]], max_new_t
     Returns (tokens (B, S), pad (B,), next-token logits (B, V), cache with index P)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token; pass a non-empty prompt")
-    cfg = model.config
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    if cfg.model_type == "qwen2" and cfg.sliding_window and longest > cfg.sliding_window:
-        # transformers windows only the layers from max_window_layers on; we do not model that.
-        raise UserError(f"{longest} tokens exceed this qwen2 model's sliding window of "
-                        f"{cfg.sliding_window} (use_sliding_window); generate fewer tokens")
     B, P = len(prompts), _round_up(max(len(p) for p in prompts), BUCKET)
     size = _round_up(P + max_new_tokens, BUCKET)
     tokens = np.zeros((B, size), np.int32)

@@ -72,6 +72,19 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * h.astype(x.dtype)
 
 
+class GemmaRMSNorm(nnx.Module):
+    """Gemma's RMSNorm: x * (1 + w), the scale applied in fp32 before the cast (w starts at 0)."""
+
+    def __init__(self, size: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.zeros((size,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return (h * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, size: int, eps: float, *, dtype):
         self.weight = nnx.Param(jnp.ones((size,), dtype))
@@ -86,9 +99,12 @@ class LayerNorm(nnx.Module):
         return (h * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
+_NORMS = {"rms": RMSNorm, "layer": LayerNorm, "gemma_rms": GemmaRMSNorm}
+
+
 def norm(cfg: ModelConfig, size: int, dtype):
-    """The family's norm: RMSNorm, or LayerNorm with a bias."""
-    return (LayerNorm if cfg.norm == "layer" else RMSNorm)(size, cfg.norm_eps, dtype=dtype)
+    """The family's norm: RMSNorm, LayerNorm with a bias, or Gemma's RMSNorm."""
+    return _NORMS[cfg.norm](size, cfg.norm_eps, dtype=dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -123,6 +139,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(self.num_heads * D, H, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         self.q_norm = norm(cfg, D, dtype) if cfg.qk_norm else None
         self.k_norm = norm(cfg, D, dtype) if cfg.qk_norm else None
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap  # Gemma's; None: 1/sqrt(D)
 
     def __call__(self, x, cos, sin, mask, cache: Optional[KVCache] = None, layer=0):
         """mask: (B or 1, T, S) over the S keys (S = T without a cache, the cache size with one)."""
@@ -139,7 +156,12 @@ class Attention(nnx.Module):
         group = self.num_heads // self.num_kv_heads
         q = q.reshape(B, T, self.num_kv_heads, group, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(self.head_dim)
+        if self.scale is None:
+            scores = scores / math.sqrt(self.head_dim)
+        else:
+            scores = scores * self.scale
+        if self.softcap is not None:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, self.num_heads * self.head_dim)
@@ -185,6 +207,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm(cfg, cfg.hidden_size, dtype) if cfg.mlp_norm else None
         self.mlp = MLP(cfg, width, dtype=dtype, rngs=rngs)
         self.parallel, self.post_norm = cfg.parallel, cfg.post_norm
+        # Gemma's sandwich: a norm on each branch's output too, before its residual add.
+        self.attn_output_layernorm = norm(cfg, cfg.hidden_size, dtype) if cfg.sandwich else None
+        self.mlp_output_layernorm = norm(cfg, cfg.hidden_size, dtype) if cfg.sandwich else None
 
     def attend(self, x, cos, sin, mask, cache=None, layer=0):
         """(mid, mlp_in, cache): the residual stream after attention, and the MLP's input."""
@@ -194,6 +219,8 @@ class DecoderLayer(nnx.Module):
             return mid, mid, cache
         normed = self.input_layernorm(x)
         attn, cache = self.self_attn(normed, cos, sin, mask, cache, layer)
+        if self.attn_output_layernorm is not None:
+            attn = self.attn_output_layernorm(attn)
         mid = x + attn
         if self.post_attention_layernorm is None:  # parallel, one shared norm
             return mid, normed, cache
@@ -203,6 +230,8 @@ class DecoderLayer(nnx.Module):
         """The layer's output from `attend`'s mid and the MLP's output."""
         if self.post_norm:
             return self.post_attention_layernorm(mid + mlp_out)
+        if self.mlp_output_layernorm is not None:
+            mlp_out = self.mlp_output_layernorm(mlp_out)
         return mid + mlp_out
 
     def __call__(self, x, cos, sin, mask, cache=None, layer=0, stats_mask=None):
@@ -237,33 +266,65 @@ class LlamaModel(nnx.Module):
                   for i in range(cfg.num_hidden_layers)]
         self.layers = _stack_layers(layers) if scan else nnx.List(layers)
         self.norm = norm(cfg, H, dtype) if cfg.final_norm else None
+        self.windowed = cfg.windowed()  # per layer: attends through the sliding window
         self.remat = False  # recompute each layer in the backward pass (training: less memory)
 
     def run_layers(self, x, cos, sin, mask, cache=None, stats_mask=None):
         """All decoder layers: (x, cache, stats). stats: (sum h^2, peak |h|), each (L, I) when
         scanned, else per-layer tuples; None without stats_mask."""
+        windowed = self.windowed
         if isinstance(self.layers, nnx.List):
             stats = []
             for i, layer in enumerate(self.layers):
+                w = windowed is not None and windowed[i]
+                m, c, s_ = for_layer(mask, w), for_layer(cos, w), for_layer(sin, w)
                 if self.remat:  # training: no cache, no statistics
-                    x, s = nnx.remat(lambda layer, x: layer(x, cos, sin, mask)[0])(layer, x), None
+                    x, s = nnx.remat(lambda layer, x: layer(x, c, s_, m)[0])(layer, x), None
                     continue
-                x, cache, s = layer(x, cos, sin, mask, cache, i, stats_mask)
+                x, cache, s = layer(x, c, s_, m, cache, i, stats_mask)
                 stats.append(s)
             return x, cache, None if stats_mask is None else tuple(zip(*stats))
         graphdef, state = nnx.split(self.layers)
+        depth = jax.tree.leaves(state)[0].shape[0]
+        flags = jnp.asarray(windowed if windowed is not None else (False,) * depth)
 
         def body(carry, xs):
             x, cache = carry
-            layer_state, i = xs
-            x, cache, s = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, cache, i, stats_mask)
+            layer_state, i, flag = xs
+            layer = nnx.merge(graphdef, layer_state)
+            x, cache, s = layer(x, for_layer(cos, flag), for_layer(sin, flag),
+                                for_layer(mask, flag), cache, i, stats_mask)
             return (x, cache), s
 
         if self.remat:
             body = jax.checkpoint(body)
-        depth = jax.tree.leaves(state)[0].shape[0]
-        (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(depth)))
+        (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(depth), flags))
         return x, cache, stats
+
+
+def with_window(cfg: ModelConfig, mask, q_pos=None, k_pos=None):
+    """The attention mask(s) a forward takes: `mask` (B or 1, T, S) as is for a model without a
+    sliding window, else (mask, windowed mask) where a query also sees only the keys less than
+    `sliding_window` positions behind it (q_pos (B or 1, T) and k_pos (B or 1, S); default: the
+    slots 0..T-1 of a call without a cache), as transformers' sliding-window mask."""
+    if cfg.sliding_window is None:
+        return mask
+    if q_pos is None:
+        q_pos = k_pos = jnp.arange(mask.shape[-1])[None]
+    near = (q_pos[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window
+    return mask, mask & near
+
+
+def for_layer(value, windowed):
+    """One layer's share of a (full-attention, windowed) pair (`with_window`'s masks, Gemma's
+    (global, local) rope): the second where `windowed` (a bool, or a traced one inside the scan
+    over layers). A value that is not a pair serves every layer."""
+    if not isinstance(value, tuple):
+        return value
+    full, near = value
+    if isinstance(windowed, bool):
+        return near if windowed else full
+    return jnp.where(windowed, near, full)
 
 
 def uniform_widths(cfg: ModelConfig) -> bool:
@@ -290,10 +351,6 @@ class CausalLM(nnx.Module):
     def __call__(self, tokens, attention_mask=None, positions=None):
         """Logits (B, T, V) in fp32. attention_mask: (B, T), 1 for real tokens, 0 for padding."""
         B, T = tokens.shape
-        window = self.config.sliding_window
-        if window is not None and T > window:
-            raise UserError(f"input of {T} tokens exceeds the model's sliding window of {window}; "
-                            f"use --seq_len <= {window}")
         table = self.config.max_position_embeddings
         if self.config.positions == "learned" and T > table:  # no position embedding past it
             raise UserError(f"input of {T} tokens exceeds the model's {table} learned positions "
@@ -306,14 +363,15 @@ class CausalLM(nnx.Module):
         mask = jnp.tril(jnp.ones((T, T), bool))[None]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, :]
-        x, _, _ = self.hidden_states(tokens, positions, mask)
+        x, _, _ = self.hidden_states(tokens, positions, with_window(self.config, mask))
         return self.logits(x)
 
     def hidden_states(self, tokens, positions, mask, cache: Optional[KVCache] = None, stats_mask=None):
         """The final hidden states (B, T, E) the head reads (normed, projected out where the
         model has those), the cache with this call's keys/values written, and (with stats_mask
         (B, T)) the MLP channel moments of `LlamaModel.run_layers`. mask: (B or 1, T, S), which
-        keys each query sees."""
+        keys each query sees; for a model with a sliding window, the pair (full, windowed) of
+        `with_window`, each layer taking its own."""
         cos, sin = self.rope(positions)
         x = self.embed(tokens, positions)
         x, cache, stats = self.model.run_layers(x, cos, sin, mask, cache, stats_mask)
@@ -322,6 +380,8 @@ class CausalLM(nnx.Module):
     def embed(self, tokens, positions):
         """The first layer's input: token embeddings (projected in), plus learned positions."""
         x = self.model.embed_tokens(tokens)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype first
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
         if self.model.project_in is not None:
             x = self.model.project_in(x)
         if self.model.embed_positions is not None:
@@ -338,14 +398,22 @@ class CausalLM(nnx.Module):
         (None, None) for a model with learned positions."""
         if self.config.rope is None:
             return None, None
-        return rope_lib.cos_sin(self.config.rope, positions)
+        cos, sin = rope_lib.cos_sin(self.config.rope, positions)
+        if self.config.rope_local is None:
+            return cos, sin
+        # Gemma: windowed layers rotate with their own base; `for_layer` picks each layer's.
+        local_cos, local_sin = rope_lib.cos_sin(self.config.rope_local, positions)
+        return (cos, local_cos), (sin, local_sin)
 
     def logits(self, x):
         tied = not isinstance(self.lm_head, Linear)
         head = self.model.embed_tokens.weight if tied else self.lm_head.weight
         logits = jnp.einsum("bth,vh->btv", x, head[...], preferred_element_type=jnp.float32)
         bias = None if self.lm_head is None else self.lm_head.bias
-        return logits if bias is None else logits + bias[...].astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias[...].astype(jnp.float32)
+        cap = self.config.logit_softcap
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
 
 
 class ChannelStats(NamedTuple):
@@ -378,6 +446,7 @@ def _channel_stats(graphdef, state, tokens, mask) -> ChannelStats:
     model = nnx.merge(graphdef, state)
     valid = mask.astype(bool)
     positions, attend = padded_positions(valid)
+    attend = with_window(model.config, attend)
     _, _, (sum_sq, peak) = model.hidden_states(tokens, positions, attend, stats_mask=valid)
     return ChannelStats(sum_sq, peak, jnp.sum(valid, dtype=jnp.int32))
 

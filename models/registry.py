@@ -19,6 +19,8 @@ GATE, UP, DOWN = (f"mlp.{p}_proj.weight" for p in ("gate", "up", "down"))
 GATE_BIAS, UP_BIAS, DOWN_BIAS = (f"mlp.{p}_proj.bias" for p in ("gate", "up", "down"))
 INPUT_NORM, INPUT_NORM_BIAS = "input_layernorm.weight", "input_layernorm.bias"
 POST_ATTN_NORM, POST_ATTN_NORM_BIAS = "post_attention_layernorm.weight", "post_attention_layernorm.bias"
+# Gemma's sandwich norms on the branch outputs (its HF post_attention / post_feedforward norms).
+ATTN_OUT_NORM, MLP_OUT_NORM = "attn_output_layernorm.weight", "mlp_output_layernorm.weight"
 
 # Whole-model tensors.
 EMBED = "model.embed_tokens.weight"
@@ -29,14 +31,22 @@ LM_HEAD, LM_HEAD_BIAS = "lm_head.weight", "lm_head.bias"
 
 LAYER_PREFIX = "model.layers.{}."
 
-# llama.cpp's tensor names for the same tensors (GGUF files of the LLaMA-style families).
-GGUF_GLOBAL = {EMBED: "token_embd.weight", FINAL_NORM: "output_norm.weight", LM_HEAD: "output.weight"}
+# llama.cpp's tensor names for the same tensors (`gguf.constants.TENSOR_NAMES`); a family whose
+# architecture names some differently says so in its `gguf_layer_names` (models/families.py).
+GGUF_GLOBAL = {EMBED: "token_embd.weight", FINAL_NORM: "output_norm.weight", LM_HEAD: "output.weight",
+               FINAL_NORM_BIAS: "output_norm.bias", LM_HEAD_BIAS: "output.bias"}
 GGUF_LAYER = {
     Q: "attn_q.weight", K: "attn_k.weight", V: "attn_v.weight", O: "attn_output.weight",
     Q_BIAS: "attn_q.bias", K_BIAS: "attn_k.bias", V_BIAS: "attn_v.bias", O_BIAS: "attn_output.bias",
     GATE: "ffn_gate.weight", UP: "ffn_up.weight", DOWN: "ffn_down.weight",
+    GATE_BIAS: "ffn_gate.bias", UP_BIAS: "ffn_up.bias", DOWN_BIAS: "ffn_down.bias",
     INPUT_NORM: "attn_norm.weight", POST_ATTN_NORM: "ffn_norm.weight",
+    INPUT_NORM_BIAS: "attn_norm.bias", POST_ATTN_NORM_BIAS: "ffn_norm.bias",
 }
+# One fused q/k/v tensor, rows [all q | all k | all v] (Falcon and GPT-NeoX files: the converter
+# reorders their query_key_value into it; Phi-2 files converted from the `Wqkv` checkpoints).
+GGUF_QKV = "attn_qkv"
+QKV_PART = {Q: 0, K: 1, V: 2, Q_BIAS: 0, K_BIAS: 1, V_BIAS: 2}  # canonical q/k/v -> part
 
 
 # ----------------------------------------------------------------------------- roles in pruning
@@ -73,6 +83,8 @@ def layer_tensor_names(cfg) -> list[str]:
         names.append(O_BIAS)
     if cfg.qk_norm:
         names += [Q_NORM, K_NORM] + [Q_NORM_BIAS, K_NORM_BIAS] * layer_norm
+    if cfg.sandwich:
+        names += [ATTN_OUT_NORM, MLP_OUT_NORM]
     names += row_sliced(cfg) + [COLUMN_SLICED] + [DOWN_BIAS] * cfg.mlp_bias
     return names
 
@@ -102,6 +114,7 @@ def expected_shapes(cfg) -> dict[str, tuple]:
         Q: (q, H), K: (kv, H), V: (kv, H), O: (H, q),
         Q_BIAS: (q,), K_BIAS: (kv,), V_BIAS: (kv,), O_BIAS: (H,),
         Q_NORM: (D,), K_NORM: (D,), Q_NORM_BIAS: (D,), K_NORM_BIAS: (D,),
+        ATTN_OUT_NORM: (H,), MLP_OUT_NORM: (H,),
         GATE: (I, H), UP: (I, H), DOWN: (H, I),
         GATE_BIAS: (I,), UP_BIAS: (I,), DOWN_BIAS: (H,),
     }

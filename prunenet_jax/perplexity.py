@@ -126,10 +126,10 @@ class EvalConfig:
 
     def check_model(self, config, source: str) -> None:
         """Refuses windows the model cannot take, from its config alone (before loading)."""
-        window = config.sliding_window
-        if window is not None and self.seq_len > window:
-            raise UserError(f"--seq_len={self.seq_len} exceeds the sliding window of {window} "
-                            f"of {source}; use --seq_len <= {window}")
+        table = config.max_position_embeddings
+        if config.positions == "learned" and self.seq_len > table:  # OPT: a position table
+            raise UserError(f"--seq_len={self.seq_len} exceeds the {table} learned positions "
+                            f"(max_position_embeddings) of {source}; use --seq_len <= {table}")
 
 
 def perplexity_fn(tokenizer, cfg: EvalConfig) -> Callable:

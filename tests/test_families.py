@@ -1,4 +1,5 @@
-"""The non-LLaMA families (OPT, Phi, Falcon, GPT-NeoX) end to end on tiny random checkpoints
+"""The families beyond LLaMA/Mistral/Qwen2 (OPT, Phi, Falcon, GPT-NeoX, Qwen3, Phi-3,
+Gemma 2/3) end to end on tiny random checkpoints
 (tests/tiny_models.py): logits against transformers on long padded batches; every pruning mode,
 and the guard, with HF exports that transformers loads and that compute the dense model with the
 dropped channels zeroed; a batch over two families; recovery (refit + LoRA) of a pruned output;
@@ -34,7 +35,8 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_plat
 
 # The tiny_models configs of the new families (each test runs on every one of them).
 FAMILIES = ["opt", "opt_350m_postln", "phi2", "phi_qk_ln", "falcon_7b", "falcon_new",
-            "falcon_seq_bias", "neox_parallel", "neox_seq"]
+            "falcon_seq_bias", "neox_parallel", "neox_seq", "qwen3_windowed", "phi3_longrope",
+            "gemma2", "gemma3"]
 BATCH = ("opt_350m_postln", "falcon_7b")  # two families of the same FFN shape (64 x 32): one policy
 MODES = ("sample", "topk", "energy", "random")
 RATIO = 0.25
@@ -66,8 +68,10 @@ def _ffn(hf, i) -> dict:
     if mt == "gpt_neox":
         mlp = hf.gpt_neox.layers[i].mlp
         return {"up": mlp.dense_h_to_4h, "down": mlp.dense_4h_to_h}
-    mlp = hf.model.layers[i].mlp  # llama, mistral, qwen2
-    return {"gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+    mlp = hf.model.layers[i].mlp
+    if mt == "phi3":  # rows [gate | up] in one module
+        return {"gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
+    return {"gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}  # llama, qwen2/3, ...
 
 
 def _width(name) -> int:
@@ -144,11 +148,11 @@ def _check_export(name, hf_dir, k, dense_hf=None, kept=None, orbax_dir=None, ato
     H = hf.config.hidden_size
     for i in range(hf.config.num_hidden_layers):
         ffn = _ffn(hf, i)
-        for role in ("gate", "up"):
+        for role, rows in (("gate", k), ("up", k), ("gate_up", 2 * k)):
             if role in ffn:
-                assert tuple(ffn[role].weight.shape) == (k, H), (role, i, ffn[role].weight.shape)
+                assert tuple(ffn[role].weight.shape) == (rows, H), (role, i, ffn[role].weight.shape)
                 if ffn[role].bias is not None:
-                    assert tuple(ffn[role].bias.shape) == (k,)
+                    assert tuple(ffn[role].bias.shape) == (rows,)
         assert tuple(ffn["down"].weight.shape) == (H, k), (i, ffn["down"].weight.shape)
         if ffn["down"].bias is not None:
             assert tuple(ffn["down"].bias.shape) == (H,)
@@ -250,11 +254,13 @@ def _planted(name, folder):
     with torch.no_grad():
         for i in range(hf.config.num_hidden_layers):
             ffn = _ffn(hf, i)
-            for role in ("gate", "up"):
+            width = ffn["down"].weight.shape[1]
+            for role, rows in (("gate", PLANTED), ("up", PLANTED),
+                               ("gate_up", PLANTED + [width + j for j in PLANTED])):
                 if role in ffn:
-                    ffn[role].weight[PLANTED] *= 4.0
+                    ffn[role].weight[rows] *= 4.0
                     if ffn[role].bias is not None:
-                        ffn[role].bias[PLANTED] *= 4.0
+                        ffn[role].bias[rows] *= 4.0
             ffn["down"].weight[:, PLANTED] *= 4.0
     return hf, tiny_models.save_hf_model(hf, folder)
 

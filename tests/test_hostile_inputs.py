@@ -217,10 +217,12 @@ def test_seeds_and_eval_settings_in_range():
                          ("batch_size", 10**9), ("max_tokens", -1), ("max_tokens", 10**20)):
         with pytest.raises(UserError, match=f"--{field}"):
             EvalConfig(texts={}, **{field: value}).check()
+    opt = ModelConfig.from_hf({**GOOD, "model_type": "opt", "ffn_dim": 48, "max_position_embeddings": 16})
+    with pytest.raises(UserError, match="exceeds the 16 learned positions"):
+        EvalConfig(texts={}, seq_len=17).check_model(opt, "m")
+    EvalConfig(texts={}, seq_len=16).check_model(opt, "m")
     mistral = ModelConfig.from_hf({**GOOD, "model_type": "mistral", "sliding_window": 16})
-    with pytest.raises(UserError, match="sliding window of 16"):
-        EvalConfig(texts={}, seq_len=17).check_model(mistral, "m")
-    EvalConfig(texts={}, seq_len=16).check_model(mistral, "m")
+    EvalConfig(texts={}, seq_len=17).check_model(mistral, "m")  # masked, not refused
 
 
 # ----------------------------------------------------------------------------- training

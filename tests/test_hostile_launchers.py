@@ -24,12 +24,12 @@ def models(tmp_path_factory):
     tiny = tiny_models.save_hf_model(
         tiny_models.make_hf_model("llama_gqa_untied", num_hidden_layers=2, intermediate_size=40),
         root / "tiny")
-    mistral = tiny_models.save_hf_model(
-        tiny_models.make_hf_model("mistral", num_hidden_layers=2, intermediate_size=40,
-                                  sliding_window=16), root / "mistral")
+    opt = tiny_models.save_hf_model(
+        tiny_models.make_hf_model("opt", num_hidden_layers=2, intermediate_size=40,
+                                  max_position_embeddings=16), root / "opt")
     text = root / "text.txt"
     text.write_text("Some English text to score. " * 40)
-    return {"root": root, "tiny": tiny, "mistral": mistral, "text": text}
+    return {"root": root, "tiny": tiny, "opt": opt, "text": text}
 
 
 BAD_NUMBERS = [
@@ -67,11 +67,11 @@ def test_batch_refuses_bad_numbers_and_binary_lists(models, tmp_path):
     assert not out.exists()
 
 
-def test_a_window_longer_than_the_sliding_window_is_refused_before_loading(models, tmp_path):
+def test_a_window_longer_than_the_learned_positions_is_refused_before_loading(models, tmp_path):
     out = tmp_path / "out"
-    proc = _run("launch.prune", f"--model={models['mistral']}", "--ratios=0.5", "--episodes=1",
+    proc = _run("launch.prune", f"--model={models['opt']}", "--ratios=0.5", "--episodes=1",
                 f"--out_dir={out}", f"--eval_text={models['text']}", "--seq_len=32")
-    _assert_user_error(proc, "--seq_len=32 exceeds the sliding window of 16")
+    _assert_user_error(proc, "--seq_len=32 exceeds the 16 learned positions")
     assert not out.exists()
 
 

@@ -64,3 +64,31 @@ def test_per_layer_widths_run_and_equal_zeroed_channels(tmp_path):
     tokens = jnp.asarray(rng.integers(0, 97, (2, 10)))
     np.testing.assert_allclose(np.asarray(sliced(tokens)), np.asarray(reference(tokens)), atol=1e-5)
     assert not np.allclose(np.asarray(sliced(tokens)), np.asarray(dense(tokens)), atol=1e-3)
+
+
+WINDOWED = {  # sequences several times the window: every layer windowed, or only some
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+def test_sliding_window_masks_match_transformers_past_the_window(tmp_path, name):
+    hf = tiny_models.make_hf_model(name, **WINDOWED[name])
+    _, model = _ours(tiny_models.save_hf_model(hf, tmp_path / name))
+    assert model.config.windowed() == ((True,) * 3 if name == "mistral" else (False, True, True))
+    tokens = np.random.default_rng(2).integers(0, hf.config.vocab_size, (2, 40))
+    mask = np.ones_like(tokens)
+    mask[1, :9] = 0  # left padding
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+        full = hf(torch.tensor(tokens[:1])).logits.numpy()
+    got = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+    diff = np.abs(got - want)[mask.astype(bool)].max()
+    assert diff < 1e-4, diff
+    # The window matters here: the same weights without it give other logits.
+    plain = tiny_models.make_hf_model(name, sliding_window=None)
+    with torch.no_grad():
+        unwindowed = plain(torch.tensor(tokens[:1])).logits.numpy()
+    assert np.abs(unwindowed[:, :5] - full[:, :5]).max() < 1e-5  # within the window: equal
+    assert np.abs(unwindowed - full).max() > 1e-2

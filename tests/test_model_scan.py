@@ -41,7 +41,7 @@ def test_scanned_logits_equal_unrolled(tmp_path, name):
     tokens, mask = _padded_batch()
     a = np.asarray(scanned(jnp.asarray(tokens), jnp.asarray(mask)))
     b = np.asarray(unrolled(jnp.asarray(tokens), jnp.asarray(mask)))
-    assert np.abs(a - b).max() < 1e-5 and np.abs(a).max() > 0.1
+    assert np.abs(a - b).max() < 3e-5 * max(1.0, np.abs(a).max() / 5) and np.abs(a).max() > 0.1
 
 
 def _config(layers):

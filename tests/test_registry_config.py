@@ -79,7 +79,10 @@ def test_fused_qkv_split_is_the_transformers_layout_and_fuse_inverts_it(heads, k
 @pytest.mark.parametrize("cfg,match", [
     ({"model_type": "mixtral", "num_local_experts": 8}, r"mixture-of-experts FFN \(num_local_experts=8\)"),
     ({"model_type": "bloom"}, "model_type 'bloom' is not supported; supported model types: "
-                              "falcon, gpt_neox, llama, mistral, opt, phi, qwen2"),
+                              "falcon, gemma2, gemma3_text, gpt_neox, llama, mistral, opt, phi, "
+                              "phi3, qwen2, qwen3"),
+    ({"model_type": "gemma3", "vision_config": {}}, r"a vision tower \(vision_config"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional"),
     ({"model_type": "falcon", "alibi": True}, "ALiBi"),
     ({"model_type": "llama", "hidden_act": "swiglu_x"}, "activation hidden_act='swiglu_x'"),
     ({"model_type": "opt", "ffn_dim": 12, "layer_norm_elementwise_affine": False},

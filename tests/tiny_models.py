@@ -48,6 +48,24 @@ CONFIGS = {
         tie_word_embeddings=False, num_hidden_layers=2,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
                          "partial_rotary_factor": 0.5})),
+    "qwen3_windowed": ("qwen3", dict(  # q/k RMSNorms; layers 1.. windowed, rows of 300 > 64
+        max_position_embeddings=512, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+        sliding_window=64, max_window_layers=1, bos_token_id=1, eos_token_id=2)),
+    "phi3_longrope": ("phi3", dict(  # fused qkv and gate_up, partial longrope, a window
+        max_position_embeddings=512, num_key_value_heads=2, original_max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=100,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5, "short_factor": [1.0, 1.1],
+                         "long_factor": [2.0, 3.0]})),
+    "gemma2": ("gemma2", dict(  # softcaps, sandwich norms, alternating windows of 64
+        max_position_embeddings=512, num_key_value_heads=2, head_dim=16, sliding_window=64,
+        query_pre_attn_scalar=12)),
+    "gemma3": ("gemma3_text", dict(  # q/k norms; windowed layers with their own rope base
+        max_position_embeddings=512, num_key_value_heads=2, head_dim=16, sliding_window=64,
+        query_pre_attn_scalar=12, final_logit_softcapping=20.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 
 # transformers' name of the FFN width, per model_type (BASE and overrides say intermediate_size).

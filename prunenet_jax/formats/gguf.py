@@ -2,10 +2,12 @@
 
 A GGUF file holds metadata (the model's hyperparameters and its tokenizer) and tensors, many of
 them block-quantised. We dequantise every tensor to a host numpy array (gguf_file.py), rename it
-from llama.cpp's names to Hugging Face's (`registry.GGUF_GLOBAL` / `registry.GGUF_LAYER`), stack
-the per-layer tensors on a leading layer axis, and undo the q/k row permutation llama.cpp's
-converter applies to `llama` models. The result equals what `transformers` loads from the same
-file. The config comes from gguf_config.py, the tokenizer from gguf_tokenizer.py.
+from llama.cpp's names to our canonical ones (`registry.GGUF_GLOBAL` / `registry.GGUF_LAYER`, and
+a family's `gguf_layer_names` where its architecture differs), split a fused `attn_qkv` (rows
+[q | k | v], as llama.cpp's converter writes Falcon's and GPT-NeoX's), stack the per-layer tensors
+on a leading layer axis, and undo the q/k row permutation llama.cpp's converter applies to `llama`
+models. For llama/qwen2 the result equals what `transformers` loads from the same file. The config
+comes from gguf_config.py, the tokenizer from gguf_tokenizer.py.
 """
 from __future__ import annotations
 
@@ -51,11 +53,13 @@ def default_model_path() -> str:
 
 
 def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> ModelWeights:
-    """Reads a llama/qwen2 GGUF file into host numpy arrays of `dtype` (None: float32).
+    """Reads a llama/qwen2/phi2/falcon/gptneox GGUF file into host numpy arrays of `dtype` (None:
+    float32).
 
-    Quantised tensors are dequantised; q/k projections of `llama` files are un-permuted; per-layer
-    tensors are stacked into `(L, ...)` arrays, preallocated and filled layer by layer so that host
-    memory holds about one copy of the model. `source` is what the user named (default: `path`).
+    Quantised tensors are dequantised; q/k projections of `llama` files are un-permuted; a fused
+    attn_qkv is split; per-layer tensors are stacked into `(L, ...)` arrays, preallocated and filled
+    layer by layer so that host memory holds about one copy of the model. `source` is what the
+    user named (default: `path`).
     """
     path = os.fspath(path)
     dtype = np.dtype(np.float32 if dtype is None else dtype)
@@ -63,44 +67,34 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     tensors = {t.name: t for t in reader.tensors}
     hf_config = gguf_hf_config(reader, path, tensors)
     config = ModelConfig.from_hf(hf_config, source=path)
-
-    def tensor(gguf_name: str, expected: tuple) -> np.ndarray:
-        if gguf_name not in tensors:
-            raise UserError(f"{path}: tensor {gguf_name!r} is missing; the file is incomplete or "
-                            "holds another kind of model; re-download or re-convert it")
-        arr = dequantize(tensors[gguf_name], path)
-        check_shape(path, gguf_name, arr.shape, expected, "the file's metadata",
-                    "the file is corrupt or was converted wrongly; re-convert it")
-        return arr
-
+    file = _Tensors(path, tensors)
     expected = registry.expected_shapes(config)
     globals_ = {}
     for hf_name in registry.global_tensor_names(config):
-        arr = tensor(registry.GGUF_GLOBAL[hf_name], expected[hf_name])
+        arr = file.read(registry.GGUF_GLOBAL[hf_name], expected[hf_name])
         # F32 tensors come back as views of the memory-mapped file: copy those, cast the rest
         copy = np.may_share_memory(arr, reader.data)
         globals_[hf_name] = arr.astype(dtype, copy=copy)
 
-    transforms = families.gguf_transforms(config)
-    names = registry.layer_tensor_names(config)
-    missing = [n for n in (f"blk.{i}.{registry.GGUF_LAYER[h]}" for i in range(config.num_hidden_layers)
-                           for h in names) if n not in tensors]
+    sources = layer_sources(config, tensors)
+    used = [f"blk.{i}.{s}" for i in range(config.num_hidden_layers)
+            for s in dict.fromkeys(s for s, _ in sources.values())]
+    missing = [n for n in used if n not in tensors]
     if missing:  # before the slow part
         raise UserError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
                         "the file is incomplete or holds another kind of model; re-download or "
                         "re-convert it")
-    layers = {hf_name: np.empty(expected[hf_name], dtype=dtype) for hf_name in names}
+    layers = {hf_name: np.empty(expected[hf_name], dtype=dtype) for hf_name in sources}
+    transforms = families.gguf_transforms(config)
     bar = progress.over(range(config.num_hidden_layers), f"loading {os.path.basename(path)}", "layer")
     for i in bar:
-        for hf_name in names:
-            arr = tensor(f"blk.{i}.{registry.GGUF_LAYER[hf_name]}", expected[hf_name][1:])
+        for hf_name, arr in _read_layer(file, config, sources, i).items():
             if hf_name in transforms:
                 arr = transforms[hf_name](arr)
             layers[hf_name][i] = arr  # casts to dtype
 
-    used = {registry.GGUF_GLOBAL[n] for n in globals_} | {
-        f"blk.{i}.{registry.GGUF_LAYER[n]}" for i in range(config.num_hidden_layers) for n in names}
-    unused = sorted(set(tensors) - used - {ROPE_FREQS})
+    unused = sorted(set(tensors) - set(used) - {registry.GGUF_GLOBAL[n] for n in globals_}
+                    - {ROPE_FREQS})
     if unused:
         log.warning("%s: ignoring %d tensors this architecture does not use: %s", path, len(unused),
                     ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
@@ -109,6 +103,65 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
                            source=path if source is None else source, gguf_file=path)
     weights.check_shapes()
     return weights
+
+
+class _Tensors:
+    """A file's tensors by llama.cpp name, dequantised and shape-checked on read."""
+
+    def __init__(self, path: str, tensors: dict):
+        self.path, self.tensors = path, tensors
+
+    def read(self, gguf_name: str, expected: tuple) -> np.ndarray:
+        if gguf_name not in self.tensors:
+            raise UserError(f"{self.path}: tensor {gguf_name!r} is missing; the file is incomplete "
+                            "or holds another kind of model; re-download or re-convert it")
+        arr = dequantize(self.tensors[gguf_name], self.path)
+        check_shape(self.path, gguf_name, arr.shape, expected, "the file's metadata",
+                    "the file is corrupt or was converted wrongly; re-convert it")
+        return arr
+
+
+def layer_sources(config: ModelConfig, tensors: dict) -> dict[str, tuple[str, Optional[int]]]:
+    """Canonical layer suffix -> (the llama.cpp suffix it is stored under, its part 0/1/2 of a
+    fused attn_qkv or None). q/k/v come from attn_qkv when the file holds that and no attn_q."""
+    family = families.family_of(config.model_type)
+    fused = (f"blk.0.{registry.GGUF_QKV}.weight" in tensors
+             and f"blk.0.{registry.GGUF_LAYER[registry.Q]}" not in tensors)
+    sources = {}
+    for name in registry.layer_tensor_names(config):
+        if fused and name in registry.QKV_PART:
+            sources[name] = (f"{registry.GGUF_QKV}.{name.rsplit('.', 1)[1]}", registry.QKV_PART[name])
+        else:
+            sources[name] = (family.gguf_layer_name(config, name), None)
+    return sources
+
+
+def _read_layer(file: _Tensors, config: ModelConfig, sources: dict, i: int) -> dict:
+    """Layer i's tensors under canonical names (a fused attn_qkv read once, split)."""
+    expected = registry.expected_shapes(config)
+    split: dict[str, tuple] = {}
+    out = {}
+    for hf_name, (suffix, part) in sources.items():
+        if part is None:
+            out[hf_name] = file.read(f"blk.{i}.{suffix}", expected[hf_name][1:])
+            continue
+        if suffix not in split:
+            split[suffix] = split_qkv(file.read(f"blk.{i}.{suffix}", _qkv_shape(config, suffix)),
+                                      config)
+        out[hf_name] = split[suffix][part]
+    return out
+
+
+def _qkv_shape(config: ModelConfig, suffix: str) -> tuple:
+    rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    return (rows, config.hidden_size) if suffix.endswith(".weight") else (rows,)
+
+
+def split_qkv(fused: np.ndarray, config: ModelConfig) -> tuple:
+    """(q, k, v) of llama.cpp's attn_qkv: rows [all q | all k | all v] (weights or biases)."""
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return tuple(np.split(fused, [q, q + kv]))
 
 
 def load_gguf_config(path: str) -> ModelConfig:
@@ -120,15 +173,18 @@ def load_gguf_config(path: str) -> ModelConfig:
 
 
 def gguf_gate_stack(path: str):
-    """(config, gate matrices as a LazyLayerStack) without dequantising any other tensor."""
+    """(config, the scored matrices (gate, or fc1) as a LazyLayerStack) without dequantising any
+    other tensor."""
     from prunenet_jax.formats.layer_stack import LazyLayerStack
 
     path = os.fspath(path)
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     config = ModelConfig.from_hf(gguf_hf_config(reader, path, tensors), source=path)
-    shape = registry.expected_shapes(config)[registry.GATE]
-    names = [f"blk.{i}.{registry.GGUF_LAYER[registry.GATE]}" for i in range(config.num_hidden_layers)]
+    scored = registry.scored(config)  # gate, or fc1 (ffn_up) of a plain MLP
+    shape = registry.expected_shapes(config)[scored]
+    suffix, _ = layer_sources(config, tensors)[scored]
+    names = [f"blk.{i}.{suffix}" for i in range(config.num_hidden_layers)]
     for n in names:
         if n not in tensors:
             raise UserError(f"{path}: tensor {n!r} is missing; the file is incomplete; re-download it")

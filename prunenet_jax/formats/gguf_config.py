@@ -1,9 +1,22 @@
-"""A GGUF file's metadata as the Hugging Face config.json dict transformers' GGUF loader gives,
-with llama3 rope scaling recovered from the `rope_freqs` tensor."""
+"""A GGUF file's metadata as the Hugging Face config.json dict of its model, per llama.cpp
+architecture: `llama`/`qwen2` as transformers' GGUF loader gives it (llama3 rope scaling recovered
+from the `rope_freqs` tensor), `phi2`, `falcon` and `gptneox` as llama.cpp's convert_hf_to_gguf.py
+writes them (its Phi2Model, FalconModel and GPTNeoXModel).
+
+What those files cannot say is taken from what llama.cpp itself assumes for the architecture, or
+read off which tensors exist, or refused: biases from the bias tensors, tied heads from a missing
+`output.weight`, Falcon's variant from `attn_norm_2` and the kv head count; the activation is the
+family's (Phi-2 gelu_new, Falcon and GPT-NeoX exact gelu: the models' own, where llama.cpp runs
+its tanh approximation for all three); rope theta is 10000 unless `rope.freq_base` says otherwise
+(llama.cpp's default; the converter writes none for these three). The converter writes Falcon's
+context length as 2048 and Phi-2's and Falcon's FFN width as 4 * hidden size: a model whose FFN
+is narrower gives a file llama.cpp cannot load either, refused here on the `ffn_up` shape.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -14,88 +27,227 @@ from prunenet_jax.models import families, registry
 ROPE_FREQS = "rope_freqs.weight"  # llama3-style rope scaling, stored as per-dimension factors
 
 
-def gguf_hf_config(reader, path: str, tensors: Optional[dict] = None) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict described by the file's metadata.
+@dataclasses.dataclass(frozen=True)
+class _File:
+    """The metadata under the file's architecture prefix, and which tensors the file holds."""
+    meta: Metadata
+    arch: str
+    path: str
+    tensors: dict
 
-    Field for field what `transformers.AutoConfig.from_pretrained(folder, gguf_file=name)` gives
-    (transformers v5 layout, `rope_parameters`), with `architectures` added, float32 metadata
-    values written as their shortest decimal (1e-05, not 9.999999747378752e-06), and llama3 rope
-    scaling recovered from the `rope_freqs` tensor (transformers ignores that tensor).
-    """
+    def get(self, key: str, default: Any = Metadata.REQUIRED) -> Any:
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def int(self, key: str, default: Any = Metadata.REQUIRED) -> Any:
+        return self.meta.int(f"{self.arch}.{key}", default)
+
+    def has(self, layer_tensor: str) -> bool:
+        """Whether layer 0 holds `layer_tensor` (llama.cpp suffix)."""
+        return f"blk.0.{layer_tensor}" in self.tensors
+
+    def refuse(self, what: str):
+        raise UserError(f"{self.path}: {what}")
+
+
+def gguf_hf_config(reader, path: str, tensors: Optional[dict] = None) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict described by the file's metadata (transformers v5
+    layout, `rope_parameters`), with `architectures` added and float32 metadata values written as
+    their shortest decimal (1e-05, not 9.999999747378752e-06). For llama/qwen2 files, field for
+    field what `transformers.AutoConfig.from_pretrained(folder, gguf_file=name)` gives, plus llama3
+    rope scaling recovered from the `rope_freqs` tensor (transformers ignores that tensor)."""
     tensors = {t.name: t for t in reader.tensors} if tensors is None else tensors
     meta = Metadata(reader, path)
-    arch_name = meta.get("general.architecture")
-    model_type = _model_type(arch_name, path)
-
-    def arch(key, default=Metadata.REQUIRED):
-        return meta.get(f"{arch_name}.{key}", default)
-
-    hidden = meta.int(f"{arch_name}.embedding_length")
-    heads = meta.int(f"{arch_name}.attention.head_count")
+    f = _File(meta, meta.get("general.architecture"), path, tensors)
+    model_type = _model_type(f.arch, path)
+    hidden, heads = f.int("embedding_length"), f.int("attention.head_count")
     if hidden < 1 or heads < 1:  # the config check would come too late: hidden // heads below
-        raise UserError(f"{path}: {arch_name}.embedding_length={hidden} and "
-                        f"{arch_name}.attention.head_count={heads} must be positive; the file's "
-                        "metadata is corrupt: re-convert it with llama.cpp")
-    kv_heads = meta.int(f"{arch_name}.attention.head_count_kv", heads)
-    head_dim = meta.int(f"{arch_name}.attention.key_length", None)
-    if head_dim is None and model_type == "llama":
-        head_dim = meta.int(f"{arch_name}.rope.dimension_count", None)
-    if head_dim is None:
-        head_dim = hidden // heads
-    vocab = meta.int(f"{arch_name}.vocab_size", None)
-    if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    if vocab is None and registry.GGUF_GLOBAL[registry.EMBED] in tensors:
-        vocab = int(tensors[registry.GGUF_GLOBAL[registry.EMBED]].shape[-1])
-    if vocab is None:
-        raise UserError(f"{path}: the vocabulary size is not stated (no {arch_name}.vocab_size, "
-                        "no tokenizer.ggml.tokens); re-convert the file with llama.cpp")
-    theta = float(arch("rope.freq_base", 10000.0))
-
+        f.refuse(f"{f.arch}.embedding_length={hidden} and {f.arch}.attention.head_count={heads} "
+                 "must be positive; the file's metadata is corrupt: re-convert it with llama.cpp")
     cfg: dict[str, Any] = {
         "architectures": [families.family_of(model_type).hf_class],
         "model_type": model_type,
-        "vocab_size": vocab,
+        "vocab_size": _vocab_size(f, reader),
         "hidden_size": hidden,
-        "intermediate_size": meta.int(f"{arch_name}.feed_forward_length"),
-        "num_hidden_layers": meta.int(f"{arch_name}.block_count"),
+        "num_hidden_layers": f.int("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": meta.int(f"{arch_name}.context_length", 2048),
-        "rms_norm_eps": float(arch("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
+        "max_position_embeddings": f.int("context_length", 2048),
         "tie_word_embeddings": registry.GGUF_GLOBAL[registry.LM_HEAD] not in tensors,
         "initializer_range": 0.02,
         "attention_dropout": 0.0,
         "use_cache": True,
     }
-    if model_type == "llama":
-        cfg.update(head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in tensors,
-                   mlp_bias="blk.0.ffn_gate.bias" in tensors, pretraining_tp=1)
-    elif model_type == "qwen2":
-        cfg.update(use_sliding_window=False)
-        if head_dim != hidden // heads:
-            raise UserError(f"{path}: head size {head_dim} differs from hidden_size / heads, which "
-                            "qwen2 models do not support; the file's metadata is inconsistent")
+    cfg.update(_ARCHS[model_type](f, hidden, heads))
     for key in ("bos", "eos", "padding"):
         token = meta.int(f"tokenizer.ggml.{key}_token_id", None)
         if token is not None:
             cfg["pad_token_id" if key == "padding" else f"{key}_token_id"] = token
-
-    scaling = arch("rope.scaling.type", None)
-    if scaling not in (None, "none"):
-        raise UserError(f"{path}: rope scaling {scaling!r} is not supported (supported: none, "
-                        "llama3); use a model without it")
-    if ROPE_FREQS in tensors:
-        factors = dequantize(tensors[ROPE_FREQS], path).reshape(-1)
-        llama3 = llama3_from_rope_factors(factors, theta, head_dim)
-        if llama3 is None:
-            raise UserError(f"{path}: the tensor {ROPE_FREQS!r} holds rope scaling factors that "
-                            "match no llama3 rope scaling; this kind of rope scaling is not supported")
-        if llama3:
-            cfg["rope_parameters"] = {"rope_theta": theta, "rope_type": "llama3", **llama3}
     return cfg
+
+
+def _vocab_size(f: _File, reader) -> int:
+    vocab = f.int("vocab_size", None)
+    if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if vocab is None and registry.GGUF_GLOBAL[registry.EMBED] in f.tensors:
+        vocab = int(f.tensors[registry.GGUF_GLOBAL[registry.EMBED]].shape[-1])
+    if vocab is None:
+        f.refuse(f"the vocabulary size is not stated (no {f.arch}.vocab_size, no "
+                 "tokenizer.ggml.tokens); re-convert the file with llama.cpp")
+    return vocab
+
+
+# ----------------------------------------------------------------------------- llama, qwen2
+
+def _llama(f: _File, hidden: int, heads: int) -> dict:
+    head_dim = f.int("attention.key_length", None)
+    if head_dim is None:
+        head_dim = f.int("rope.dimension_count", None)
+    if head_dim is None:
+        head_dim = hidden // heads
+    return {**_llama_common(f, heads, head_dim), "head_dim": head_dim,
+            "attention_bias": f.has("attn_q.bias"), "mlp_bias": f.has("ffn_gate.bias"),
+            "pretraining_tp": 1}
+
+
+def _qwen2(f: _File, hidden: int, heads: int) -> dict:
+    head_dim = f.int("attention.key_length", None)
+    if head_dim is None:
+        head_dim = hidden // heads
+    if head_dim != hidden // heads:
+        f.refuse(f"head size {head_dim} differs from hidden_size / heads, which qwen2 models do "
+                 "not support; the file's metadata is inconsistent")
+    return {**_llama_common(f, heads, head_dim), "use_sliding_window": False}
+
+
+def _llama_common(f: _File, heads: int, head_dim: int) -> dict:
+    return {"intermediate_size": f.int("feed_forward_length"),
+            "num_key_value_heads": f.int("attention.head_count_kv", heads),
+            "hidden_act": "silu",
+            "rms_norm_eps": float(f.get("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_parameters": _llama_rope(f, head_dim)}
+
+
+def _llama_rope(f: _File, head_dim: int) -> dict:
+    theta = float(f.get("rope.freq_base", 10000.0))
+    _check_no_scaling_type(f)
+    if ROPE_FREQS not in f.tensors:
+        return {"rope_theta": theta, "rope_type": "default"}
+    factors = dequantize(f.tensors[ROPE_FREQS], f.path).reshape(-1)
+    llama3 = llama3_from_rope_factors(factors, theta, head_dim)
+    if llama3 is None:
+        f.refuse(f"the tensor {ROPE_FREQS!r} holds rope scaling factors that match no llama3 rope "
+                 "scaling; this kind of rope scaling is not supported")
+    if llama3:
+        return {"rope_theta": theta, "rope_type": "llama3", **llama3}
+    return {"rope_theta": theta, "rope_type": "default"}
+
+
+def _check_no_scaling_type(f: _File) -> None:
+    scaling = f.get("rope.scaling.type", None)
+    if scaling not in (None, "none"):
+        f.refuse(f"rope scaling {scaling!r} is not supported (supported: none, llama3); use a model "
+                 "without it")
+
+
+# ----------------------------------------------------------------------------- phi2, falcon, gptneox
+
+def _phi2(f: _File, hidden: int, heads: int) -> dict:
+    """convert_hf_to_gguf.py's Phi2Model: q/k/v separate (a `Wqkv` checkpoint: one attn_qkv)."""
+    head_dim = _head_dim(f, hidden, heads)
+    return {"intermediate_size": f.int("feed_forward_length"),
+            "num_key_value_heads": f.int("attention.head_count_kv", heads),
+            "hidden_act": "gelu_new", "layer_norm_eps": _layer_norm_eps(f), "qk_layernorm": False,
+            "rope_parameters": _plain_rope(f, partial_rotary_factor=_rotary_fraction(f, head_dim))}
+
+
+def _gpt_neox(f: _File, hidden: int, heads: int) -> dict:
+    """convert_hf_to_gguf.py's GPTNeoXModel: attn_qkv reordered to [q | k | v]."""
+    head_dim = _head_dim(f, hidden, heads)
+    kv = f.int("attention.head_count_kv", heads)
+    if kv != heads:
+        f.refuse(f"{f.arch}.attention.head_count_kv = {kv} differs from head_count = {heads}; "
+                 "GPT-NeoX models have no grouped key/value heads: the metadata is inconsistent")
+    parallel = f.get("use_parallel_residual")
+    if not isinstance(parallel, bool):
+        f.refuse(f"GGUF metadata {f.arch}.use_parallel_residual = {parallel!r} is not a boolean; "
+                 "the file is corrupt; re-convert it")
+    return {"intermediate_size": f.int("feed_forward_length"), "hidden_act": "gelu",
+            "layer_norm_eps": _layer_norm_eps(f), "use_parallel_residual": parallel,
+            "attention_bias": _qkv_bias(f),
+            "rope_parameters": _plain_rope(f, partial_rotary_factor=_rotary_fraction(f, head_dim))}
+
+
+def _falcon(f: _File, hidden: int, heads: int) -> dict:
+    """convert_hf_to_gguf.py's FalconModel: attn_qkv reordered from kv groups to [q | k | v]
+    (`tensor_data_layout` "jploski"); always parallel attention + MLP (llama.cpp's Falcon). The
+    variant is read off the tensors: a second norm (attn_norm_2) or grouped kv heads is the new
+    decoder architecture (Falcon-40B/180B, Falcon-11B), else multi-query (one kv head, Falcon-7B)
+    or multi-head."""
+    head_dim = _head_dim(f, hidden, heads)
+    kv = f.int("attention.head_count_kv", heads)
+    layout = f.get("tensor_data_layout", None)
+    if layout != "jploski" and (layout is not None or kv > 1):  # with one kv head both coincide
+        f.refuse(f"the order of the rows of attn_qkv is unknown: {f.arch}.tensor_data_layout is "
+                 f"{layout!r}, not 'jploski' (what llama.cpp's converter writes); re-convert the "
+                 "file with llama.cpp's convert_hf_to_gguf.py")
+    rotated = f.int("rope.dimension_count", None)
+    if rotated not in (None, head_dim):
+        f.refuse(f"{f.arch}.rope.dimension_count = {rotated} is not the head size {head_dim}; "
+                 "Falcon models rotate whole heads")
+    two_norms = f.has("attn_norm_2.weight")
+    if two_norms or 1 < kv < heads:
+        variant = {"new_decoder_architecture": True, "num_kv_heads": kv,
+                   "num_ln_in_parallel_attn": 2 if two_norms else 1}
+    else:
+        variant = {"new_decoder_architecture": False, "multi_query": kv == 1, "num_kv_heads": heads}
+    return {"ffn_hidden_size": f.int("feed_forward_length"), "activation": "gelu", "alibi": False,
+            "bias": _qkv_bias(f), "parallel_attn": True, "layer_norm_epsilon": _layer_norm_eps(f),
+            "rope_parameters": _plain_rope(f), **variant}
+
+
+def _head_dim(f: _File, hidden: int, heads: int) -> int:
+    """hidden / heads: these architectures have no head size of their own."""
+    stated = f.int("attention.key_length", None)
+    if hidden % heads or stated not in (None, hidden // heads):
+        f.refuse(f"the head size ({f.arch}.attention.key_length = {stated}, embedding_length / "
+                 f"head_count = {hidden}/{heads}) is not a whole hidden_size / heads, which {f.arch} "
+                 "models require; the file's metadata is inconsistent")
+    return hidden // heads
+
+
+def _layer_norm_eps(f: _File) -> float:
+    return float(f.get("attention.layer_norm_epsilon"))
+
+
+def _qkv_bias(f: _File) -> bool:
+    return f.has(f"{registry.GGUF_QKV}.bias") or f.has(registry.GGUF_LAYER[registry.Q_BIAS])
+
+
+def _rotary_fraction(f: _File, head_dim: int) -> float:
+    """The partial rotary factor whose int(head_dim * factor) (transformers' rotary size) is the
+    file's rope.dimension_count."""
+    dims = f.int("rope.dimension_count")
+    if not 2 <= dims <= head_dim or dims % 2:
+        f.refuse(f"{f.arch}.rope.dimension_count = {dims} is not an even number of rotated "
+                 f"dimensions from 2 to the head size {head_dim}; the file's metadata is corrupt")
+    factor = dims / head_dim
+    while int(head_dim * factor) < dims:  # dims / head_dim rounded down
+        factor = math.nextafter(factor, 2.0)
+    return factor
+
+
+def _plain_rope(f: _File, **extra) -> dict:
+    """Unscaled rope; theta 10000 unless the file states one (llama.cpp's default)."""
+    _check_no_scaling_type(f)
+    if ROPE_FREQS in f.tensors:
+        f.refuse(f"the tensor {ROPE_FREQS!r} (rope scaling factors) is not supported in {f.arch} "
+                 "models; use a model without rope scaling")
+    return {"rope_type": "default", "rope_theta": float(f.get("rope.freq_base", 10000.0)), **extra}
+
+
+# Our model_type -> its reader (a family whose gguf_arch has no reader here is not read).
+_ARCHS: dict[str, Callable[[_File, int, int], dict]] = {
+    "llama": _llama, "qwen2": _qwen2, "phi": _phi2, "falcon": _falcon, "gpt_neox": _gpt_neox}
 
 
 def llama3_from_rope_factors(factors: np.ndarray, theta: float, head_dim: int) -> Optional[dict]:
@@ -142,8 +294,12 @@ def _llama3_factors(inv_freq, factor, low_freq_factor, high_freq_factor,
 
 
 def _model_type(arch_name: str, path: str) -> str:
-    """Our model_type for a GGUF `general.architecture` (mistral models are written as llama)."""
-    gguf_archs = {f.gguf_arch: f.name for f in families.FAMILIES if f.gguf_arch == f.name}
+    """Our model_type for a GGUF `general.architecture` (the first family of that architecture:
+    mistral models are written as llama)."""
+    gguf_archs: dict[str, str] = {}
+    for f in families.FAMILIES:
+        if f.gguf_arch and f.name in _ARCHS:
+            gguf_archs.setdefault(f.gguf_arch, f.name)
     if arch_name not in gguf_archs:
         others = [t for t in families.SUPPORTED if t not in gguf_archs.values()]
         raise UserError(f"{path}: GGUF architecture {arch_name!r} is not supported; supported GGUF "

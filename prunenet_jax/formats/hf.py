@@ -152,16 +152,22 @@ def load_gate_stack(folder: str) -> tuple[ModelConfig, LazyLayerStack]:
     where = _with_base_prefix(open_shards(folder), cfg)
     scored = registry.scored(cfg)
     prefix = families.family_of(cfg.model_type).layer_prefix
-    hf_suffix, _ = hf_names.layer_source(cfg, scored)
+    hf_suffix, part = hf_names.layer_source(cfg, scored)  # part: of a fused gate/up (Phi-3)
     names = [prefix.format(i) + hf_suffix for i in range(cfg.num_hidden_layers)]
     shape = registry.expected_shapes(cfg)[scored]
+    stored_shape = shape[1:] if part is None else hf_names.fused_shape(cfg, scored)
     for n in names:
-        if n not in where or where[n].shape(n) != shape[1:]:
+        if n not in where or where[n].shape(n) != stored_shape:
             raise UserError(f"{folder}: tensor {n!r} is missing or has the wrong shape; the "
                             "checkpoint is incomplete or its config.json describes another model")
+
+    def layer(i: int) -> np.ndarray:
+        t = where[names[i]].get(names[i])
+        return t if part is None else hf_names.split_part(cfg, t, part)
+
     stored = where[names[0]].get(names[0]).dtype
     dtype = stored if stored.name in ("float32", "bfloat16", "float16") else np.dtype(np.float32)
-    return cfg, LazyLayerStack(shape, dtype, lambda i: where[names[i]].get(names[i]))
+    return cfg, LazyLayerStack(shape, dtype, layer)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -31,7 +31,6 @@ import scipy.linalg
 from flax import nnx
 
 from prunenet_jax import progress
-from prunenet_jax.errors import UserError
 from prunenet_jax.models import decoder, registry
 from prunenet_jax.weights import ModelWeights
 
@@ -94,10 +93,6 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
     pruned and of the refit down_proj."""
     started = time.time()
     cfg = pruned.config
-    window = cfg.sliding_window
-    if window is not None and tokens.shape[1] > window:  # the forward pass refuses it too
-        raise UserError(f"--train_seq_len={tokens.shape[1]} exceeds the sliding window of {window} "
-                        f"of the model; use --train_seq_len <= {window}")
     bias = registry.DOWN_BIAS in pruned.layers  # the column-sliced matrix's bias
     pruned_model = decoder.from_named_arrays(cfg, pruned.named_arrays())
     batches = []  # per batch: the refit path's hidden states, rope, attention mask, valid tokens
@@ -105,6 +100,7 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
         t = jnp.asarray(tokens[start:start + batch_size])
         valid = jnp.asarray(mask[start:start + batch_size]).astype(bool)
         positions, attend = decoder.padded_positions(valid)
+        attend = decoder.with_window(cfg, attend)
         cos, sin = dense_model.rope(positions)
         x = dense_model.embed(t, positions)
         batches.append([x, cos, sin, attend, valid])
@@ -116,9 +112,12 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
         pruned_def, pruned_state = _layer(pruned_model, l)
         G = B = 0.0
         yy, outs = 0.0, []
-        for b in batches:
+        windowed = cfg.windowed() is not None and cfg.windowed()[l]
+        for x, cos, sin, attend, valid in batches:
             mid, h, (g, bb, y2) = _layer_system(dense_def, pruned_def, bias, dense_state,
-                                                pruned_state, *b)
+                                                pruned_state, x, decoder.for_layer(cos, windowed),
+                                                decoder.for_layer(sin, windowed),
+                                                decoder.for_layer(attend, windowed), valid)
             G, B, yy = G + np.asarray(g, np.float64), B + np.asarray(bb, np.float64), yy + float(y2)
             outs.append((mid, h))
         coef = _solve(G, B, bias, ridge)  # (k [+1], H)
