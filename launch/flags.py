@@ -101,8 +101,9 @@ def help_text(module: str, doc: Optional[str]) -> str:
 
 @group(MODEL)
 def define_model_flags(what: str = "model") -> None:
-    flags.DEFINE_string(what, "default", "'default' (SmolLM2-135M-Instruct GGUF), an HF folder, a "
-                        "hub id or a .gguf file")
+    flags.DEFINE_string(what, "default", "'default' (SmolLM2-135M-Instruct GGUF), 'gemma3-270m' "
+                        "(Gemma 3 270M GGUF, from its PyPI packages), an HF folder, a hub id or a "
+                        ".gguf file")
     flags.DEFINE_string("revision", None, f"Hub revision (branch, tag or commit) when --{what} is "
                         "a hub id")
 

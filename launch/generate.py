@@ -17,8 +17,8 @@ from prunenet_jax.launch import common
 from prunenet_jax.launch import flags as launch_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "default", "'default' (SmolLM2-135M-Instruct GGUF), an HF folder, a hub "
-                    "id, a .gguf file, or a pruned model: a prune run's --out_dir (with --ratio/"
+flags.DEFINE_string("model", "default", "'default' (SmolLM2-135M-Instruct GGUF), 'gemma3-270m', "
+                    "an HF folder, a hub id, a .gguf file, or a pruned model: a prune run's --out_dir (with --ratio/"
                     "--mode when it holds several), its [<mode>/]ratio_<r>, or .../orbax, .../hf")
 flags.DEFINE_string("revision", None, "Hub revision when --model is a hub id")
 flags.DEFINE_string("prompt", None, "The text to continue (or, with --chat, the user's message)")

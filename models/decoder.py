@@ -1,5 +1,7 @@
-"""The decoder of every family (models/families.py: LLaMA, Mistral, Qwen2, OPT, Phi, Falcon,
-GPT-NeoX) in Flax NNX, each layer built from the config's norm, block, MLP and position kinds.
+"""The decoder of every family (models/families.py: LLaMA, Mistral, Qwen2/3, OPT, Phi, Phi-3,
+Falcon, GPT-NeoX, Gemma 2/3) in Flax NNX, each layer built from the config's norm, block, MLP and
+position kinds. Layers of a sliding-window model take the windowed mask (and, in Gemma 3, the
+local rope) or the full one per layer (`with_window`, `for_layer`).
 
 Attribute names are the canonical names (models/registry.py; LLaMA's Hugging Face names), so a
 parameter's path in the NNX state is its canonical name (`model.layers.3.mlp.gate_proj.weight`),

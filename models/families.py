@@ -40,6 +40,10 @@ class Family:
     fused_gate_up: str = ""  # HF suffix (less .weight) of a fused [gate | up] (Phi-3); "" if none
     gguf_arch: str = ""  # llama.cpp architecture we read GGUF files of ("" : not read)
     gguf_permutes_qk: bool = False  # llama.cpp's converter permutes q/k rows; undone on load
+    # What llama.cpp's converter adds to every norm weight (Gemma: 1, its x * (1 + w) stored as a
+    # plain RMSNorm weight); subtracted on load.
+    gguf_norm_shift: float = 0.0
+    gguf_fused_gate_up: bool = False  # the file's ffn_up holds [gate | up] (Phi-3)
     # ModelConfig -> {canonical layer suffix: llama.cpp suffix}, where they differ from
     # registry.GGUF_LAYER.
     gguf_layer_names: Callable[[object], dict] = lambda cfg: {}
@@ -339,17 +343,19 @@ FAMILIES = (
            gguf_arch="qwen2"),
     Family("qwen3", ("qwen3",), "Qwen3ForCausalLM",  # RMSNorm on each head's q and k
            functools.partial(_llama, qkv_bias=_attention_bias, o_bias=_attention_bias,
-                             window=_qwen_windows, qk_norm=True)),
+                             window=_qwen_windows, qk_norm=True),
+           gguf_arch="qwen3"),
     Family("gemma2", ("gemma2",), "Gemma2ForCausalLM", functools.partial(_gemma, version=2),
-           layer_names=_gemma_layer_names),
+           layer_names=_gemma_layer_names, gguf_arch="gemma2", gguf_norm_shift=1.0),
     Family("gemma3", ("gemma3_text",), "Gemma3ForCausalLM", functools.partial(_gemma, version=3),
-           layer_names=_gemma_layer_names),
+           layer_names=_gemma_layer_names, gguf_arch="gemma3", gguf_norm_shift=1.0),
     Family("phi3", ("phi3",), "Phi3ForCausalLM",  # Phi-3, Phi-4-mini: fused qkv and gate/up
            functools.partial(_llama, qkv_bias=lambda c: False, o_bias=lambda c: False,
                              window=_every_layer_window, eps=1e-5,
                              rope_keys=dict(original_max_position_embeddings=4096,
                                             type_aliases=rope.PHI3_TYPE_ALIASES)),
-           fused_qkv="self_attn.qkv_proj", qkv_layout="concat", fused_gate_up="mlp.gate_up_proj"),
+           fused_qkv="self_attn.qkv_proj", qkv_layout="concat", fused_gate_up="mlp.gate_up_proj",
+           gguf_arch="phi3", gguf_fused_gate_up=True),
     Family("opt", ("opt",), "OPTForCausalLM", _opt, layer_prefix="model.decoder.layers.{}.",
            layer_names=_opt_layer_names, width_key="ffn_dim",
            global_names={r.EMBED: "model.decoder.embed_tokens.weight",
@@ -407,11 +413,26 @@ def check_features(cfg: dict, source: str) -> None:
                             f"dense FFNs of the families {', '.join(f.name for f in FAMILIES)}")
 
 
+# The norm weights a norm shift applies to (global and per-layer canonical names).
+_NORM_WEIGHTS = (r.FINAL_NORM, r.INPUT_NORM, r.POST_ATTN_NORM, r.ATTN_OUT_NORM, r.MLP_OUT_NORM,
+                 r.Q_NORM, r.K_NORM)
+
+
 def gguf_transforms(cfg) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Per-layer canonical name -> what turns the GGUF tensor (numpy, HF layout) into the HF one:
-    the q/k row un-permutation for architectures whose llama.cpp converter permutes them."""
-    if not family_of(cfg.model_type).gguf_permutes_qk:
-        return {}
-    heads = {r.Q: cfg.num_attention_heads, r.Q_BIAS: cfg.num_attention_heads,
-             r.K: cfg.num_key_value_heads, r.K_BIAS: cfg.num_key_value_heads}
-    return {name: functools.partial(r.unpermute_qk, n_head=n) for name, n in heads.items()}
+    """Canonical name (global or per-layer) -> what turns the GGUF tensor (numpy, HF layout) into
+    the HF one: the q/k row un-permutation for architectures whose llama.cpp converter permutes
+    them, and the norm shift (Gemma's converter stores every norm weight as w + 1)."""
+    family = family_of(cfg.model_type)
+    out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    if family.gguf_permutes_qk:
+        heads = {r.Q: cfg.num_attention_heads, r.Q_BIAS: cfg.num_attention_heads,
+                 r.K: cfg.num_key_value_heads, r.K_BIAS: cfg.num_key_value_heads}
+        out.update({name: functools.partial(r.unpermute_qk, n_head=n) for name, n in heads.items()})
+    if family.gguf_norm_shift:
+        unshift = functools.partial(_unshift, shift=np.float32(family.gguf_norm_shift))
+        out.update({name: unshift for name in _NORM_WEIGHTS})
+    return out
+
+
+def _unshift(w: np.ndarray, shift: np.float32) -> np.ndarray:
+    return np.subtract(w, shift, dtype=np.float32)

@@ -42,11 +42,17 @@ GGUF_LAYER = {
     GATE_BIAS: "ffn_gate.bias", UP_BIAS: "ffn_up.bias", DOWN_BIAS: "ffn_down.bias",
     INPUT_NORM: "attn_norm.weight", POST_ATTN_NORM: "ffn_norm.weight",
     INPUT_NORM_BIAS: "attn_norm.bias", POST_ATTN_NORM_BIAS: "ffn_norm.bias",
+    Q_NORM: "attn_q_norm.weight", K_NORM: "attn_k_norm.weight",  # Qwen3, Gemma 3
+    ATTN_OUT_NORM: "post_attention_norm.weight", MLP_OUT_NORM: "post_ffw_norm.weight",  # Gemma
 }
 # One fused q/k/v tensor, rows [all q | all k | all v] (Falcon and GPT-NeoX files: the converter
 # reorders their query_key_value into it; Phi-2 files converted from the `Wqkv` checkpoints).
 GGUF_QKV = "attn_qkv"
 QKV_PART = {Q: 0, K: 1, V: 2, Q_BIAS: 0, K_BIAS: 1, V_BIAS: 2}  # canonical q/k/v -> part
+# Phi-3's fused [gate | up] (rows 2 * I): llama.cpp keeps it whole under ffn_up (its SwiGLU takes
+# the first half as the gate).
+GGUF_GATE_UP = "ffn_up.weight"
+GATE_UP_PART = {GATE: 0, UP: 1}
 
 
 # ----------------------------------------------------------------------------- roles in pruning

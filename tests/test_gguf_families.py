@@ -1,10 +1,14 @@
-"""GGUF files of Phi-2, Falcon and GPT-NeoX models (llama.cpp architectures phi2, falcon, gptneox).
+"""GGUF files of Phi-2, Falcon, GPT-NeoX, Qwen3, Phi-3, Gemma 2 and Gemma 3 models (llama.cpp
+architectures phi2, falcon, gptneox, qwen3, phi3, gemma2, gemma3).
 
 Each tiny random transformers checkpoint is written to a GGUF file in float32 as llama.cpp's
-convert_hf_to_gguf.py writes it (`convert`, following its Phi2Model, FalconModel and GPTNeoXModel:
-names from gguf's tensor map, their metadata, Falcon's and GPT-NeoX's attn_qkv reordering), then
-loaded with `load_gguf` and compared with the same checkpoint's Hugging Face folder: every
-canonical tensor, the ModelConfig, and logits against transformers.
+convert_hf_to_gguf.py (now its conversion/ package) writes it (`convert`, following its
+Phi2Model, FalconModel, GPTNeoXModel, Qwen3Model (TextModel's metadata), Phi3MiniModel,
+Gemma2Model and Gemma3Model: names from gguf's tensor map, their metadata, Falcon's and
+GPT-NeoX's attn_qkv reordering, Phi-3's longrope factor tensors, Gemma's norms + 1), then loaded
+with `load_gguf` and compared with the same checkpoint's Hugging Face folder: every canonical
+tensor, the ModelConfig, and logits against transformers (also on rows past the windows and
+Phi-3's longrope switch); for qwen3/gemma2/gemma3 also against transformers' own GGUF loader.
 
 What those files cannot carry (so the test models are ones the converter writes exactly):
 - Phi-2's and Falcon's FFN width: the converter writes feed_forward_length = 4 * hidden size, so a
@@ -16,9 +20,15 @@ What those files cannot carry (so the test models are ones the converter writes 
   field that differs here: max_position_embeddings, also the rope's).
 - The activation (each family's own: gelu_new, gelu, gelu), Phi's qk_layernorm (no llama.cpp
   name: not convertible), Falcon's alibi/sequential variants (not convertible).
+- Qwen3's sliding window (none written; llama.cpp's qwen3 has none): the test model has
+  use_sliding_window false.
+- Gemma's query_pre_attn_scalar (none written): llama.cpp's rule, the head size except for the
+  27B models (hidden / heads); the test models use the head size. Gemma 3's layer pattern (none
+  written): Gemma 3's published every-6th-layer-global; the test model has six layers in it.
 """
 import dataclasses
 import json
+import math
 import os
 
 import gguf
@@ -31,14 +41,19 @@ from safetensors.numpy import load_file
 
 from prunenet_jax import sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.formats import gguf as gguf_format
-from prunenet_jax.models import decoder, registry
+from prunenet_jax.formats import gguf as gguf_format, hf_names
+from prunenet_jax.models import decoder, families, registry
 from prunenet_jax.models.config import ModelConfig
 from tests import tiny_models
 
 ARCH = {"phi": gguf.MODEL_ARCH.PHI2, "falcon": gguf.MODEL_ARCH.FALCON,
-        "gpt_neox": gguf.MODEL_ARCH.GPTNEOX}
+        "gpt_neox": gguf.MODEL_ARCH.GPTNEOX, "qwen3": gguf.MODEL_ARCH.QWEN3,
+        "phi3": gguf.MODEL_ARCH.PHI3, "gemma2": gguf.MODEL_ARCH.GEMMA2,
+        "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
 WIDE = dict(intermediate_size=4 * tiny_models.BASE["hidden_size"])
+HEAD = 16  # the head size of the tiny qwen3/gemma entries
+# Gemma 3's published layer pattern (every 6th layer global), on six layers.
+GEMMA3_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
 # tiny_models entries and the overrides that make each one the converter writes exactly.
 CASES = {
     "phi2": WIDE,
@@ -47,6 +62,12 @@ CASES = {
     "neox_parallel": {},
     "neox_seq": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                       "partial_rotary_factor": 0.5}),
+    # Qwen3 files hold no sliding window (llama.cpp's qwen3 has none)
+    "qwen3_windowed": dict(use_sliding_window=False),
+    "phi3_longrope": {},  # longrope factors, partial rotary, window: all carried
+    # Gemma files hold no query_pre_attn_scalar: llama.cpp takes the head size (not the 27B)
+    "gemma2": dict(query_pre_attn_scalar=HEAD),
+    "gemma3": dict(query_pre_attn_scalar=HEAD, num_hidden_layers=6, layer_types=GEMMA3_LAYERS),
 }
 
 
@@ -62,6 +83,8 @@ class _Writer(gguf.GGUFWriter):
         super().__init__(str(path), arch)
 
     def add_key_value(self, key, val, vtype, sub_type=None):
+        for kv_data in self.kv_data:  # Gemma3Model rewrites some of TextModel's keys: no warning
+            kv_data.pop(key, None)
         if key not in self.drop:
             super().add_key_value(key, val, vtype, sub_type)
 
@@ -137,8 +160,117 @@ def _neox_qkv(name, data, hp):
     return np.concatenate([qkv[:, j].reshape(-1, *data.shape[1:]) for j in range(3)])
 
 
-METADATA = {"phi": _phi2_metadata, "falcon": _falcon_metadata, "gpt_neox": _neox_metadata}
-MODIFY = {"phi": lambda name, data, hp: data, "falcon": _falcon_qkv, "gpt_neox": _neox_qkv}
+def _text_model_metadata(w, hp, layers):
+    """TextModel.set_gguf_parameters (conversion/base.py), for the fields these configs have:
+    the rope from rope_parameters (its full_attention part for Gemma 3), rope.freq_base_swa from
+    a sliding_attention part, head_dim as key/value length."""
+    w.add_block_count(layers)
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(hp["num_attention_heads"])
+    w.add_head_count_kv(hp["num_key_value_heads"])
+    rope = hp.get("rope_parameters") or {}
+    full = rope.get("full_attention", rope)
+    if full.get("rope_type") == "linear" and full.get("factor") is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(full["factor"])
+    elif full.get("rope_type") == "yarn" and full.get("factor") is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(full["factor"])
+        w.add_rope_scaling_orig_ctx_len(full["original_max_position_embeddings"])
+    if full.get("rope_theta") is not None:
+        w.add_rope_freq_base(full["rope_theta"])
+    if rope.get("sliding_attention", {}).get("rope_theta") is not None:
+        w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    if hp.get("head_dim") is not None:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+
+def _phi3_metadata(w, hp, layers):
+    """Phi3MiniModel.set_gguf_parameters (conversion/phi.py; TextModel's is not called). Its
+    rope_parameters hold the top-level original_max_position_embeddings (ModelBase merges it)."""
+    rope = {"original_max_position_embeddings": hp.get("original_max_position_embeddings"),
+            **hp["rope_parameters"]}
+    n_embd, n_head = hp["hidden_size"], hp["num_attention_heads"]
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_block_count(layers)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(hp["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_sliding_window(hp.get("sliding_window") or 0)
+
+
+def _phi3_extra_tensors(w, hp):
+    """Phi3MiniModel.generate_extra_tensors: the longrope factors, and the attention factor."""
+    rope = hp["rope_parameters"]
+    if not rope.get("long_factor"):
+        return {}
+    scale = hp["max_position_embeddings"] / rope["original_max_position_embeddings"]
+    original = rope["original_max_position_embeddings"]
+    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original))
+                                    if scale > 1.0 else 1.0)
+    return {"rope_factors_long.weight": np.asarray(rope["long_factor"], np.float32),
+            "rope_factors_short.weight": np.asarray(rope["short_factor"], np.float32)}
+
+
+def _gemma2_metadata(w, hp, layers):
+    """Gemma2Model.set_gguf_parameters (conversion/gemma.py; TextModel's is not called)."""
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_block_count(layers)
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(hp["num_attention_heads"])
+    w.add_head_count_kv(hp["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    w.add_key_length(hp["head_dim"])
+    w.add_value_length(hp["head_dim"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_attn_logit_softcapping(hp["attn_logit_softcapping"])
+    w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+    w.add_sliding_window(hp["sliding_window"])
+
+
+def _gemma3_metadata(w, hp, layers):
+    """Gemma3Model.set_gguf_parameters (conversion/gemma.py): TextModel's, then its own."""
+    _text_model_metadata(w, hp, layers)
+    rope = hp["rope_parameters"]
+    w.add_context_length(hp.get("max_position_embeddings", 131072))
+    w.add_head_count(hp.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
+    w.add_key_length(hp.get("head_dim", 256))
+    w.add_value_length(hp.get("head_dim", 256))
+    w.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    assert hp.get("attn_logit_softcapping") is None
+    if hp.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+    if hp.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(hp["sliding_window"])
+    w.add_head_count_kv(hp.get("num_key_value_heads", 4))
+
+
+def _gemma_norms(name, data, hp):
+    """Gemma2Model/Gemma3Model.modify_tensors: every norm weight + 1 (Gemma's RMSNorm is
+    x * (1 + w), llama.cpp's x * w), in the checkpoint's dtype (float32 here)."""
+    return data + np.float32(1) if name.endswith("norm.weight") else data
+
+
+METADATA = {"phi": _phi2_metadata, "falcon": _falcon_metadata, "gpt_neox": _neox_metadata,
+            "qwen3": _text_model_metadata, "phi3": _phi3_metadata, "gemma2": _gemma2_metadata,
+            "gemma3_text": _gemma3_metadata}
+MODIFY = {"phi": lambda name, data, hp: data, "falcon": _falcon_qkv, "gpt_neox": _neox_qkv,
+          "qwen3": lambda name, data, hp: data, "phi3": lambda name, data, hp: data,
+          "gemma2": _gemma_norms, "gemma3_text": _gemma_norms}
+EXTRA_TENSORS = {"phi3": _phi3_extra_tensors}
 
 
 def converter_hparams(folder):
@@ -152,23 +284,30 @@ def converter_hparams(folder):
     return hp
 
 
-def convert(folder, path, drop=(), extra=None, fuse_phi_qkv=False):
+def convert(folder, path, drop=(), extra=None, fuse_phi_qkv=False, pad=False, pattern=None,
+            skip_tensors=()):
     """The GGUF file convert_hf_to_gguf.py --outtype f32 writes for the checkpoint in `folder`:
     its metadata and tensors renamed by gguf's tensor map (plus a token list of the vocabulary
-    size and bos/eos ids, as the vocab step does). `drop`: metadata keys left out; `extra`: keys
-    added; `fuse_phi_qkv`: Phi-2's q/k/v written as one attn_qkv, as a `Wqkv` checkpoint gives."""
+    size and bos/eos ids, as the vocab step does; `pad`: the pad id too). `drop`: metadata keys
+    left out; `extra`: float keys added; `fuse_phi_qkv`: Phi-2's q/k/v written as one attn_qkv, as
+    a `Wqkv` checkpoint gives; `pattern`: an attention.sliding_window_pattern (no converter of
+    these architectures writes one); `skip_tensors`: tensors left out."""
     hp = converter_hparams(folder)
     model_type, layers = hp["model_type"], hp["num_hidden_layers"]
     arch = ARCH[model_type]
     w = _Writer(path, gguf.MODEL_ARCH_NAMES[arch], drop)
     METADATA[model_type](w, hp, layers)
+    tensors = EXTRA_TENSORS.get(model_type, lambda w, hp: {})(w, hp)
     for key, value in (extra or {}).items():
         w.add_float32(key, value)
+    if pattern is not None:
+        w.add_sliding_window_pattern(pattern)
     w.add_token_list([f"t{i}" for i in range(hp["vocab_size"])])
     w.add_bos_token_id(hp["bos_token_id"])
     w.add_eos_token_id(hp["eos_token_id"])
+    if pad:
+        w.add_pad_token_id(hp["pad_token_id"])
     names = gguf.get_tensor_name_map(arch, layers)
-    tensors = {}
     for name, data in load_file(os.path.join(folder, "model.safetensors")).items():
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name  # the converter's "Can not map tensor"
@@ -179,7 +318,8 @@ def convert(folder, path, drop=(), extra=None, fuse_phi_qkv=False):
                 parts = [tensors.pop(f"blk.{i}.attn_{p}.{kind}") for p in "qkv"]
                 tensors[f"blk.{i}.attn_qkv.{kind}"] = np.concatenate(parts)
     for gguf_name, data in tensors.items():
-        w.add_tensor(gguf_name, data)
+        if gguf_name not in skip_tensors:
+            w.add_tensor(gguf_name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -201,13 +341,25 @@ def case(request, tmp_path_factory):
     return name, hf, folder, path, gguf_format.load_gguf(path)
 
 
+def _shifted_norms(weights):
+    """The HF folder's tensors as a Gemma file holds them after our load: each norm weight w
+    went through the converter's float32 w + 1 and our - 1 (exact up to that rounding)."""
+    shift = families.gguf_transforms(weights.config)
+    one = np.float32(1)
+    return {name: shift[name](arr + one) if name in shift else arr
+            for name, arr in {**weights.globals, **weights.layers}.items()}
+
+
 def _assert_same_tensors(ours, want):
     assert ours.globals.keys() == want.globals.keys()
     assert ours.layers.keys() == want.layers.keys()
-    for name in want.globals:
-        np.testing.assert_array_equal(ours.globals[name], want.globals[name], err_msg=name)
-    for name in want.layers:
-        np.testing.assert_array_equal(ours.layers[name], want.layers[name], err_msg=name)
+    shifted = families.family_of(want.config.model_type).gguf_norm_shift
+    expected = _shifted_norms(want) if shifted else {**want.globals, **want.layers}
+    for name, arr in {**ours.globals, **ours.layers}.items():
+        np.testing.assert_array_equal(arr, expected[name], err_msg=name)
+        # within float32 rounding of w + 1 of the HF weights themselves
+        original = want.globals.get(name, want.layers.get(name))
+        np.testing.assert_allclose(arr, original, rtol=0, atol=2.5e-7, err_msg=name)
 
 
 def test_every_tensor_equals_the_hf_folders(case):
@@ -216,11 +368,13 @@ def test_every_tensor_equals_the_hf_folders(case):
     _assert_same_tensors(weights, want)
     assert weights.gguf_file == path and weights.hf_config["architectures"] == \
         want.hf_config["architectures"]
-    # the scored matrix (fc1, ffn_up) read lazily as the method reads it
+    # the scored matrix (gate; fc1 = ffn_up of a plain MLP; Phi-3: the first half of its fused
+    # ffn_up) read lazily as the method reads it
     config, stack = gguf_format.gguf_gate_stack(path)
     assert config == weights.config
+    scored = registry.scored(config)
     for i in range(config.num_hidden_layers):
-        np.testing.assert_array_equal(stack[i], want.layers[registry.UP][i])
+        np.testing.assert_array_equal(stack[i], want.layers[scored][i])
 
 
 def test_config_equals_the_hf_folders(case):
@@ -255,6 +409,18 @@ def _logits_diff(hf, weights):
 def test_logits_match_transformers(case):
     _, hf, _, _, weights = case
     assert _logits_diff(hf, weights) < 1e-4
+
+
+def test_long_rows_match_transformers(case):
+    """Rows of 150 tokens: past the tiny models' windows (64) and Phi-3's longrope switch (64),
+    so the windowed layers, both ropes of Gemma 3 and the long factors are all exercised."""
+    _, hf, _, _, weights = case
+    model = decoder.from_named_arrays(weights.config, weights.named_arrays())
+    tokens = np.random.default_rng(2).integers(0, hf.config.vocab_size, (2, 150))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(tokens)))
+    assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()
 
 
 def test_falcon_7b_as_transformers_loads_the_gguf(tmp_path):
@@ -344,5 +510,150 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         gguf_format.load_gguf(path)
     message = str(e.value)
     assert message.startswith(f"{path}: GGUF architecture 'bloom' is not supported")
-    assert "supported GGUF architectures: falcon, gptneox, llama, phi2, qwen2" in message
+    assert ("supported GGUF architectures: falcon, gemma2, gemma3, gptneox, llama, phi2, phi3, "
+            "qwen2, qwen3") in message
     assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen3, Phi-3, Gemma 2, Gemma 3: transformers' own GGUF loader, and what the files cannot say
+
+# Overrides under which transformers' GGUF loader reads the file as we do: it takes no
+# attention.key_length for qwen3 (Qwen3Config's head_dim 128 stands), no query_pre_attn_scalar,
+# rope scaling or final softcap for Gemma (their config defaults stand: 256, none, none), so the
+# models use those values, as the released ones do (Gemma 3 270M: head size 256, no scaling).
+AS_TRANSFORMERS_READS = {
+    "qwen3_windowed": dict(use_sliding_window=False, head_dim=128),
+    "gemma2": dict(head_dim=256, query_pre_attn_scalar=256),
+    "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6,
+                   layer_types=GEMMA3_LAYERS, final_logit_softcapping=None,
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default",
+                                                          "rope_theta": 1e4}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AS_TRANSFORMERS_READS))
+def test_transformers_loads_the_same_gguf(tmp_path, name):
+    hf = tiny_models.make_hf_model(name, **AS_TRANSFORMERS_READS[name])
+    folder = tiny_models.save_hf_model(hf, tmp_path / "hf")
+    path = convert(folder, tmp_path / "hf" / "m.gguf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file="m.gguf",
+                                                               dtype=torch.float32).eval()
+    ours = gguf_format.load_gguf(path)
+    state = theirs.state_dict()
+    for hf_name, arr in hf_names.hf_named_arrays(ours.config, ours.globals, ours.layers):
+        # transformers subtracts Gemma's 1 as we do
+        np.testing.assert_array_equal(arr, state[hf_name].numpy(), err_msg=hf_name)
+    # transformers keeps float32 metadata unrounded (9.999999974752427e-07 for 1e-06)
+    theirs_config = ModelConfig.from_hf(theirs.config.to_dict())
+    assert dataclasses.replace(theirs_config, norm_eps=ours.config.norm_eps) == ours.config
+    assert _logits_diff(theirs, ours) < 1e-4
+
+
+def test_phi3_transformers_reads_the_same_tensors(tmp_path):
+    """transformers reads Phi-3 files too, but neither the longrope factors nor the partial rotary
+    (rope.dimension_count): its logits differ; its tensors (fused qkv_proj, gate_up_proj) are ours."""
+    hf = tiny_models.make_hf_model("phi3_longrope")
+    folder = tiny_models.save_hf_model(hf, tmp_path / "hf")
+    path = convert(folder, tmp_path / "hf" / "m.gguf", pad=True)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file="m.gguf",
+                                                               dtype=torch.float32).eval()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(theirs.state_dict()[name], tensor), name
+    assert theirs.config.rope_parameters["rope_type"] == "default"  # what it cannot read
+    assert _logits_diff(hf, gguf_format.load_gguf(path)) < 1e-4  # we do
+
+
+def test_qwen3_window_is_not_carried(tmp_path):
+    """A Qwen3 with use_sliding_window: the file holds no window (llama.cpp's qwen3 has none), so
+    the model reads without one, as llama.cpp runs it; short rows still match transformers."""
+    hf, _, path = _model_and_file(tmp_path, "qwen3_windowed", overrides={})
+    assert hf.config.use_sliding_window
+    config = gguf_format.load_gguf_config(path)
+    assert config.windowed() is None and config.qk_norm
+    assert _logits_diff(hf, gguf_format.load_gguf(path)) < 1e-4  # 12 tokens: inside the window
+
+
+def test_qwen3_head_size_from_attn_q(tmp_path):
+    """Without attention.key_length (a config.json without head_dim) the head size is attn_q's
+    rows / heads; transformers' would be Qwen3Config's default 128."""
+    hf, _, path = _model_and_file(tmp_path, "qwen3_windowed",
+                                  drop={"qwen3.attention.key_length", "qwen3.attention.value_length"})
+    assert gguf_format.load_gguf_config(path).head_dim == HEAD
+    assert _logits_diff(hf, gguf_format.load_gguf(path)) < 1e-4
+
+
+def test_gemma_query_scale_is_llama_cpps(tmp_path):
+    """No query_pre_attn_scalar in Gemma files: llama.cpp scales by the head size, except for the
+    27B models (Gemma 2: 46 layers, Gemma 3: 62), hidden / heads; so do we."""
+    _, _, path = _model_and_file(tmp_path / "g2", "gemma2", overrides={})  # 12 in config.json
+    assert gguf_format.load_gguf_config(path).attn_scale == HEAD ** -0.5
+    for arch, layers in (("gemma2", 46), ("gemma3", 62)):
+        meta = str(tmp_path / f"{arch}_27b.gguf")
+        w = gguf.GGUFWriter(meta, arch)
+        w.add_block_count(layers)
+        w.add_embedding_length(64)
+        w.add_feed_forward_length(96)
+        w.add_head_count(8)
+        w.add_head_count_kv(4)
+        w.add_key_length(16)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_sliding_window(32)
+        w.add_token_list([f"t{i}" for i in range(11)])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        assert gguf_format.load_gguf_config(meta).attn_scale == (64 // 8) ** -0.5
+
+
+def test_gemma3_layer_pattern_and_local_base(tmp_path):
+    """Gemma 3 files hold the window but not which layers use it: Gemma 3's published pattern
+    (every 6th layer global) unless attention.sliding_window_pattern says otherwise; the local
+    rope base is rope.freq_base_swa or Gemma 3's 10000; no window at all: every layer global."""
+    overrides = dict(query_pre_attn_scalar=HEAD)  # config.json: [sliding, full, sliding]
+    hf, folder, path = _model_and_file(tmp_path / "plain", "gemma3", overrides=overrides)
+    config = gguf_format.load_gguf_config(path)
+    assert config.layer_types == ("sliding_attention",) * 3  # the published pattern, not the model's
+    assert hf.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    # a file that states the pattern is followed, and then matches transformers on long rows
+    _, _, stated = _model_and_file(tmp_path / "stated", "gemma3", overrides=overrides,
+                                   pattern=[True, False, True])
+    weights = gguf_format.load_gguf(stated)
+    assert weights.config == sources.load_config(folder)
+    _, _, period = _model_and_file(tmp_path / "period", "gemma3", overrides=overrides, pattern=2)
+    assert gguf_format.load_gguf_config(period).layer_types == weights.config.layer_types
+    # the local base: stated (rope.freq_base_swa), else 10000
+    _, _, local = _model_and_file(tmp_path / "local", "gemma3",
+                                  extra={"gemma3.rope.freq_base_swa": 50000.0})
+    assert gguf_format.load_gguf_config(local).rope_local.theta == 50000.0
+    _, _, default = _model_and_file(tmp_path / "default", "gemma3",
+                                    drop={"gemma3.rope.freq_base_swa"})
+    assert gguf_format.load_gguf_config(default).rope_local.theta == 10000.0
+    # no window (a config with sliding_window_pattern 1): every layer global
+    _, _, full = _model_and_file(tmp_path / "full", "gemma3", drop={"gemma3.attention.sliding_window"})
+    assert set(gguf_format.load_gguf_config(full).layer_types) == {"full_attention"}
+
+
+def test_phi3_longrope_facts(tmp_path):
+    """Longrope factors need rope.scaling.original_context_length and both factor tensors (refused
+    by name without them); an attention factor other than longrope's own is followed."""
+    _, _, path = _model_and_file(tmp_path / "orig", "phi3_longrope",
+                                 drop={"phi3.rope.scaling.original_context_length"})
+    with pytest.raises(UserError, match=r"phi3\.rope\.scaling\.original_context_length") as e:
+        gguf_format.load_gguf(path)
+    assert path in str(e.value)
+    _, _, path = _model_and_file(tmp_path / "short", "phi3_longrope",
+                                 skip_tensors={"rope_factors_short.weight"})
+    with pytest.raises(UserError, match="rope_factors_short.weight") as e:
+        gguf_format.load_gguf(path)
+    assert path in str(e.value)
+    _, _, path = _model_and_file(tmp_path / "attn", "phi3_longrope",
+                                 extra={"phi3.rope.scaling.attn_factor": 1.25})
+    assert gguf_format.load_gguf_config(path).rope.param("attention_factor") == 1.25
+    _, _, path = _model_and_file(tmp_path / "plain", "phi3_longrope", overrides=dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5}, sliding_window=None))
+    config = gguf_format.load_gguf_config(path)  # Phi-3-mini-4k: no factors, no window
+    assert (config.rope.rope_type, config.rope.dim, config.sliding_window) == ("default", 4, None)

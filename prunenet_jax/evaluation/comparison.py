@@ -95,8 +95,9 @@ def expand_pruned(spec: Optional[str], ratio: Optional[float] = None,
 
 def _identity(source: str) -> str:
     """What a model name points at, for telling whether two names are one model: a local file
-    or folder's real path (`default`: the embedded GGUF's), else the name (a hub id)."""
-    path = sources.resolve_source(source)[1] if source == "default" else source
+    or folder's real path (`default`, `gemma3-270m`: the packaged GGUF's), else the name (a hub
+    id)."""
+    path = sources.resolve_source(source)[1] if source in sources.PACKAGED_MODELS else source
     return os.path.realpath(path) if os.path.exists(path) else source
 
 

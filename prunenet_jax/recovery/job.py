@@ -53,7 +53,8 @@ def _dense_source(job: RecoverJob, p: pruned_models.PrunedModel) -> str:
     if job.dense:
         return job.dense
     meta = (orbax.read_meta(p.orbax_dir) if p.orbax_dir else None) or {}
-    source = meta.get("gguf_file") if meta.get("source") == "default" else meta.get("source")
+    packaged = meta.get("source") in sources.PACKAGED_MODELS
+    source = meta.get("gguf_file") if packaged else meta.get("source")
     source = source or p.source
     if not source:
         raise UserError(f"{p.folder(run_dir.ORBAX)} records no source model; pass it with --dense")
