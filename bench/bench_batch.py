@@ -83,7 +83,7 @@ def time_ours(checkpoints: list[str], ratios: list[float], out_dir: str, seed: i
             fingerprint = policy_lib.fingerprint(params)
             t0 += time.perf_counter() - t_init
         for r in ratios:
-            orbax_dir, hf_dir = run_dir.output_dirs(os.path.join(out_dir, name), r)
+            orbax_dir, hf_dir, _ = run_dir.output_dirs(os.path.join(out_dir, name), r)
             t = [time.perf_counter()]
             scored = weights.layers[registry.scored(weights.config)]
             kept = prune.select_kept(params, scored, r, mode, seed)

@@ -15,7 +15,7 @@ from absl import flags
 
 from prunenet_jax import progress, prune, weights
 from prunenet_jax.errors import UserError
-from prunenet_jax.formats import texts
+from prunenet_jax.formats import gguf_export, texts
 from prunenet_jax.perplexity import EvalConfig
 from prunenet_jax.method import calibration, episode
 from prunenet_jax.formats import run_dir
@@ -164,7 +164,16 @@ def define_pruning_flags() -> None:
                           "folder (ratio_<r>/hf: config.json, safetensors, tokenizer, model card)")
         flags.DEFINE_bool("torch_format", False, "With --export_hf, also write pytorch_model.bin "
                           "(needs torch)")
+        define_gguf_flags("pruned")
         flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run in --out_dir")
+
+
+def define_gguf_flags(what: str) -> None:
+    """--export_gguf and --gguf_type (launch.prune, launch.batch_prune, launch.recover)."""
+    flags.DEFINE_bool("export_gguf", False, f"Also write each {what} model as a GGUF file for "
+                      "llama.cpp, Ollama, LM Studio (ratio_<r>/gguf/<name>.gguf)")
+    flags.DEFINE_enum("gguf_type", gguf_export.DEFAULT_GGUF_TYPE, gguf_export.GGUF_TYPES,
+                      gguf_export.TYPE_HELP)
 
 
 @group(DEVICES)
@@ -212,6 +221,7 @@ def output_options(resume: bool = False) -> OutputOptions:
     """resume: a recovery fine-tune (--recover_steps, when defined) continues from its state."""
     return OutputOptions(modes=prune.parse_modes(FLAGS.mode), seed=FLAGS.seed,
                          export_hf=FLAGS.export_hf, torch_format=FLAGS.torch_format,
+                         export_gguf=FLAGS.export_gguf, gguf_type=FLAGS.gguf_type,
                          guard=FLAGS.guard, recover=recover_spec(resume))
 
 

@@ -20,8 +20,10 @@ flags.DEFINE_string("input", None, "A prune run folder (each finished output, na
 flags.DEFINE_string("dense", None, "The dense source model (default: the one recorded with the "
                     "pruned model)")
 flags.DEFINE_string("out_dir", None, "Where the recovered models go: ratio_<r>/orbax, ratio_<r>/hf "
-                    "(--export_hf), recover_state/, manifest.json", required=True)
+                    "(--export_hf), ratio_<r>/gguf (--export_gguf), recover_state/, manifest.json",
+                    required=True)
 flags.DEFINE_bool("export_hf", False, "Also write each recovered model as a Hugging Face folder")
+launch_flags.define_gguf_flags("recovered")
 flags.DEFINE_bool("overwrite", False, "Replace an earlier run's outputs in --out_dir")
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last recovery checkpoint")
 flags.DEFINE_integer("data_devices", 0, "Devices of the data-parallel mesh (0: all)")
@@ -32,7 +34,8 @@ launch_flags.define_recovery_flags(default_steps=60)
 launch_flags.define_eval_flags()
 launch_flags.define_pick_flags()
 launch_flags.put_in_group(launch_flags.MODEL, "input", "dense")
-launch_flags.put_in_group(launch_flags.OUTPUTS, "out_dir", "export_hf", "overwrite", "resume")
+launch_flags.put_in_group(launch_flags.OUTPUTS, "out_dir", "export_hf", "export_gguf", "gguf_type",
+                          "overwrite", "resume")
 launch_flags.put_in_group(launch_flags.DEVICES, "data_devices", "shard_params")
 
 
@@ -41,7 +44,8 @@ def recover_job() -> recovery.RecoverJob:
     return recovery.RecoverJob(
         input=FLAGS.input, out_dir=FLAGS.out_dir,
         recovery=launch_flags.recover_spec(FLAGS.resume, optional=False), dense=FLAGS.dense,
-        export_hf=FLAGS.export_hf, overwrite=FLAGS.overwrite, eval=launch_flags.eval_config(),
+        export_hf=FLAGS.export_hf, export_gguf=FLAGS.export_gguf, gguf_type=FLAGS.gguf_type,
+        overwrite=FLAGS.overwrite, eval=launch_flags.eval_config(),
         data_devices=FLAGS.data_devices, shard_params=FLAGS.shard_params,
         command=common.command_line(), ratio=FLAGS.ratio, mode=FLAGS.mode)
 

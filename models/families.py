@@ -44,6 +44,8 @@ class Family:
     # plain RMSNorm weight); subtracted on load.
     gguf_norm_shift: float = 0.0
     gguf_fused_gate_up: bool = False  # the file's ffn_up holds [gate | up] (Phi-3)
+    # llama.cpp's converter writes q/k/v as one attn_qkv [q | k | v] (read either way; written so)
+    gguf_fused_qkv: bool = False
     # ModelConfig -> {canonical layer suffix: llama.cpp suffix}, where they differ from
     # registry.GGUF_LAYER.
     gguf_layer_names: Callable[[object], dict] = lambda cfg: {}
@@ -355,7 +357,7 @@ FAMILIES = (
                              rope_keys=dict(original_max_position_embeddings=4096,
                                             type_aliases=rope.PHI3_TYPE_ALIASES)),
            fused_qkv="self_attn.qkv_proj", qkv_layout="concat", fused_gate_up="mlp.gate_up_proj",
-           gguf_arch="phi3", gguf_fused_gate_up=True),
+           gguf_arch="phi3", gguf_fused_gate_up=True, gguf_fused_qkv=True),
     Family("opt", ("opt",), "OPTForCausalLM", _opt, layer_prefix="model.decoder.layers.{}.",
            layer_names=_opt_layer_names, width_key="ffn_dim",
            global_names={r.EMBED: "model.decoder.embed_tokens.weight",
@@ -371,13 +373,13 @@ FAMILIES = (
     Family("falcon", ("falcon",), "FalconForCausalLM", _falcon, layer_prefix="transformer.h.{}.",
            layer_names=_falcon_layer_names, width_key="ffn_hidden_size",
            fused_qkv="self_attention.query_key_value",
-           gguf_arch="falcon", gguf_layer_names=_falcon_gguf_names,
+           gguf_arch="falcon", gguf_layer_names=_falcon_gguf_names, gguf_fused_qkv=True,
            global_names={r.EMBED: "transformer.word_embeddings.weight",
                          r.FINAL_NORM: "transformer.ln_f.weight",
                          r.FINAL_NORM_BIAS: "transformer.ln_f.bias"}),
     Family("gpt_neox", ("gpt_neox",), "GPTNeoXForCausalLM", _gpt_neox,
            layer_prefix="gpt_neox.layers.{}.", layer_names=_neox_layer_names,
-           fused_qkv="attention.query_key_value", gguf_arch="gptneox",
+           fused_qkv="attention.query_key_value", gguf_arch="gptneox", gguf_fused_qkv=True,
            global_names={r.EMBED: "gpt_neox.embed_in.weight",
                          r.FINAL_NORM: "gpt_neox.final_layer_norm.weight",
                          r.FINAL_NORM_BIAS: "gpt_neox.final_layer_norm.bias",
@@ -418,21 +420,23 @@ _NORM_WEIGHTS = (r.FINAL_NORM, r.INPUT_NORM, r.POST_ATTN_NORM, r.ATTN_OUT_NORM, 
                  r.Q_NORM, r.K_NORM)
 
 
-def gguf_transforms(cfg) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+def gguf_transforms(cfg, to_file: bool = False) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Canonical name (global or per-layer) -> what turns the GGUF tensor (numpy, HF layout) into
-    the HF one: the q/k row un-permutation for architectures whose llama.cpp converter permutes
-    them, and the norm shift (Gemma's converter stores every norm weight as w + 1)."""
+    the HF one (`to_file`: the HF one into the GGUF one): the q/k row (un)permutation for
+    architectures whose llama.cpp converter permutes them, and the norm shift (Gemma's converter
+    stores every norm weight as w + 1)."""
     family = family_of(cfg.model_type)
     out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     if family.gguf_permutes_qk:
         heads = {r.Q: cfg.num_attention_heads, r.Q_BIAS: cfg.num_attention_heads,
                  r.K: cfg.num_key_value_heads, r.K_BIAS: cfg.num_key_value_heads}
-        out.update({name: functools.partial(r.unpermute_qk, n_head=n) for name, n in heads.items()})
+        permute = r.permute_qk if to_file else r.unpermute_qk
+        out.update({name: functools.partial(permute, n_head=n) for name, n in heads.items()})
     if family.gguf_norm_shift:
-        unshift = functools.partial(_unshift, shift=np.float32(family.gguf_norm_shift))
-        out.update({name: unshift for name in _NORM_WEIGHTS})
+        shift = np.float32(family.gguf_norm_shift) * (1 if to_file else -1)
+        out.update({name: functools.partial(_shift, shift=shift) for name in _NORM_WEIGHTS})
     return out
 
 
-def _unshift(w: np.ndarray, shift: np.float32) -> np.ndarray:
-    return np.subtract(w, shift, dtype=np.float32)
+def _shift(w: np.ndarray, shift: np.float32) -> np.ndarray:
+    return np.add(w, shift, dtype=np.float32)

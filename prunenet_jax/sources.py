@@ -110,6 +110,20 @@ def load_gate_stack(source: str, revision: Optional[str] = None) -> tuple[ModelC
     return hf.load_gate_stack(source)
 
 
+def tokenizer_location(source: str, revision: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
+    """(GGUF file, HF tokenizer folder) the model's tokenizer comes from, without loading it: a
+    GGUF source's file, an HF folder itself, what an orbax model recorded of its source."""
+    kind, path = resolve_source(source, revision)
+    if kind == "gguf":
+        return path, None
+    if kind == "orbax":
+        from prunenet_jax.formats import orbax
+
+        meta = orbax.read_meta(path) or {}
+        return meta.get("gguf_file"), meta.get("tokenizer_dir")
+    return None, path
+
+
 def load_tokenizer(weights: ModelWeights):
     """The tokenizer that belongs to the loaded model (HF folder files, or built from GGUF)."""
     if weights.gguf_file:

@@ -69,7 +69,7 @@ def test_outputs_are_proven_inside_the_run_folder(tmp_path):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
     elsewhere.mkdir()
-    orbax_dir, _ = run_dir.output_dirs(str(out / "a"), 0.3, root=str(out))
+    orbax_dir, _, _ = run_dir.output_dirs(str(out / "a"), 0.3, root=str(out))
     assert orbax_dir == str(out / "a" / "ratio_0.3" / "orbax")
     (out / "a").symlink_to(elsewhere)
     with pytest.raises(UserError, match="outside the run folder"):

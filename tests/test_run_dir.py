@@ -13,7 +13,7 @@ RECIPE = run_dir.recipe("abcd", "sample", 42, True, False)
 
 
 def _done(folder, ratio, checkpoint=None, **kw):
-    orbax_dir, hf_dir = run_dir.output_dirs(os.path.join(folder, checkpoint or ""), ratio)
+    orbax_dir, hf_dir, _ = run_dir.output_dirs(os.path.join(folder, checkpoint or ""), ratio)
     os.makedirs(orbax_dir)
     os.makedirs(hf_dir)
     return OutputEntry(ratio=ratio, kept=10, params=1000, ppl=12.5, checkpoint=checkpoint,

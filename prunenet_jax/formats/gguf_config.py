@@ -466,6 +466,9 @@ def llama3_from_rope_factors(factors: np.ndarray, theta: float, head_dim: int) -
         if intercept < 0 and slope > 0:
             high = 1.0 - 1.0 / intercept
             candidates.insert(0, (1.0, high, slope * (high - 1.0)))
+    elif mid.sum() == 1:  # one blended frequency: the usual factors (1, 4) and the length it gives
+        j = int(np.flatnonzero(mid)[0])
+        candidates.insert(0, (1.0, 4.0, 2 * math.pi / inv_freq[j] * (3.0 * s[j] + 1.0)))
     for low, high, fitted in candidates:
         for orig in (int(round(fitted)), fitted):  # a context length is a whole number of tokens
             params = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
@@ -473,6 +476,12 @@ def llama3_from_rope_factors(factors: np.ndarray, theta: float, head_dim: int) -
             if np.allclose(_llama3_factors(inv_freq, **params), factors, rtol=1e-5, atol=0):
                 return params
     return None
+
+
+def llama3_rope_factors(theta: float, head_dim: int, params: dict) -> np.ndarray:
+    """The `rope_freqs` tensor llama.cpp's converter writes for llama3 rope scaling (float32)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return _llama3_factors(inv_freq, **params).astype(np.float32)
 
 
 def _llama3_factors(inv_freq, factor, low_freq_factor, high_freq_factor,

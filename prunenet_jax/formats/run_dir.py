@@ -3,7 +3,7 @@
     <out_dir>/manifest.json            run fields + "outputs": one OutputEntry per (checkpoint,) ratio
     <out_dir>/policy/                  the trained policy (orbax)
     <out_dir>/train_state/<episode>/   per-episode training state (orbax)
-    <out_dir>/[<name>/][<mode>/]ratio_<r>/{orbax,hf}/   (<mode>/ only when a run has several modes)
+    <out_dir>/[<name>/][<mode>/]ratio_<r>/{orbax,hf,gguf}/   (<mode>/ only when a run has several modes)
     <out_dir>/[<name>/]calibration.npz, scores/       energy mode: calibration tokens, scores (orbax)
     <out_dir>/manifests/shard-<i>-of-<n>.json   batch shards (merged into manifest.json)
 
@@ -23,14 +23,15 @@ from prunenet_jax.files import atomic, json_files, run_lock
 MANIFEST = "manifest.json"
 POLICY = "policy"
 TRAIN_STATE = "train_state"
-ORBAX, HF = "orbax", "hf"
+ORBAX, HF, GGUF = "orbax", "hf", "gguf"
 DONE, FAILED = "done", "failed"
 
 # What an output depends on besides the model and ratio: an entry made with another recipe is
 # stale and gets redone on resume.
 RECIPE_FIELDS = ("policy_fingerprint", "mode", "seed", "export_hf", "torch_format", "recover_recipe",
-                 "guard", "calibration")
-_FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir", "status", "error")
+                 "guard", "calibration", "export_gguf")
+_FIXED = ("checkpoint", "ratio", "kept", "params", "ppl", "orbax_dir", "hf_dir", "gguf_dir",
+          "status", "error")
 
 
 # What to do about a damaged manifest: of a run being continued, and of a run folder read as input.
@@ -73,13 +74,13 @@ def format_ratio(ratio: Optional[float]) -> str:
 
 
 def output_dirs(out_dir: str, ratio: float, mode: Optional[str] = None,
-                root: Optional[str] = None) -> tuple[str, str]:
-    """(orbax folder, HF folder) of the output at `ratio` under `out_dir` (and `mode`'s folder,
-    given when a run has several modes), proven to lie inside the run folder `root` (default
-    `out_dir`)."""
+                root: Optional[str] = None) -> tuple[str, str, str]:
+    """(orbax folder, HF folder, GGUF folder) of the output at `ratio` under `out_dir` (and
+    `mode`'s folder, given when a run has several modes), proven to lie inside the run folder
+    `root` (default `out_dir`)."""
     folder = os.path.join(out_dir, *([mode] if mode else []), ratio_dirname(ratio))
     check_inside(root or out_dir, folder)
-    return os.path.join(folder, ORBAX), os.path.join(folder, HF)
+    return os.path.join(folder, ORBAX), os.path.join(folder, HF), os.path.join(folder, GGUF)
 
 
 def check_inside(root: str, path: str) -> None:
@@ -105,6 +106,7 @@ class OutputEntry:
     ppl: Optional[float] = None
     orbax_dir: Optional[str] = None  # relative to the run folder
     hf_dir: Optional[str] = None
+    gguf_dir: Optional[str] = None  # the folder holding the .gguf file (--export_gguf)
     checkpoint: Optional[str] = None  # the batch item's name; None in a one-model run
     error: Optional[str] = None  # status FAILED: the one-line message
     recipe: dict = dataclasses.field(default_factory=dict)  # RECIPE_FIELDS
@@ -119,6 +121,8 @@ class OutputEntry:
         d.update(self.extra)
         d.update(ratio=self.ratio, kept=self.kept, params=self.params, ppl=self.ppl,
                  orbax_dir=self.orbax_dir, hf_dir=self.hf_dir, status=self.status)
+        if self.gguf_dir is not None:
+            d["gguf_dir"] = self.gguf_dir
         if self.error is not None:
             d["error"] = self.error
         d.update(self.recipe)
@@ -135,9 +139,10 @@ class OutputEntry:
 
 def recipe(fingerprint: Optional[str], mode: str, seed: int, export_hf: bool, torch_format: bool,
            recover: Optional[dict] = None, guard: bool = False,
-           calibration: Optional[dict] = None) -> dict:
-    """The recipe fields. `recover` (the recovery fine-tune's settings), `guard` and `calibration`
-    only when used, so entries made before they existed still match."""
+           calibration: Optional[dict] = None, export_gguf: Optional[str] = None) -> dict:
+    """The recipe fields. `recover` (the recovery fine-tune's settings), `guard`, `calibration`
+    and `export_gguf` (the GGUF type) only when used, so entries made before they existed still
+    match."""
     made = dict(zip(RECIPE_FIELDS, (fingerprint, mode, seed, export_hf, torch_format)))
     if recover is not None:
         made["recover_recipe"] = recover
@@ -145,6 +150,8 @@ def recipe(fingerprint: Optional[str], mode: str, seed: int, export_hf: bool, to
         made["guard"] = True
     if calibration is not None:
         made["calibration"] = calibration
+    if export_gguf:
+        made["export_gguf"] = export_gguf
     return made
 
 
@@ -170,7 +177,8 @@ class Manifest:
         e = self.find(ratio, checkpoint, made_by.get("mode"))
         if not e or not e.done or any(e.recipe.get(k) != made_by.get(k) for k in RECIPE_FIELDS):
             return False
-        return all(os.path.isdir(os.path.join(self.folder, d)) for d in (e.orbax_dir, e.hf_dir) if d)
+        return all(os.path.isdir(os.path.join(self.folder, d))
+                   for d in (e.orbax_dir, e.hf_dir, e.gguf_dir) if d)
 
     def record(self, entry: OutputEntry) -> None:
         old = self.find(entry.ratio, entry.checkpoint, entry.recipe.get("mode"))
@@ -232,7 +240,8 @@ def check_entry(folder: str, manifest: str, entry: OutputEntry, fix: str) -> Non
     """Refuses an entry of `manifest` (of the run folder `folder`) that no run writes: a ratio
     that is not a number, a mode or checkpoint that is not a string, or a folder (orbax_dir,
     hf_dir) that is not a relative path inside the run folder: an absolute or `..` path, or one
-    through a symbolic link out of it, would make a run read or skip folders elsewhere."""
+    through a symbolic link out of it, would make a run read or skip folders elsewhere (also
+    gguf_dir)."""
     where = f"{manifest}: the output at ratio {entry.ratio!r}"
     if entry.ratio is not None and (isinstance(entry.ratio, bool)
                                     or not isinstance(entry.ratio, (int, float))):
@@ -240,7 +249,7 @@ def check_entry(folder: str, manifest: str, entry: OutputEntry, fix: str) -> Non
     for field, value in (("mode", entry.recipe.get("mode")), ("checkpoint", entry.checkpoint)):
         if value is not None and not isinstance(value, str):
             raise UserError(f"{where} has {field}={value!r}, not a string; {fix}")
-    for field in ("orbax_dir", "hf_dir"):
+    for field in ("orbax_dir", "hf_dir", "gguf_dir"):
         problem = _outside(folder, getattr(entry, field))
         if problem:
             raise UserError(f"{where} has {field}={getattr(entry, field)!r}, {problem}; {fix}")

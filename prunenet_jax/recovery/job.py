@@ -1,6 +1,6 @@
 """launch.recover's whole job (`RecoverJob`, `run`): pruned outputs in (whatever names them:
 pruned_models.resolve), each recovered (recover.py) and written atomically: orbax, an HF
-folder with --export_hf, and its manifest entry; `format_table` is what the launcher prints."""
+folder with --export_hf, a GGUF file with --export_gguf, and its manifest entry; `format_table` is what the launcher prints."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +11,7 @@ from typing import Optional
 from prunenet_jax import perplexity, pruned_models, sources
 from prunenet_jax.errors import UserError
 from prunenet_jax.files import output_folder, run_lock
-from prunenet_jax.formats import orbax, run_dir
+from prunenet_jax.formats import gguf_export, orbax, run_dir
 from prunenet_jax.recovery import lineage, placement
 from prunenet_jax.recovery.recover import RecoverSpec, recover_weights
 
@@ -24,6 +24,8 @@ class RecoverJob:
     recovery: RecoverSpec  # the fine-tune, its text, checkpoints, --resume
     dense: Optional[str] = None  # default: the source recorded with the pruned model
     export_hf: bool = False
+    export_gguf: bool = False
+    gguf_type: str = "f16"  # formats/gguf_export.GGUF_TYPES
     overwrite: bool = False
     eval: Optional[perplexity.EvalConfig] = None
     data_devices: int = 0  # 0: all
@@ -36,6 +38,7 @@ class RecoverJob:
         """Refuses what cannot work, before anything is loaded or created."""
         run_dir.check_resume(self.out_dir, self.recovery.resume, self.overwrite)
         self.recovery.check()
+        gguf_export.check_type(self.gguf_type)
         placement.check_data_devices(self.data_devices)
 
 
@@ -87,6 +90,10 @@ def _checked_ratios(job: RecoverJob, inputs: list, dense_name: str) -> list[floa
     for p in inputs:
         path = p.folder(run_dir.ORBAX)
         config = sources.load_config(path)  # the weights are checked against it when loaded
+        if job.export_gguf:  # the tokenizer is the dense model's (what the outputs record)
+            gguf_file, tokenizer_dir = sources.tokenizer_location(dense_name)
+            gguf_export.check_exportable(config, gguf_file=gguf_file, tokenizer_dir=tokenizer_dir,
+                                         source=path)
         job.recovery.config.check_model(config)
         lineage.check_parent_shapes(config, dense_config, path, dense_name)
         ratios.append(pruned_models.weights_ratio(p.ratio, config.intermediate_size,
@@ -150,8 +157,8 @@ def _recover_all(job: RecoverJob, inputs: list, ratios: list[float], dense_name:
         lineage.check_parent(pruned, dense, path, dense_name)
         # a batch run's items keep their own folders (<name>/[<mode>/]ratio_<r>)
         item = [p.checkpoint] if p.checkpoint else []
-        orbax_dir, hf_dir = run_dir.output_dirs(os.path.join(job.out_dir, *item), ratio,
-                                                folder_mode, job.out_dir)
+        orbax_dir, hf_dir, gguf_dir = run_dir.output_dirs(os.path.join(job.out_dir, *item), ratio,
+                                                          folder_mode, job.out_dir)
         recovered, info = recover_weights(
             pruned, dense, spec, tokenizer=tokenizer, ppl=measure,
             state_dir=os.path.join(job.out_dir, run_dir.RECOVER_STATE, *item,
@@ -181,6 +188,10 @@ def _recover_all(job: RecoverJob, inputs: list, ratios: list[float], dense_name:
             hf_export.export_hf(save_like, hf_dir, model_card=orbax.model_card_fields(meta),
                                 overwrite=True)
             entry.hf_dir = manifest.relative(hf_dir)
+        if job.export_gguf:
+            gguf_export.export_gguf(save_like, gguf_dir, gguf_type=job.gguf_type,
+                                    model_card=orbax.model_card_fields(meta), overwrite=True)
+            entry.gguf_dir = manifest.relative(gguf_dir)
         manifest.record(entry)
         entries.append(entry)
     return entries

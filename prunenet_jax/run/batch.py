@@ -208,6 +208,7 @@ def _prune_one(job: BatchJob, name: str, source: str, params: Optional[dict], po
             job.eval.check_model(config, source)
         if job.outputs.recover is not None:
             job.outputs.recover.check(config, job.ratios)
+        outputs.check_exportable(config, path, revision)
         weights = sources.load_model(path, revision=revision)
         scores = None
         if outputs.needs_scores:

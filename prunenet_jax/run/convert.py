@@ -1,7 +1,7 @@
 """Converting a model between our orbax sliced-model checkpoint and a Hugging Face folder
 (launch.convert): an orbax input becomes an HF folder, anything else `--model` accepts (HF
 folder, .gguf, hub id, `default`) becomes orbax, unless `to` says otherwise. Both directions are
-lossless."""
+lossless. `to="gguf"` writes a folder with one GGUF file (formats/gguf_export.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from absl import logging
 
 from prunenet_jax import pruned_models, sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.formats import orbax, run_dir
+from prunenet_jax.formats import gguf_export, orbax, run_dir
 from prunenet_jax.files import output_folder, run_lock
 from prunenet_jax.weights import dtype_by_name
 
@@ -20,10 +20,11 @@ from prunenet_jax.weights import dtype_by_name
 class ConvertJob:
     input: str
     output: str
-    to: Optional[str] = None  # "hf" or "orbax"; None: the other format than the input's
+    to: Optional[str] = None  # "hf", "orbax" or "gguf"; None: the other of hf/orbax than the input's
     revision: Optional[str] = None
     dtype: Optional[str] = None  # HF output dtype name; None: the source config's
     torch_format: bool = False
+    gguf_type: str = "f16"  # to="gguf": formats/gguf_export.GGUF_TYPES
     overwrite: bool = False
     command: str = ""
     ratio: Optional[float] = None  # --ratio/--mode: which pruned model of a run folder
@@ -35,6 +36,7 @@ class ConvertJob:
         if not self.input or not self.output:
             raise UserError("--input and --output are required, e.g. --input=run/ratio_0.2/orbax "
                             "--output=pruned-hf")
+        gguf_export.check_type(self.gguf_type)
 
     def output_format(self, kind: str) -> str:
         """"hf" or "orbax" for an input of format `kind`; refuses HF-only options for orbax."""
@@ -55,6 +57,10 @@ def convert(job: ConvertJob) -> dict:
     source = job.input if pruned is None else pruned.folder(prefer=run_dir.ORBAX)
     kind, path = sources.resolve_source(source, job.revision)
     to = job.output_format(kind)
+    if to == "gguf":  # refused before the weights are read
+        gguf_file, tokenizer_dir = sources.tokenizer_location(source, job.revision)
+        gguf_export.check_exportable(sources.load_config(source, job.revision), gguf_file=gguf_file,
+                                     tokenizer_dir=tokenizer_dir, source=job.input)
     dtype = None if job.dtype is None else dtype_by_name(job.dtype)
     # the folder read (a run folder's output: --output may lie elsewhere in the run folder)
     inputs = [path] if pruned else [job.input, path]
@@ -76,13 +82,20 @@ def _write(job: ConvertJob, source: str, kind: str, path: str, to: str, dtype, p
     made = {} if pruned is None or pruned.ratio is None else {
         k: v for k, v in (("source", pruned.source), ("ratio", pruned.ratio),
                           ("mode", pruned.mode), ("guard", pruned.guard or None)) if v is not None}
-    if to == "hf":
-
-        from prunenet_jax.formats import hf_export
+    if to in ("hf", "gguf"):
         meta = orbax.read_meta(path) if kind == "orbax" else {"source": job.input, **made}
         card = {**orbax.model_card_fields(meta or {}), "command": job.command}
+    if to == "hf":
+        from prunenet_jax.formats import hf_export
+
         hf_export.export_hf(weights, job.output, model_card=card, dtype=dtype,
-                     torch_format=job.torch_format, overwrite=job.overwrite)
+                            torch_format=job.torch_format, overwrite=job.overwrite)
+    elif to == "gguf":
+        gguf_file = gguf_export.export_gguf(weights, job.output, gguf_type=job.gguf_type,
+                                            model_card=card, overwrite=job.overwrite)
+        return {"input": job.input, "input_format": kind, "output": gguf_file,
+                "output_format": to, "gguf_type": job.gguf_type, "params": weights.num_params(),
+                "intermediate_size": weights.config.intermediate_size}
     else:
         orbax.save_model(job.output, weights, {"converted_from": job.input, **made,
                                                "command": job.command}, overwrite=job.overwrite)

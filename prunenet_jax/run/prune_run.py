@@ -29,7 +29,7 @@ from prunenet_jax.method import sampling, trainer
 from prunenet_jax.method import scores as scores_lib
 from prunenet_jax.method.episode import TrainConfig
 from prunenet_jax.models import registry
-from prunenet_jax.formats import run_dir
+from prunenet_jax.formats import gguf_export, run_dir
 from prunenet_jax.formats.run_dir import Manifest, OutputEntry
 from prunenet_jax.weights import ModelWeights
 
@@ -42,6 +42,8 @@ class OutputOptions:
     seed: int = 42
     export_hf: bool = False
     torch_format: bool = False
+    export_gguf: bool = False
+    gguf_type: str = "f16"  # formats/gguf_export.GGUF_TYPES
     guard: bool = False
     recover: Optional["RecoverSpec"] = None  # --recover_steps: fine-tune each output before writing
 
@@ -52,6 +54,9 @@ class OutputOptions:
                             "--export_hf too")
         if self.export_hf and not out_dir:
             raise UserError("--export_hf needs --out_dir")
+        if self.export_gguf and not out_dir:
+            raise UserError("--export_gguf needs --out_dir")
+        gguf_export.check_type(self.gguf_type)
         rng.check_seed(self.seed)
         if self.recover is not None:
             self.recover.check()
@@ -75,7 +80,17 @@ class OutputOptions:
             policy_lib.fingerprint(params) if mode in prune.POLICY_MODES else None, mode,
             self.seed, self.export_hf, self.torch_format,
             None if self.recover is None else self.recover.recipe(), self.guard,
-            scores.meta["calibration"] if mode in prune.SCORE_MODES and scores else None)
+            scores.meta["calibration"] if mode in prune.SCORE_MODES and scores else None,
+            self.gguf_type if self.export_gguf else None)
+
+    def check_exportable(self, config, source: str, revision: Optional[str] = None) -> None:
+        """With --export_gguf: refuses, before any training, a model whose GGUF file cannot be
+        written (gguf_export.check_exportable)."""
+        if self.export_gguf:
+            gguf_file, tokenizer_dir = sources.tokenizer_location(source, revision)
+            gguf_export.check_exportable(config, gguf_file=gguf_file, tokenizer_dir=tokenizer_dir,
+                                         source=source)
+
 
 
 def selection_note(mode: str, scores=None) -> str:
@@ -259,8 +274,8 @@ def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options
             entry.extra.update(recovered)
             scored = measured
         if out_dir is not None:
-            orbax_dir, hf_dir = run_dir.output_dirs(out_dir, r, options.folder_mode(mode),
-                                                    manifest and manifest.folder)
+            orbax_dir, hf_dir, gguf_dir = run_dir.output_dirs(out_dir, r, options.folder_mode(mode),
+                                                              manifest and manifest.folder)
             rel = manifest.relative if manifest else (lambda p: p)
             orbax.save_model(orbax_dir, pruned, meta, kept=kept, overwrite=True)
             entry.orbax_dir = rel(orbax_dir)
@@ -270,6 +285,10 @@ def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options
                 hf_export.export_hf(pruned, hf_dir, model_card=orbax.model_card_fields(meta),
                              torch_format=options.torch_format, overwrite=True)
                 entry.hf_dir = rel(hf_dir)
+            if options.export_gguf:
+                gguf_export.export_gguf(pruned, gguf_dir, gguf_type=options.gguf_type,
+                                        model_card=orbax.model_card_fields(meta), overwrite=True)
+                entry.gguf_dir = rel(gguf_dir)
         scored = measure(pruned) if scored is None else dict(scored)
         entry.ppl = scored.pop("ppl", None)
         entry.extra.update(scored)
@@ -363,6 +382,7 @@ def _run(job: PruneJob, start_devices) -> Optional[PruneResult]:
         job.eval.check_model(config, job.model)
     if job.outputs.recover is not None:
         job.outputs.recover.check(config, job.ratios)
+    options.check_exportable(config, job.model, job.revision)
     if policy is not None:
         orbax.check_policy_fits(policy[1], config, job.model, job.policy)
     if job.scores and options.needs_scores:
