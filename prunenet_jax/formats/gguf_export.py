@@ -91,14 +91,13 @@ def export_gguf(weights: ModelWeights, out_dir: str, *, gguf_type: str = DEFAULT
     gguf_metadata.check_writable(weights.config, weights.source)
     card = dict(model_card or {})
     name = file_name(weights.source, card)
-    tensors = _plan(weights.config, weights, gguf_type, None)
-    output_folder.check_free_space(out_dir, sum(_nbytes(t) for t in tensors) + 2**24)
     with atomic.staged_dir(out_dir) as tmp:
         path = os.path.join(tmp, name)
         writer = _open(path, weights.config, card, gguf_type, weights.source,
                        gguf_file=weights.gguf_file, tokenizer_dir=weights.tokenizer_dir)
         try:
             tensors = _plan(weights.config, weights, gguf_type, writer.rope_tensors)
+            output_folder.check_free_space(out_dir, sum(_nbytes(t) for t in tensors) + 2**24)
             _warn_fallbacks(tensors, gguf_type)
             _write_header(writer, tensors)
             _check_round_trip(writer, path, tensors, weights.config, weights.source)

@@ -79,6 +79,8 @@ def _refuse_unwritable(cfg: ModelConfig, arch: str, source: str) -> None:
         refuse("q/k LayerNorms (qk_layernorm)")
     if arch == "falcon" and (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
         refuse("Falcon biases (bias: true; llama.cpp's Falcon has none)")
+    if arch == "falcon" and not cfg.parallel:
+        refuse("a sequential Falcon (parallel_attn: false; llama.cpp's Falcon is parallel only)")
     if arch == "gemma3" and cfg.windowed() is not None and cfg.windowed() != _gemma3_pattern(cfg):
         refuse(f"a layer pattern other than Gemma 3's (every {GEMMA3_WINDOW_PERIOD}th layer global)")
     if arch in ("gemma2", "gemma3"):
@@ -195,10 +197,6 @@ def _phi2(w, cfg: ModelConfig, source: str) -> dict:
 
 def _falcon(w, cfg: ModelConfig, source: str) -> dict:
     """FalconModel: attn_qkv rows [q | k | v] ("jploski"); llama.cpp's Falcon is parallel."""
-    if not cfg.parallel:
-        raise UserError(f"{source}: a sequential Falcon (parallel_attn: false) cannot be written as "
-                        "GGUF: llama.cpp's Falcon is parallel attention + MLP only; export it as a "
-                        "Hugging Face folder (--export_hf) instead")
     w.add_tensor_data_layout("jploski")
     _plain_rope(w, cfg, "falcon", source)
     return {}
