@@ -23,7 +23,8 @@ import transformers
 
 from prunenet_jax import prune, sources
 from prunenet_jax.errors import UserError
-from prunenet_jax.formats import gguf as gguf_format, gguf_export, gguf_tokenizer, hf_export
+from prunenet_jax.formats import (gguf as gguf_format, gguf_export, gguf_tokenizer, gguf_vocab,
+                                  hf_export)
 from prunenet_jax.models import decoder
 from tests import test_gguf_families as families_test, tiny_models
 
@@ -284,13 +285,134 @@ def test_tokenizers_we_cannot_convert_are_refused(tmp_path):
     json.dump(tok, open(path, "w"))
     with pytest.raises(UserError, match="pre-tokenizer.*Whitespace"):
         check()
-    tok["model"]["byte_fallback"] = True
+    tok["model"]["type"] = "WordPiece"
     json.dump(tok, open(path, "w"))
-    with pytest.raises(UserError, match="byte fallback"):
+    with pytest.raises(UserError, match="WordPiece tokenizer cannot be converted"):
         check()
     os.remove(path)
     with pytest.raises(UserError, match="no tokenizer.json"):
         check()
+
+
+# Sentencepiece-style HF tokenizers (BPE with byte fallback), as transformers writes them from a
+# tokenizer.model: Metaspace (LLaMA/Mistral), the legacy Prepend+Replace normalizer (LLaMA-2), and
+# Gemma's Replace-only normalizer (no prefix space).
+SPM_VARIANTS = {
+    "metaspace": None,
+    "legacy": ({"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}, None),
+    "gemma": ({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}, None),
+}
+SPM_TEXT = ("Hello wörld! 12345 naïve café — π ≈ 3.14159, 日本語 🙂 tabs\tand   spaces\n\n"
+            "  def f(x): return x ** 2  # 100%\n")
+
+
+def add_sentencepiece_tokenizer(folder, variant, vocab=600):
+    """A sentencepiece BPE (byte fallback, a user-defined <think>) trained on the tutorial text,
+    turned into tokenizer.json by transformers, with the normalizer of `variant`."""
+    import sentencepiece as spm
+
+    from tests.test_gguf_tokenizer import tutorial_text
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tutorial_text(200_000).splitlines()),
+        model_prefix=os.path.join(folder, "sp"), model_type="bpe", vocab_size=vocab,
+        byte_fallback=True, character_coverage=1.0, user_defined_symbols=["<think>"],
+        minloglevel=2)
+    os.replace(os.path.join(folder, "sp.model"), os.path.join(folder, "tokenizer.model"))
+    transformers.LlamaTokenizer.from_pretrained(folder).save_pretrained(folder)
+    os.remove(os.path.join(folder, "tokenizer.model"))  # tokenizer.json alone must be enough
+    if SPM_VARIANTS[variant]:
+        path = os.path.join(folder, "tokenizer.json")
+        tok = json.load(open(path, encoding="utf-8"))
+        tok["normalizer"], tok["pre_tokenizer"] = SPM_VARIANTS[variant]
+        if variant == "gemma":
+            tok["decoder"]["decoders"].pop()  # no prefix space to strip
+        json.dump(tok, open(path, "w", encoding="utf-8"))
+    # tokenizer.json exactly as it is (LlamaTokenizer would rebuild its pre-tokenizer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def spm_exports(tmp_path_factory):
+    """variant -> (HF tokenizer, exported file) for a pruned tiny llama of vocabulary 640."""
+    out = {}
+    for variant in SPM_VARIANTS:
+        tmp = tmp_path_factory.mktemp(f"spm_{variant}")
+        hf = tiny_models.make_hf_model("llama_tied", vocab_size=640, bos_token_id=1,
+                                       eos_token_id=2)
+        folder = tiny_models.save_hf_model(hf, tmp / "hf")
+        want = add_sentencepiece_tokenizer(folder, variant)
+        path = gguf_export.export_gguf(pruned_of(folder), tmp / "gguf", gguf_type="f32")
+        out[variant] = want, path
+    return out
+
+
+def test_sentencepiece_tokenizer_metadata(spm_exports):
+    want, path = spm_exports["metaspace"]
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    assert meta["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in meta
+    tokens, types, scores = (meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "scores"))
+    assert len(tokens) == len(types) == len(scores) == 640
+    vocab = want.get_vocab()
+    assert tokens[:len(vocab)] == sorted(vocab, key=vocab.get)
+    T = gguf.TokenType
+    assert types[vocab["<s>"]] == types[vocab["</s>"]] == T.CONTROL
+    assert types[vocab["<think>"]] == T.USER_DEFINED
+    assert types[vocab["<0x41>"]] == T.BYTE and types[vocab["\u2581the"]] == T.NORMAL
+    assert types[-1] == T.UNUSED and tokens[-1] == "[PAD639]"
+    assert meta["tokenizer.ggml.add_space_prefix"] is True
+    # transformers' LlamaTokenizer adds no BOS here: the file must say so (llama.cpp would add one)
+    assert want("a")["input_ids"][0] != 1
+    assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.add_bos_token"] is False
+    # the first merge makes the best-scoring token; characters score below every merge
+    merges = json.load(open(os.path.join(os.path.dirname(path), "..", "hf",
+                                         "tokenizer.json")))["model"]["merges"]
+    first = "".join(merges[0])
+    assert scores[vocab[first]] == max(scores) == -1.0
+    assert scores[vocab["t"]] < min(scores[vocab["".join(m)]] for m in merges)
+    for variant, prefix in (("legacy", True), ("gemma", False)):
+        reader = gguf.GGUFReader(spm_exports[variant][1])
+        assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is prefix
+
+
+@pytest.mark.parametrize("variant", sorted(SPM_VARIANTS))
+def test_sentencepiece_tokenizer_gives_the_same_ids(spm_exports, variant):
+    """Our reader (which honours add_space_prefix) and, for the prefix-space variants,
+    transformers' GGUF loader, on unicode, digits, runs of spaces and byte-fallback text."""
+    from tests.test_gguf_tokenizer import tutorial_text
+
+    want, path = spm_exports[variant]
+    text = SPM_TEXT + tutorial_text(20_000)
+    ids = want(text)["input_ids"]
+    assert want.convert_tokens_to_ids("<0xF0>") in ids  # the emoji's bytes
+    assert gguf_tokenizer.load_gguf_tokenizer(path)(text)["input_ids"] == ids
+    if variant != "gemma":  # transformers' llama GGUF tokenizer always adds the prefix space
+        out, file = os.path.split(path)
+        assert transformers.AutoTokenizer.from_pretrained(out, gguf_file=file)(text)["input_ids"] == ids
+
+
+def test_sentencepiece_tokenizers_we_cannot_reproduce_are_refused(tmp_path):
+    folder = str(tmp_path)
+    add_sentencepiece_tokenizer(folder, "metaspace")
+    path = os.path.join(folder, "tokenizer.json")
+    tok = json.load(open(path, encoding="utf-8"))
+    tok["normalizer"] = {"type": "NFKC"}
+    json.dump(tok, open(path, "w", encoding="utf-8"))
+    with pytest.raises(UserError, match=r"normalizer/pre-tokenizer \(NFKC \+ Metaspace\)"):
+        gguf_vocab.check_tokenizer(None, folder, folder)
+    tok["normalizer"] = None
+    tok["pre_tokenizer"]["split"] = True
+    tok["model"]["vocab"]["a\u2581b"] = len(tok["model"]["vocab"])
+    json.dump(tok, open(path, "w", encoding="utf-8"))
+    with pytest.raises(UserError, match="spans a word boundary"):
+        gguf_vocab.check_tokenizer(None, folder, folder)
+    tok["model"] = {"type": "Unigram", "vocab": [["a", -1.0]]}
+    json.dump(tok, open(path, "w", encoding="utf-8"))
+    with pytest.raises(UserError, match="a Unigram tokenizer cannot be converted"):
+        gguf_vocab.check_tokenizer(None, folder, folder)
 
 
 def test_a_failed_write_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):

@@ -1,21 +1,29 @@
 """The tokenizer a GGUF export carries: llama.cpp's `tokenizer.*` metadata.
 
 - From a GGUF source, every `tokenizer.*` key is copied as the source holds it (type and bytes).
-- From a Hugging Face folder, a byte-level BPE `tokenizer.json` (GPT-2 style: SmolLM, Llama 3,
-  Qwen, GPT-NeoX, Falcon, Phi-2) is converted as llama.cpp's converter does it: tokens in id
-  order padded to the vocabulary size with `[PAD<i>]` (unused), token types (added special tokens
-  control, other added tokens user-defined), the merges, special token ids, add-BOS/EOS flags and
-  the chat template (gguf.vocab.SpecialVocab), and `tokenizer.ggml.pre`, the name llama.cpp gives
-  the pre-tokenizer. llama.cpp's converter finds that name by hashing the tokenizer's output on a
-  test text; we read the pre-tokenizer itself from tokenizer.json and know the common ones
-  (`PRE_TOKENIZERS`). Anything else (sentencepiece-style vocabularies of an HF folder, an unknown
-  pre-tokenizer, no tokenizer) is refused by `check_tokenizer` before any work, naming what is
-  missing: a GGUF source of the same model carries its tokenizer whole.
+- From a Hugging Face folder, `tokenizer.json` is converted as llama.cpp's converter does it:
+  tokens in id order padded to the vocabulary size with `[PAD<i>]` (unused), token types (added
+  special tokens control, other added tokens user-defined), special token ids, add-BOS/EOS flags
+  and the chat template (gguf.vocab.SpecialVocab). Two kinds:
+  - byte-level BPE (`gpt2`: SmolLM, Llama 3, Qwen, GPT-NeoX, Falcon, Phi-2): the merges, and
+    `tokenizer.ggml.pre`, the name llama.cpp gives the pre-tokenizer. llama.cpp's converter finds
+    that name by hashing the tokenizer's output on a test text; we read the pre-tokenizer itself
+    from tokenizer.json and know the common ones (`PRE_TOKENIZERS`).
+  - sentencepiece-style BPE with byte fallback (`llama`: LLaMA-2, Mistral, Gemma, Phi-3): llama.cpp
+    applies no merges here but merges the adjacent pair whose joined token scores highest, so each
+    token's score is minus the rank of the first merge that makes it (`spm_scores`); `<0xNN>`
+    tokens are bytes, the unknown token unknown, and `add_space_prefix` is read from the
+    normalizer/pre-tokenizer (`_space_prefix`). gguf.vocab.LlamaHfVocab gives every token the
+    score -1000, which llama.cpp would tokenize as characters, so this is written here.
+  Anything else (Unigram or WordPiece models, an unknown pre-tokenizer or normalizer, no
+  tokenizer) is refused by `check_tokenizer` before any work, naming what is missing: a GGUF source
+  of the same model carries its tokenizer whole.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional
 
 from prunenet_jax.errors import UserError
@@ -53,12 +61,26 @@ def add_tokenizer(writer, gguf_file: Optional[str], tokenizer_dir: Optional[str]
     import gguf
 
     tok = _hf_tokenizer(tokenizer_dir, source)
-    tokens, types = _bpe_tokens(tok, vocab_size, source)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_name(tok, source))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size)
+    tokens, types = _tokens(tok, vocab_size, source)
+    sentencepiece = _is_sentencepiece(tok)
+    if sentencepiece:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(spm_scores(tok, tokens))
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(_space_prefix(tok, source))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_name(tok, source))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+    # llama.cpp's sentencepiece tokenizer ignores merges (scores decide), so none are written
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=not sentencepiece, n_vocab=vocab_size)
+    # SpecialVocab says nothing when the tokenizer adds no BOS/EOS, and llama.cpp then adds a BOS
+    # to a sentencepiece vocabulary: say "no" explicitly
+    for kind in ("bos", "eos"):
+        special.add_special_token.setdefault(kind, False)
     special.add_to_gguf(writer, quiet=True)
 
 
@@ -101,14 +123,21 @@ def _hf_tokenizer(tokenizer_dir: Optional[str], source: str) -> dict:
                         "model's source") from None
     byte_level = (model.get("type") == "BPE" and not model.get("byte_fallback", False)
                   and (tok.get("decoder") or {}).get("type") == "ByteLevel")
-    if not byte_level:
-        raise UserError(f"{path}: a {model.get('type')} tokenizer"
-                        f"{' with byte fallback (sentencepiece style)' * bool(model.get('byte_fallback'))}"
-                        " cannot be converted to GGUF here (byte-level BPE only); prune the "
-                        "model's GGUF file instead (its tokenizer is copied), or convert the "
-                        "exported HF folder with llama.cpp's convert_hf_to_gguf.py")
-    _pre_name(tok, path)
+    if _is_sentencepiece(tok):
+        _space_prefix(tok, path)
+    elif byte_level:
+        _pre_name(tok, path)
+    else:
+        raise UserError(f"{path}: a {model.get('type')} tokenizer cannot be converted to GGUF here "
+                        "(byte-level BPE and sentencepiece-style BPE with byte fallback only); "
+                        "prune the model's GGUF file instead (its tokenizer is copied), or convert "
+                        "the exported HF folder with llama.cpp's convert_hf_to_gguf.py")
     return tok
+
+
+def _is_sentencepiece(tok: dict) -> bool:
+    model = tok["model"]
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
 
 
 def _describe(pre: Optional[dict]) -> tuple:
@@ -138,9 +167,12 @@ def _pre_name(tok: dict, source: str) -> str:
     return PRE_TOKENIZERS[steps]
 
 
-def _bpe_tokens(tok: dict, vocab_size: int, source: str) -> tuple[list, list]:
+def _tokens(tok: dict, vocab_size: int, source: str) -> tuple[list, list]:
     """Tokens in id order padded to vocab_size, and their llama.cpp token types."""
     import gguf
+
+    sentencepiece = _is_sentencepiece(tok)
+    unknown = tok["model"].get("unk_token")
 
     by_id = {int(i): t for t, i in tok["model"].get("vocab", {}).items()}
     added = {int(a["id"]): a for a in tok.get("added_tokens", [])}
@@ -155,9 +187,74 @@ def _bpe_tokens(tok: dict, vocab_size: int, source: str) -> tuple[list, list]:
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(by_id[i])
-        if i in added:
+        if sentencepiece and by_id[i] == unknown:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added:
             types.append(gguf.TokenType.CONTROL if added[i].get("special")
                          else gguf.TokenType.USER_DEFINED)
+        elif sentencepiece and _BYTE_TOKEN.fullmatch(by_id[i]):
+            types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_SPACE = "\u2581"  # sentencepiece's visible space
+
+
+def spm_scores(tok: dict, tokens: list[str]) -> list[float]:
+    """llama.cpp's scores for a sentencepiece-style BPE: the token a merge of rank r makes scores
+    -(r + 1), so the highest-scoring adjacent pair is the merge HF's BPE applies first; tokens no
+    merge makes (characters, bytes, specials, padding) score below every merge, in id order, and
+    never decide a merge (llama.cpp only scores joined pairs)."""
+    first_rank = {}
+    for rank, merge in enumerate(tok["model"].get("merges") or ()):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        first_rank.setdefault(left + right, rank)
+    floor = -float(len(first_rank) + 1)
+    return [-float(first_rank[t] + 1) if t in first_rank else floor - i
+            for i, t in enumerate(tokens)]
+
+
+def _space_prefix(tok: dict, source: str) -> bool:
+    """Whether the tokenizer puts a space before the text (llama.cpp's add_space_prefix), from the
+    forms HF writes for sentencepiece models: a Prepend("▁") + Replace(" ", "▁") normalizer
+    (LLaMA-2 legacy), a Replace-only normalizer (Gemma), or a Metaspace pre-tokenizer (newer
+    LLaMA/Mistral). Other normalizers or pre-tokenizers would change text llama.cpp does not."""
+    steps = _steps(tok.get("normalizer"), "normalizers")
+    pre = tok.get("pre_tokenizer")
+    replaces = [s for s in steps if s.get("type") == "Replace"]
+    prepends = [s for s in steps if s.get("type") == "Prepend"]
+    known = (all((s.get("pattern") or {}).get("String") == " " and s.get("content") == _SPACE
+                 for s in replaces)
+             and all(s.get("prepend") == _SPACE for s in prepends)
+             and len(replaces) + len(prepends) == len(steps))
+    metaspace = pre and pre.get("type") == "Metaspace" and pre.get("replacement") == _SPACE
+    if not known or (pre and not metaspace) or not (replaces or metaspace):
+        what = [s.get("type") for s in steps] + ([pre.get("type")] if pre else [])
+        raise UserError(f"{source}: a sentencepiece-style tokenizer whose normalizer/pre-tokenizer "
+                        f"({' + '.join(map(str, what)) or 'none'}) llama.cpp cannot reproduce "
+                        "(known: Prepend/Replace of ' ' by '▁', or Metaspace); prune the model's "
+                        "GGUF file instead (its tokenizer is copied), or convert the exported HF "
+                        "folder with llama.cpp's convert_hf_to_gguf.py")
+    if metaspace and pre.get("split", False):
+        # HF then never merges across words, llama.cpp might: the same only if no token has an
+        # inner "▁"
+        inner = next((t for t in tok["model"].get("vocab", {}) if _SPACE in t.lstrip(_SPACE)), None)
+        if inner is not None:
+            raise UserError(f"{source}: its Metaspace pre-tokenizer splits words, but token "
+                            f"{inner!r} spans a word boundary, which llama.cpp would merge; "
+                            "prune the model's GGUF file instead (its tokenizer is copied)")
+    if metaspace:
+        scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+        return scheme != "never"
+    return bool(prepends)
+
+
+def _steps(node: Optional[dict], key: str) -> list[dict]:
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [s for child in node.get(key, []) for s in _steps(child, key)]
+    return [node]
