@@ -9,6 +9,7 @@ of the H x I fit and the I x I inverse). Random symmetric positive definite G; f
 import argparse
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -21,7 +22,6 @@ def main():
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from prunenet_jax.method import compensation
 

@@ -63,18 +63,13 @@ def add_tokenizer(writer, gguf_file: Optional[str], tokenizer_dir: Optional[str]
     tok = _hf_tokenizer(tokenizer_dir, source)
     tokens, types = _tokens(tok, vocab_size, source)
     sentencepiece = _is_sentencepiece(tok)
+    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+    writer.add_tokenizer_pre("default" if sentencepiece else _pre_name(tok, source))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
     if sentencepiece:
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
         writer.add_token_scores(spm_scores(tok, tokens))
-        writer.add_token_types(types)
         writer.add_add_space_prefix(_space_prefix(tok, source))
-    else:
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(_pre_name(tok, source))
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
     # llama.cpp's sentencepiece tokenizer ignores merges (scores decide), so none are written
     special = gguf.SpecialVocab(tokenizer_dir, load_merges=not sentencepiece, n_vocab=vocab_size)
     # SpecialVocab says nothing when the tokenizer adds no BOS/EOS, and llama.cpp then adds a BOS
@@ -142,19 +137,19 @@ def _is_sentencepiece(tok: dict) -> bool:
 
 def _describe(pre: Optional[dict]) -> tuple:
     """A pre-tokenizer as a tuple of its steps' kinds (a Split with its regex)."""
-    if not pre:
-        return ()
-    kind = pre.get("type")
-    if kind == "Sequence":
-        return tuple(step for p in pre.get("pretokenizers", []) for step in _describe(p))
+    return tuple(_kind(step) for step in _steps(pre, "pretokenizers"))
+
+
+def _kind(step: dict) -> str:
+    kind = step.get("type")
     if kind == "ByteLevel":
-        return ("bytelevel" if pre.get("use_regex", True) else "bytelevel-noregex",)
+        return "bytelevel" if step.get("use_regex", True) else "bytelevel-noregex"
     if kind == "Digits":
-        return ("digits",) if pre.get("individual_digits") else ("digits-grouped",)
+        return "digits" if step.get("individual_digits") else "digits-grouped"
     if kind == "Split":
-        pattern = pre.get("pattern") or {}
-        return (f"split:{pattern.get('Regex', pattern.get('String'))}",)
-    return (kind,)
+        pattern = step.get("pattern") or {}
+        return f"split:{pattern.get('Regex', pattern.get('String'))}"
+    return kind
 
 
 def _pre_name(tok: dict, source: str) -> str:
@@ -253,6 +248,7 @@ def _space_prefix(tok: dict, source: str) -> bool:
 
 
 def _steps(node: Optional[dict], key: str) -> list[dict]:
+    """A normalizer or pre-tokenizer as the flat list of its steps (Sequences opened)."""
     if not node:
         return []
     if node.get("type") == "Sequence":
