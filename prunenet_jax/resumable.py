@@ -25,7 +25,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from typing import Callable, Optional
 
 import jax
@@ -182,14 +181,7 @@ class Resumable:
         if self.all_processes and jax.process_index() != 0:
             return
         directory = self.ckpts.directory
-        for _ in range(50):  # the failed save's writer threads may still add files for a moment
-            partial = [os.path.join(directory, n) for n in
-                       (os.listdir(directory) if os.path.isdir(directory) else [])
-                       if ".orbax-checkpoint-tmp" in n]
-            if not partial:
-                break
-            for path in partial:
-                shutil.rmtree(path, ignore_errors=True)
-            time.sleep(0.1)
+        # the failed save's writer threads may still add files for a moment
+        orbax.remove_partial_saves(directory, settle_seconds=5.0)
         with contextlib.suppress(OSError):
             os.rmdir(directory)  # only when empty

@@ -18,6 +18,8 @@ one is complete.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any, Optional
 
 import jax
@@ -166,6 +168,24 @@ def check_policy_fits(meta: dict, config: ModelConfig, source: str, policy_path:
 
 # ----------------------------------------------------------------------------- training state
 
+PARTIAL_SAVE = ".orbax-checkpoint-tmp"  # in the name of a save orbax has not finished
+
+
+def remove_partial_saves(directory: str, settle_seconds: float = 0.0) -> None:
+    """Removes the unfinished saves (`<n>.orbax-checkpoint-tmp*`) in `directory`; with
+    `settle_seconds`, keeps looking that long for files a failed save's writer threads still
+    add."""
+    deadline = time.time() + settle_seconds
+    while True:
+        partial = [os.path.join(directory, n) for n in
+                   (os.listdir(directory) if os.path.isdir(directory) else []) if PARTIAL_SAVE in n]
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True)
+        if not partial or time.time() >= deadline:
+            return
+        time.sleep(0.1)
+
+
 class TrainCheckpoints:
     """The training state after every episode, under `directory` (orbax CheckpointManager, steps =
     episodes done, the latest two kept).
@@ -177,8 +197,11 @@ class TrainCheckpoints:
     def __init__(self, directory: str, run_meta: dict):
         self.directory = os.path.abspath(directory)
         self.run_meta = {"kind": TRAIN_KIND, "format_version": FORMAT_VERSION, **run_meta}
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                               cleanup_tmp_directories=True)
+        if jax.process_index() == 0:
+            # Here, not by orbax's cleanup_tmp_directories: that runs in a thread which can
+            # outlive a run failing at once (and then lists a folder the failure removed).
+            remove_partial_saves(self.directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "history", "meta"))
 

@@ -45,33 +45,40 @@ def compensated_loss(G: np.ndarray, down: np.ndarray, kept: np.ndarray, V: np.nd
     D = np.zeros_like(down)
     D[:, kept] = V
     R = down - D
-    return float(np.einsum("hi,ij,hj->", R, G, R))
+    return float(np.sum((R @ G) * R))  # one matrix product (einsum would loop)
 
 
-def greedy_removal(G: np.ndarray, down: np.ndarray, num_remove: int, ridge: float = 0.0
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def greedy_removal(G: np.ndarray, down: np.ndarray, num_remove: int, ridge: float = 0.0,
+                   block: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(removal order, kept channels sorted, their re-fitted down columns H x kept).
 
-    Ties go to the lowest channel index, so the order is deterministic."""
+    `block` > 1 removes the `block` cheapest channels at once (each costed as if removed alone)
+    with one rank-`block` downdate: V -= V[:, J] P[J, J]^-1 P[J, :], the same for P. About
+    `block` times fewer O(I^2) steps, which makes I = 11,008 (7B) affordable; `block` = 1 is the
+    exact greedy. Ties go to the lowest channel index, so the order is deterministic."""
     G = np.asarray(G, np.float64)
     down = np.asarray(down, np.float64)
     size = G.shape[0]
     if not 0 <= num_remove < size:
         raise ValueError(f"num_remove={num_remove} must be in [0, {size})")
+    if block < 1:
+        raise ValueError(f"block={block} must be at least 1")
     P = np.linalg.inv(G + ridge * np.eye(size))
     # V = down G P; with no ridge V = down exactly (G P = I), which the formula keeps to rounding
     V = down @ (G @ P) if ridge else down.copy()
     alive = np.ones(size, bool)
     order = []
-    for _ in range(num_remove):
+    while len(order) < num_remove:
         diag = np.diag(P)
         cost = np.where(alive, np.einsum("hi,hi->i", V, V) / np.where(alive, diag, 1.0), np.inf)
-        j = int(np.argmin(cost))
-        order.append(j)
-        V -= np.outer(V[:, j], P[j] / P[j, j])
-        P -= np.outer(P[:, j], P[j] / P[j, j])
-        alive[j] = False
-        V[:, j] = 0.0
-        P[j, :] = P[:, j] = 0.0
+        J = np.argsort(cost, kind="stable")[:min(block, num_remove - len(order))]
+        step = np.linalg.solve(P[np.ix_(J, J)], P[J])  # P[J, J]^-1 P[J, :]
+        V -= V[:, J] @ step
+        P -= P[:, J] @ step
+        order.extend(J.tolist())
+        alive[J] = False
+        V[:, J] = 0.0
+        P[J, :] = 0.0
+        P[:, J] = 0.0
     kept = np.flatnonzero(alive)
     return np.asarray(order), kept, V[:, kept]

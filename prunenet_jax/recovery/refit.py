@@ -31,7 +31,7 @@ import scipy.linalg
 from flax import nnx
 
 from prunenet_jax import progress
-from prunenet_jax.models import decoder, registry
+from prunenet_jax.models import decoder, layer_walk, registry
 from prunenet_jax.weights import ModelWeights
 
 RIDGE = 1e-4  # relative to the mean diagonal of G: keeps rarely active channels' weights bounded
@@ -75,15 +75,6 @@ def _residual(G, B, yy, coef) -> float:
     return float(yy - 2 * np.sum(coef * B) + np.sum(coef * (G @ coef)))
 
 
-def _layer(model: decoder.CausalLM, l: int):
-    """(graphdef, state) of decoder layer l, whether the layers are stacked (scanned) or a list."""
-    layers = model.model.layers
-    if isinstance(layers, nnx.List):
-        return nnx.split(layers[l])
-    graphdef, state = nnx.split(layers)
-    return graphdef, jax.tree.map(lambda a: a[l], state)
-
-
 def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.ndarray,
                mask: np.ndarray, batch_size: int = 8, ridge: float = RIDGE
                ) -> tuple[ModelWeights, dict]:
@@ -95,29 +86,18 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
     cfg = pruned.config
     bias = registry.DOWN_BIAS in pruned.layers  # the column-sliced matrix's bias
     pruned_model = decoder.from_named_arrays(cfg, pruned.named_arrays())
-    batches = []  # per batch: the refit path's hidden states, rope, attention mask, valid tokens
-    for start in range(0, len(tokens), batch_size):
-        t = jnp.asarray(tokens[start:start + batch_size])
-        valid = jnp.asarray(mask[start:start + batch_size]).astype(bool)
-        positions, attend = decoder.padded_positions(valid)
-        attend = decoder.with_window(cfg, attend)
-        cos, sin = dense_model.rope(positions)
-        x = dense_model.embed(t, positions)
-        batches.append([x, cos, sin, attend, valid])
+    walk = layer_walk.LayerWalk(dense_model, tokens, mask, batch_size)  # the refit path
     down = np.array(pruned.layers[registry.COLUMN_SLICED], copy=True)  # (L, H, k)
     down_bias = np.array(pruned.layers[registry.DOWN_BIAS], copy=True) if bias else None
     before, after = [], []
     for l in progress.over(range(cfg.num_hidden_layers), "refit", "layer"):
-        dense_def, dense_state = _layer(dense_model, l)
-        pruned_def, pruned_state = _layer(pruned_model, l)
+        dense_def, dense_state = layer_walk.layer_at(dense_model, l)
+        pruned_def, pruned_state = layer_walk.layer_at(pruned_model, l)
         G = B = 0.0
         yy, outs = 0.0, []
-        windowed = cfg.windowed() is not None and cfg.windowed()[l]
-        for x, cos, sin, attend, valid in batches:
+        for x, cos, sin, attend, valid in walk.inputs(l):
             mid, h, (g, bb, y2) = _layer_system(dense_def, pruned_def, bias, dense_state,
-                                                pruned_state, x, decoder.for_layer(cos, windowed),
-                                                decoder.for_layer(sin, windowed),
-                                                decoder.for_layer(attend, windowed), valid)
+                                                pruned_state, x, cos, sin, attend, valid)
             G, B, yy = G + np.asarray(g, np.float64), B + np.asarray(bb, np.float64), yy + float(y2)
             outs.append((mid, h))
         coef = _solve(G, B, bias, ridge)  # (k [+1], H)
@@ -132,7 +112,7 @@ def refit_down(pruned: ModelWeights, dense_model: decoder.CausalLM, tokens: np.n
         if bias:
             down_bias[l] = coef[k].astype(down_bias.dtype)
         coef_device = jnp.asarray(coef, jnp.float32)
-        for b, (mid, h) in zip(batches, outs):
+        for b, (mid, h) in zip(walk.batches, outs):
             b[0] = _apply(pruned_def, pruned_state, mid, h, coef_device)
     layers = {**pruned.layers, registry.COLUMN_SLICED: down}
     if bias:
