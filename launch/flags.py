@@ -29,7 +29,7 @@ _GROUPS: dict[str, list[str]] = {}  # --help heading -> the flags defined under 
 # The headings the launchers share, in --help's order (a launcher's own flags join them with
 # `put_in_group`; a heading of its own comes after these).
 MODEL, PRUNING, OUTPUTS = "model", "pruning", "outputs"
-TRAINING, ENERGY = "policy training (--mode=sample, topk)", "energy scores (--mode=energy)"
+TRAINING, ENERGY = "policy training (--mode=sample, topk)", "energy scores (--mode=energy, compensated)"
 PERPLEXITY, RECOVERY, DEVICES = "perplexity (with --eval_text)", "recovery fine-tuning", "devices"
 _ORDER = (MODEL, PRUNING, OUTPUTS, TRAINING, ENERGY, PERPLEXITY, RECOVERY, DEVICES)
 
@@ -134,7 +134,9 @@ def define_pruning_flags() -> None:
     flags.DEFINE_string("mode", "sample", "How channels are chosen, one mode or a comma list (each "
                         "mode's outputs side by side): sample (PruneNet, the reference's sampling), "
                         "topk (largest policy logits), random (uniform baseline, no policy), energy "
-                        "(largest E[h^2]*||down_j||^2 on calibration tokens; forward passes, no policy)")
+                        "(largest E[h^2]*||down_j||^2 on calibration tokens; forward passes, no "
+                        "policy), compensated (energy's or greedy-OBS channels with the kept "
+                        "down_proj columns re-fitted, chosen per layer on held-out calibration rows)")
     flags.DEFINE_bool("guard", False, "Never drop super channels: log(||gate_j||*||up_j||) more than 6 "
                       "robust z-scores above its layer's median (energy: also peak |h_j| outliers)")
     flags.DEFINE_integer("seed", 42, "Seed of every random draw (policy init, episodes, slicing)")
@@ -156,9 +158,11 @@ def define_pruning_flags() -> None:
         flags.DEFINE_string("calibration", "self", "energy's calibration tokens: self (sampled from "
                             "the dense model, no data) or text files (comma list, globs)")
         flags.DEFINE_integer("calibration_sequences", calibration.Calibration.sequences,
-                             "energy: calibration sequences N")
+                             "energy: calibration sequences N (with compensated in --mode the "
+                             f"default is {calibration.COMPENSATED_POOL[0]})")
         flags.DEFINE_integer("calibration_seq_len", calibration.Calibration.seq_len,
-                             "energy: tokens per calibration sequence T")
+                             "energy: tokens per calibration sequence T (with compensated in --mode "
+                             f"the default is {calibration.COMPENSATED_POOL[1]})")
     with group(OUTPUTS):
         flags.DEFINE_bool("export_hf", False, "Also write each pruned model as a Hugging Face "
                           "folder (ratio_<r>/hf: config.json, safetensors, tokenizer, model card)")
@@ -235,7 +239,7 @@ def warn_ignored_flags(policy_given: bool) -> None:
         why = "--policy is given" if policy_given else f"--mode={FLAGS.mode} trains no policy"
         unused += [(n, why) for n in _GROUPS.get(TRAINING, []) if n != "policy"]
     if not set(modes) & set(prune.SCORE_MODES):
-        unused += [(n, f"--mode={FLAGS.mode} measures no scores (only energy does)")
+        unused += [(n, f"--mode={FLAGS.mode} measures no scores (only energy and compensated do)")
                    for n in _GROUPS.get(ENERGY, []) if n != "scores"]
     if "recover_steps" in FLAGS and not FLAGS.recover_steps:
         unused += [(n, "--recover_steps=0: no recovery runs")
@@ -246,9 +250,13 @@ def warn_ignored_flags(policy_given: bool) -> None:
 
 
 def calibration_config() -> calibration.Calibration:
-    """energy's calibration (checked by the job, when a mode uses it)."""
-    return calibration.Calibration(FLAGS.calibration, FLAGS.calibration_sequences,
-                                   FLAGS.calibration_seq_len, FLAGS.seed)
+    """energy's calibration (checked by the job, when a mode uses it); with compensated in --mode,
+    a size not given defaults to calibration.COMPENSATED_POOL (the fit needs a larger pool)."""
+    pool = (calibration.COMPENSATED_POOL if "compensated" in prune.parse_modes(FLAGS.mode)
+            else (calibration.Calibration.sequences, calibration.Calibration.seq_len))
+    given = lambda name, default: FLAGS[name].value if FLAGS[name].present else default
+    return calibration.Calibration(FLAGS.calibration, given("calibration_sequences", pool[0]),
+                                   given("calibration_seq_len", pool[1]), FLAGS.seed)
 
 
 def eval_settings(dtype_name: str = "float32") -> EvalConfig:

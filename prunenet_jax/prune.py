@@ -4,7 +4,8 @@ the row-sliced tensors (gate/up or fc1, and their biases), columns S of down/fc2
 roles).
 
 Modes: `sample`, `topk` (PruneNet's policy), `random` (uniform, a baseline) and `energy` (the k
-largest scores E[h_j^2] * ||down[:, j]||^2, method/scores.py). A guard (L, I) bool mask, when
+largest scores E[h_j^2] * ||down[:, j]||^2, method/scores.py). `compensated` also changes the kept
+down_proj columns; method/compensated.py selects it and run/prune_run.Selection applies it. A guard (L, I) bool mask, when
 given, is always kept; the other channels are chosen as the mode says among the unguarded ones
 (the guarded get an infinite selection key, so they come first in every top-k)."""
 from __future__ import annotations
@@ -25,9 +26,11 @@ from prunenet_jax.models import families, registry
 from prunenet_jax.weights import ModelWeights
 
 
-MODES = ("sample", "topk", "random", "energy")
+MODES = ("sample", "topk", "random", "energy", "compensated")
 POLICY_MODES = ("sample", "topk")  # the modes that need a trained policy
-SCORE_MODES = ("energy",)  # the modes that need channel scores (forward passes)
+# the modes that need channel scores (forward passes over calibration tokens); `compensated`
+# uses the tokens again, layer by layer (method/compensated.py), and the scores' guard
+SCORE_MODES = ("energy", "compensated")
 
 
 def parse_modes(spec: str) -> tuple[str, ...]:
@@ -75,6 +78,9 @@ def select_channels(params: Optional[policy_lib.Params], W, k: int, mode: str, k
     """
     if mode not in MODES:
         raise UserError(f"--mode={mode} is unknown; use one of {', '.join(MODES)}")
+    if mode == "compensated":
+        raise ValueError("mode compensated chooses its channels with their re-fitted columns: "
+                         "use method/compensated.select (run/prune_run.Selection.prune)")
     if mode == "energy":
         if scores is None:
             raise ValueError("mode energy needs channel scores")

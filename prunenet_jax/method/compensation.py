@@ -18,6 +18,8 @@ Float64 on the host: the downdates lose precision in float32 after thousands of 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 
@@ -49,8 +51,11 @@ def compensated_loss(G: np.ndarray, down: np.ndarray, kept: np.ndarray, V: np.nd
 
 
 def greedy_removal(G: np.ndarray, down: np.ndarray, num_remove: int, ridge: float = 0.0,
-                   block: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   block: int = 1, protected: Optional[np.ndarray] = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(removal order, kept channels sorted, their re-fitted down columns H x kept).
+
+    `protected` (I bool): channels removed only once every other one is (the guard).
 
     `block` > 1 removes the `block` cheapest channels at once (each costed as if removed alone)
     with one rank-`block` downdate: V -= V[:, J] P[J, J]^-1 P[J, :], the same for P. About
@@ -71,6 +76,8 @@ def greedy_removal(G: np.ndarray, down: np.ndarray, num_remove: int, ridge: floa
     while len(order) < num_remove:
         diag = np.diag(P)
         cost = np.where(alive, np.einsum("hi,hi->i", V, V) / np.where(alive, diag, 1.0), np.inf)
+        if protected is not None:  # after every unprotected one, before the removed ones
+            cost = np.where(protected & alive, np.finfo(np.float64).max, cost)
         J = np.argsort(cost, kind="stable")[:min(block, num_remove - len(order))]
         step = np.linalg.solve(P[np.ix_(J, J)], P[J])  # P[J, J]^-1 P[J, :]
         V -= V[:, J] @ step

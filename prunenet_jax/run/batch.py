@@ -75,7 +75,7 @@ class BatchJob:
             run_dir.resumed_outputs(self.out_dir,
                                     run_dir.shard_manifest_name(self.shard_index, self.num_shards))
         if self.outputs.needs_scores:
-            self.calibration.check()
+            self.calibration.check(held_out="compensated" in self.outputs.modes)
         if self.eval is not None:
             self.eval.check()
 
@@ -210,14 +210,15 @@ def _prune_one(job: BatchJob, name: str, source: str, params: Optional[dict], po
             job.outputs.recover.check(config, job.ratios)
         outputs.check_exportable(config, path, revision)
         weights = sources.load_model(path, revision=revision)
-        scores = None
+        scores, folder = None, os.path.join(job.out_dir, name)
         if outputs.needs_scores:
             scores, _ = scores_lib.obtain(weights, job.calibration,
-                                          lambda: sources.load_tokenizer(weights),
-                                          folder=os.path.join(job.out_dir, name))
+                                          lambda: sources.load_tokenizer(weights), folder=folder)
         measure = Measure(weights, job.eval)
         dense = measure.dense or {}
-        prune_at_ratios(weights, Selection(weights, params, outputs, scores), job.ratios, outputs,
+        selection = Selection(weights, params, outputs, scores, lambda: calibration_lib.tokens_for(
+            weights, job.calibration, lambda: sources.load_tokenizer(weights), folder)[0])
+        prune_at_ratios(weights, selection, job.ratios, outputs,
                         out_dir=os.path.join(job.out_dir, name), manifest=manifest, measure=measure,
                         card={"source": source, "command": job.command}, checkpoint=name,
                         extra={"source": source, "dense_ppl": dense.get("ppl"),

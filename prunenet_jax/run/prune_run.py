@@ -11,11 +11,13 @@ atomically after each output, so an interrupted run is resumed by skipping what 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 from absl import logging
 
 from prunenet_jax import prune, rng, sources
@@ -25,7 +27,7 @@ from prunenet_jax import perplexity
 from prunenet_jax.formats import orbax
 from prunenet_jax.method import calibration as calibration_lib
 from prunenet_jax.method import policy as policy_lib
-from prunenet_jax.method import sampling, trainer
+from prunenet_jax.method import compensated, sampling, trainer
 from prunenet_jax.method import scores as scores_lib
 from prunenet_jax.method.episode import TrainConfig
 from prunenet_jax.models import registry
@@ -102,18 +104,42 @@ def selection_note(mode: str, scores=None) -> str:
     cal = scores.meta["calibration"]
     text = ("tokens the dense model generated itself from its start token (no external data)"
             if cal["source"] == calibration_lib.SELF else f"tokens of the text {cal['source']}")
+    if mode == "compensated":
+        return (f"per layer, greedy structured OBS or energy channels with the kept down_proj "
+                f"columns re-fitted, the candidate and its damping chosen on held-out rows of "
+                f"{scores.meta['tokens']} {text}")
     return (f"top-k of E[h_j^2] * ||down[:, j]||^2, measured by forward passes of the dense model "
             f"over {scores.meta['tokens']} {text}")
 
 
 class Selection:
     """Kept channels of one model for every mode and ratio: the policy's, random, or by scores,
-    with the guard when asked for."""
+    with the guard when asked for. `calibration_tokens()`: the scores' calibration tokens
+    (`compensated` walks them layer by layer), called once, when that mode runs."""
 
     def __init__(self, weights: ModelWeights, params: Optional[dict], options: OutputOptions,
-                 scores: Optional[scores_lib.Scores] = None):
+                 scores: Optional[scores_lib.Scores] = None,
+                 calibration_tokens: Optional[Callable[[], np.ndarray]] = None):
         self.weights, self.params, self.options, self.scores = weights, params, options, scores
         self._gate = self._guard = None
+        self._tokens = calibration_tokens and functools.cache(calibration_tokens)
+
+    def prune(self, mode: str, ratio: float) -> tuple[np.ndarray, ModelWeights, dict]:
+        """(kept channels, the pruned model, what the manifest records of the selection)."""
+        if mode != "compensated":
+            kept = self.kept(mode, ratio)
+            return kept, prune.slice_weights(self.weights, kept), {}
+        tokens = self._tokens()
+        if len(tokens) < 2:
+            raise UserError(f"--mode=compensated holds out calibration rows to choose its fit, and "
+                            f"the calibration has {len(tokens)} row; pass --calibration_sequences=2 "
+                            "or more (or a longer --calibration text)")
+        k = sampling.num_kept(self.weights.config.intermediate_size, ratio)
+        kept, columns, info = compensated.select(self.weights, tokens, k, guard=self.guard(mode))
+        pruned = prune.slice_weights(self.weights, kept)
+        pruned = dataclasses.replace(pruned, layers={**pruned.layers,
+                                                     registry.COLUMN_SLICED: columns})
+        return kept, pruned, {"compensation": info}
 
     def guard(self, mode: str):
         if not self.options.guard:
@@ -186,11 +212,11 @@ class PruneJob:
         run_dir.check_resume(self.out_dir, self.resume, self.overwrite)
         self.check_out_dir()
         if self.outputs.needs_scores:
-            self.calibration.check()
+            self.calibration.check(held_out="compensated" in self.outputs.modes)
         elif self.scores:  # it would be silently ignored
             raise UserError(f"--scores={self.scores} is used only by --mode="
                             f"{','.join(prune.SCORE_MODES)}, and --mode={','.join(self.outputs.modes)} "
-                            "uses no scores; add energy to --mode, or drop --scores")
+                            "uses no scores; add energy (or compensated) to --mode, or drop --scores")
         if self.eval is not None:
             self.eval.check()
 
@@ -248,15 +274,14 @@ def prune_at_ratios(weights: ModelWeights, selection: Selection, ratios, options
             entries.append(manifest.find(r, checkpoint, mode))
             on_output(entries[-1])
             continue
-        kept = selection.kept(mode, r)
-        pruned = prune.slice_weights(weights, kept)
+        kept, pruned, selected = selection.prune(mode, r)
         k = int(kept.shape[1])
         meta = {**(card or {}), "policy_fingerprint": made_by["policy_fingerprint"],
                 "mode": mode, "guard": options.guard, "selection": selection_note(mode, selection.scores),
                 "calibration": made_by.get("calibration"), "seed": options.seed, "ratio": r,
                 "kept": k, "params_before": dense_params, "params_after": pruned.num_params()}
         entry = OutputEntry(ratio=r, kept=k, params=pruned.num_params(), checkpoint=checkpoint,
-                            recipe=made_by, extra=dict(extra or {}))
+                            recipe=made_by, extra={**(extra or {}), **selected})
         scored = None
         if options.recover is not None:
             measured = {}
@@ -439,7 +464,8 @@ def _run(job: PruneJob, start_devices) -> Optional[PruneResult]:
         dense_accuracy=dense.get("accuracy"))
     manifest = (Manifest(job.out_dir, header, resume=job.resume, by_mode=len(options.modes) > 1)
                 if job.out_dir else None)
-    selection = Selection(weights, params, options, scores)
+    selection = Selection(weights, params, options, scores, lambda: calibration_lib.tokens_for(
+        weights, job.calibration, lambda: sources.load_tokenizer(weights), job.out_dir)[0])
     rows = prune_at_ratios(weights, selection, job.ratios, options, out_dir=job.out_dir,
                            manifest=manifest, measure=measure,
                            card={"source": job.model, "command": job.command})
