@@ -299,7 +299,7 @@ def test_scores_without_a_mode_that_uses_them_is_refused(modes):
     job = prune_run.PruneJob(model="m", ratios=(0.5,),
                              training=prune_run.Training(TrainConfig(ratio=0.5)),
                              outputs=prune_run.OutputOptions(modes=modes), scores="old/scores")
-    with pytest.raises(UserError, match=f"--scores=old/scores is used only by --mode=energy, and "
+    with pytest.raises(UserError, match=f"--scores=old/scores is used only by --mode=energy,compensated, and "
                                         f"--mode={','.join(modes)} uses no scores"):
         job.check()
 
