@@ -11,7 +11,6 @@ HOWTOs (both in Debian's python3.11-doc), their first --eval_tokens tokens in wi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -53,10 +52,8 @@ def prune_with(method, weights, dense_model, tokens, k, seed, stats, dampings):
             return pruned, {"refit_seconds": info["seconds"]}
         return pruned, {}
     kept, columns, info = compensated.select(weights, tokens, k, dampings=dampings)
-    pruned = prune.slice_weights(weights, kept)
-    layers = {**pruned.layers, registry.COLUMN_SLICED: columns}
     chosen = [(c["candidate"], c["damping"]) for c in info["layers"]]
-    return dataclasses.replace(pruned, layers=layers), {
+    return prune.slice_weights(weights, kept, columns), {
         "chosen": {f"{n}@{d}": chosen.count((n, d)) for n, d in sorted(set(chosen), key=str)}}
 
 

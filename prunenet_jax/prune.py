@@ -111,8 +111,11 @@ def _select(params, W, k, mode, key, guard):
     return sampling.gumbel_top_k(jax.random.fold_in(key, 1), _guarded(log_keep, guard), k)
 
 
-def slice_weights(weights: ModelWeights, indices: np.ndarray) -> ModelWeights:
-    """A new ModelWeights whose layer l keeps intermediate channels indices[l] (shape (L, k)).
+def slice_weights(weights: ModelWeights, indices: np.ndarray,
+                  down_columns: Optional[np.ndarray] = None) -> ModelWeights:
+    """A new ModelWeights whose layer l keeps intermediate channels indices[l] (shape (L, k));
+    `down_columns` (L, H, k): the kept down_proj columns to write instead of the dense ones
+    (compensated's re-fit).
 
     The result is again a plain model of its architecture with `intermediate_size = k`.
     """
@@ -127,8 +130,9 @@ def slice_weights(weights: ModelWeights, indices: np.ndarray) -> ModelWeights:
     for name in registry.row_sliced(weights.config):  # gather the kept channels of each layer
         rows = indices if layers[name].ndim == 2 else indices[:, :, None]
         layers[name] = np.take_along_axis(weights.layers[name], rows, axis=1)
-    layers[registry.COLUMN_SLICED] = np.take_along_axis(
+    layers[registry.COLUMN_SLICED] = (np.take_along_axis(
         weights.layers[registry.COLUMN_SLICED], indices[:, None, :], axis=2)
+        if down_columns is None else down_columns)
     config = dataclasses.replace(weights.config, intermediate_size=k)
     width_key = families.family_of(weights.config.model_type).width_key
     hf_config = {**weights.hf_config, width_key: k}

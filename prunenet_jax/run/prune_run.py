@@ -136,10 +136,7 @@ class Selection:
                             "or more (or a longer --calibration text)")
         k = sampling.num_kept(self.weights.config.intermediate_size, ratio)
         kept, columns, info = compensated.select(self.weights, tokens, k, guard=self.guard(mode))
-        pruned = prune.slice_weights(self.weights, kept)
-        pruned = dataclasses.replace(pruned, layers={**pruned.layers,
-                                                     registry.COLUMN_SLICED: columns})
-        return kept, pruned, {"compensation": info}
+        return kept, prune.slice_weights(self.weights, kept, columns), {"compensation": info}
 
     def guard(self, mode: str):
         if not self.options.guard:
