@@ -241,9 +241,9 @@ def warn_ignored_flags(policy_given: bool) -> None:
     if not set(modes) & set(prune.SCORE_MODES):
         unused += [(n, f"--mode={FLAGS.mode} measures no scores (only energy and compensated do)")
                    for n in _GROUPS.get(ENERGY, []) if n != "scores"]
-    if "recover_steps" in FLAGS and not FLAGS.recover_steps:
+    if "recover_steps" in FLAGS and not recover_steps():
         unused += [(n, "--recover_steps=0: no recovery runs")
-                   for n in _GROUPS.get(RECOVERY, []) if n != "recover_steps"]
+                   for n in _GROUPS.get(RECOVERY, []) if n not in ("recover_steps", "recover")]
     for name, why in unused:
         if name in FLAGS and FLAGS[name].present:
             progress.warning(f"--{name} is ignored: {why}")
@@ -287,7 +287,13 @@ def define_recovery_flags(default_steps: int) -> None:
 
     d = RecoverConfig()
     flags.DEFINE_integer("recover_steps", default_steps, "Recovery fine-tuning steps"
-                         + (" (0: none)" if default_steps == 0 else ""))
+                         + (" (0: none; --recover: the default recovery)" if default_steps == 0
+                            else ""))
+    if default_steps == 0:  # the prune launchers: recovery is opt-in
+        flags.DEFINE_bool("recover", False, f"Recover each pruned model with the default recovery "
+                          f"before writing it: the down_proj refit, then {d.steps} LoRA "
+                          f"self-distillation steps on text the dense model samples (no data); "
+                          f"the same as --recover_steps={d.steps}")
     flags.DEFINE_enum("method", d.method, METHODS, "lora: train low-rank factors on q/k/v/o/gate/"
                       "up/down, merged into the weights at the end; full: train every weight")
     flags.DEFINE_enum("objective", d.objective, OBJECTIVES, "distill: KL(dense || pruned) on text "
@@ -325,13 +331,26 @@ def define_recovery_flags(default_steps: int) -> None:
                          "steps (with an output folder; 0: never)")
 
 
+def recover_steps() -> int:
+    """--recover_steps; on the prune launchers, --recover without it: the default recovery's."""
+    from prunenet_jax.recovery.config import RecoverConfig
+
+    asked = "recover" in FLAGS and FLAGS.recover
+    if not asked or FLAGS["recover_steps"].present and FLAGS.recover_steps:
+        return FLAGS.recover_steps
+    if FLAGS["recover_steps"].present:
+        raise UserError("--recover asks for the default recovery and --recover_steps=0 for none; "
+                        "drop one of them")
+    return RecoverConfig.steps
+
+
 def recover_config():
     """The recovery flags as a recovery.config.RecoverConfig (checked with the RecoverSpec that
     holds it)."""
     from prunenet_jax.recovery.config import RecoverConfig
 
     return RecoverConfig(
-        steps=FLAGS.recover_steps, method=FLAGS.method, objective=FLAGS.objective,
+        steps=recover_steps(), method=FLAGS.method, objective=FLAGS.objective,
         lr=FLAGS.recover_lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay,
         clip_norm=FLAGS.clip_norm, batch_size=FLAGS.train_batch, grad_accum=FLAGS.grad_accum,
         seq_len=FLAGS.train_seq_len, lora_rank=FLAGS.lora_rank, lora_alpha=FLAGS.lora_alpha,
@@ -345,7 +364,7 @@ def recover_spec(resume: bool, optional: bool = True):
     loaded).
     `optional` (launch.prune/batch_prune, --recover_steps): None at 0 steps, or on a launcher
     without the recovery flags; launch.recover always recovers (0 steps: the refit alone)."""
-    if optional and ("recover_steps" not in FLAGS or not FLAGS.recover_steps):
+    if optional and ("recover_steps" not in FLAGS or not recover_steps()):
         return None
     from prunenet_jax.recovery.recover import RecoverSpec
 

@@ -106,3 +106,24 @@ def test_one_calibration_row_is_refused_before_anything_runs(tiny, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--calibration_sequences=1: --mode=compensated holds calibration rows out" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_the_pool_the_scores_were_measured_on_is_walked_without_calibrating_again(tiny, monkeypatch):
+    """Without a run folder nothing saves the pool between the scores and `compensated`: the
+    tokens measured in this process are reused, not sampled a second time."""
+    from prunenet_jax.run import prune_run
+
+    _, weights = tiny
+    cal = calibration.Calibration(sequences=4, seq_len=8, seed=5)
+    measured = scores.measure(weights, cal, tokenizer_fn=lambda: None)
+    assert measured.tokens.shape == (4, 8)
+    calls = []
+    real = calibration.tokens_for
+    monkeypatch.setattr(calibration, "tokens_for", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert prune_run.calibration_tokens(weights, measured, cal, None)() is measured.tokens
+    assert calls == []
+    # scores loaded from a folder carry no tokens: calibrated again, the same tokens (same seed)
+    loaded = scores.Scores(measured.energy, measured.mean_sq, measured.peak, measured.meta)
+    again = prune_run.calibration_tokens(weights, loaded, cal, None)()
+    assert calls == [1]
+    np.testing.assert_array_equal(again, measured.tokens)

@@ -219,3 +219,23 @@ def test_prune_with_recover_steps_equals_prune_then_recover(tmp_path, pruned):
     b = _arrays(str(later / "ratio_0.25" / "orbax"))
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
+
+def test_recover_flag_runs_the_default_recovery_and_refuses_zero_steps(tmp_path, pruned):
+    """--recover on launch.prune is --recover_steps at launch.recover's default; with
+    --recover_steps=0 beside it the run is refused before anything is written."""
+    from prunenet_jax.recovery.config import RecoverConfig
+
+    dense, _ = pruned
+    out = tmp_path / "out"
+    proc = _run("launch.prune", f"--model={dense}", "--ratios=0.25", "--episodes=1",
+                f"--out_dir={out}", "--recover", "--recover_steps=0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--recover asks for the default recovery and --recover_steps=0" in proc.stderr
+    assert not out.exists()
+    proc = _run("launch.prune", f"--model={dense}", "--ratios=0.25", "--episodes=1",
+                f"--out_dir={out}", "--recover", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.load(open(out / "manifest.json"))["outputs"][0]
+    assert entry["recovery"]["steps"] == RecoverConfig.steps == 60
+    assert len(entry["recovery"]["losses"]) == 60

@@ -75,6 +75,9 @@ class Scores:
     mean_sq: np.ndarray  # (L, I) E[h_j^2]
     peak: np.ndarray  # (L, I) max |h_j|
     meta: dict  # tokens, calibration, model, shape
+    # the calibration tokens when measured in this process (not saved): `compensated` walks the
+    # same tokens, and re-sampling a self-generated pool would cost minutes
+    tokens: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple:
@@ -114,7 +117,7 @@ def measure(weights: ModelWeights, cal: calibration_lib.Calibration, tokenizer_f
             "tokens": stats.tokens, "tokens_reused": reused,
             "seconds": {"calibration": round(t1 - t0, 3), "statistics": round(t2 - t1, 3)}}
     return Scores(energy(stats.mean_sq, weights.layers[registry.COLUMN_SLICED]), stats.mean_sq,
-                  stats.peak, meta)
+                  stats.peak, meta, tokens=tokens)
 
 
 def obtain(weights: ModelWeights, cal: calibration_lib.Calibration, tokenizer_fn, *,

@@ -30,8 +30,8 @@ from prunenet_jax.method import trainer
 from prunenet_jax.models import registry
 from prunenet_jax.files import output_folder, run_lock
 from prunenet_jax.formats import run_dir
-from prunenet_jax.run.prune_run import (Measure, OutputOptions, Selection, Training, check_ratios_fit,
-                                        prune_at_ratios)
+from prunenet_jax.run.prune_run import (Measure, OutputOptions, Selection, Training,
+                                        calibration_tokens, check_ratios_fit, prune_at_ratios)
 from prunenet_jax.formats.run_dir import Manifest, OutputEntry
 
 _MAX_LIST_BYTES = 16 * 2**20  # a checkpoint list is a text file, not a model
@@ -216,8 +216,8 @@ def _prune_one(job: BatchJob, name: str, source: str, params: Optional[dict], po
                                           lambda: sources.load_tokenizer(weights), folder=folder)
         measure = Measure(weights, job.eval)
         dense = measure.dense or {}
-        selection = Selection(weights, params, outputs, scores, lambda: calibration_lib.tokens_for(
-            weights, job.calibration, lambda: sources.load_tokenizer(weights), folder)[0])
+        selection = Selection(weights, params, outputs, scores,
+                              calibration_tokens(weights, scores, job.calibration, folder))
         prune_at_ratios(weights, selection, job.ratios, outputs,
                         out_dir=os.path.join(job.out_dir, name), manifest=manifest, measure=measure,
                         card={"source": source, "command": job.command}, checkpoint=name,

@@ -112,6 +112,18 @@ def selection_note(mode: str, scores=None) -> str:
             f"over {scores.meta['tokens']} {text}")
 
 
+def calibration_tokens(weights: ModelWeights, scores: Optional[scores_lib.Scores],
+                       cal: calibration_lib.Calibration, folder: Optional[str]):
+    """What `Selection` calls for the calibration tokens: the ones the scores were just measured
+    on, else those saved in `folder`, else calibrated again (same seed, same tokens)."""
+    def tokens():
+        if scores is not None and scores.tokens is not None:
+            return scores.tokens
+        return calibration_lib.tokens_for(weights, cal, lambda: sources.load_tokenizer(weights),
+                                          folder)[0]
+    return tokens
+
+
 class Selection:
     """Kept channels of one model for every mode and ratio: the policy's, random, or by scores,
     with the guard when asked for. `calibration_tokens()`: the scores' calibration tokens
@@ -461,8 +473,8 @@ def _run(job: PruneJob, start_devices) -> Optional[PruneResult]:
         dense_accuracy=dense.get("accuracy"))
     manifest = (Manifest(job.out_dir, header, resume=job.resume, by_mode=len(options.modes) > 1)
                 if job.out_dir else None)
-    selection = Selection(weights, params, options, scores, lambda: calibration_lib.tokens_for(
-        weights, job.calibration, lambda: sources.load_tokenizer(weights), job.out_dir)[0])
+    selection = Selection(weights, params, options, scores,
+                          calibration_tokens(weights, scores, job.calibration, job.out_dir))
     rows = prune_at_ratios(weights, selection, job.ratios, options, out_dir=job.out_dir,
                            manifest=manifest, measure=measure,
                            card={"source": job.model, "command": job.command})
