@@ -8,7 +8,8 @@ to a width that is not a multiple of 32 and exported; the file is read back
   export): the same tensors under the same names and the same architecture metadata;
 - by transformers' own GGUF loader, for the architectures it reads as we do: logits equal to our
   pruned model's in f32, token ids equal to the HF tokenizer's.
-The default model (a GGUF source: tokenizer copied) is exported in every type, and the launchers'
+The default model (a GGUF source: tokenizer copied) is exported as f16 and q8_0 (every float type
+on a tiny model), and the launchers'
 --export_gguf / --to=gguf, the refusals before training and the atomic write are checked.
 """
 import json
@@ -16,6 +17,7 @@ import os
 
 import gguf
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -222,8 +224,10 @@ ENGLISH = ("Python is an easy to learn, powerful programming language. It has ef
            "it an ideal language for scripting and rapid application development in many areas.")
 
 
-@pytest.mark.parametrize("gguf_type", gguf_export.GGUF_TYPES)
-def test_default_model_every_type(tmp_path, default_pruned, gguf_type):
+# The real model in the default type and the quantised one (f32 and bf16: the tiny test below and
+# the tiny families above; each real-model type costs about a minute of the suite).
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_default_model_f16_and_q8_0(tmp_path, default_pruned, gguf_type):
     path = gguf_export.export_gguf(default_pruned, tmp_path / "gguf", gguf_type=gguf_type,
                                    model_card={"source": "default", "ratio": 0.3})
     out, file = os.path.split(path)
@@ -253,6 +257,19 @@ def test_default_model_every_type(tmp_path, default_pruned, gguf_type):
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
                 "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id"):
         assert r.fields[key].contents() == src.fields[key].contents(), key
+
+
+@pytest.mark.parametrize("gguf_type, dtype", [("f32", np.float32), ("f16", np.float16),
+                                              ("bf16", ml_dtypes.bfloat16)])
+def test_each_float_type_reads_back_as_the_rounded_weights(tmp_path, gguf_type, dtype):
+    """Matrices come back as the weights rounded to the type (q/k permuted and back: the rounding
+    is per value), norms and biases exactly (always f32)."""
+    pruned = pruned_of(tiny_folder(tmp_path, "llama3_rope_bias"))
+    back = dict(sources.load_model(gguf_export.export_gguf(pruned, tmp_path / "gguf",
+                                                           gguf_type=gguf_type)).named_arrays())
+    for name, arr in pruned.named_arrays():
+        want = arr.astype(dtype).astype(np.float32) if arr.ndim == 2 else arr
+        np.testing.assert_array_equal(back[name], want, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- refusals
