@@ -272,6 +272,18 @@ def test_each_float_type_reads_back_as_the_rounded_weights(tmp_path, gguf_type, 
         np.testing.assert_array_equal(back[name], want, err_msg=name)
 
 
+@pytest.mark.parametrize("gguf_type", ["q8_0", "bf16"])
+def test_tensors_written_in_row_blocks_are_the_same_bytes(tmp_path, monkeypatch, gguf_type):
+    """Embeddings, head and FFN matrices are cast and encoded a block of rows at a time: with
+    blocks of two rows (one of a down projection), the file is byte for byte the one written in
+    one block."""
+    pruned = pruned_of(tiny_folder(tmp_path, "llama_gqa_untied"))
+    whole = gguf_export.export_gguf(pruned, tmp_path / "whole", gguf_type=gguf_type)
+    monkeypatch.setattr(gguf_export, "BLOCK_BYTES", 4 * 64)  # two float32 rows of hidden size 32
+    rows = gguf_export.export_gguf(pruned, tmp_path / "rows", gguf_type=gguf_type)
+    assert open(whole, "rb").read() == open(rows, "rb").read()
+
+
 # ----------------------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("name, overrides, words", [

@@ -10,8 +10,10 @@ whose rows are not whole 32-value blocks (a down projection pruned to a width th
 multiple of 32) falls back to f16, as the converter does.
 
 Streaming: the header (metadata and every tensor's name, shape and type) is written first, then
-each tensor is made from the model (cast, transformed, fused, quantised) just before it is written,
-so memory holds the model plus one tensor. Before any tensor data, the written metadata is read
+each tensor is made from the model (cast, transformed, fused, quantised) just before it is written.
+A tensor stored as the model holds it (embeddings, head, FFN matrices: the largest) is cast and
+encoded BLOCK_BYTES of float32 rows at a time; only transformed or fused ones (q/k, norms, fused
+q/k/v) are made whole, so memory holds the model plus about one attention matrix. Before any tensor data, the written metadata is read
 back with our own GGUF reader and the model it describes is compared with the source's: a field
 the file would not carry is refused then. The file is written in a staged folder renamed into
 place when complete (files/atomic.py), so a partial file never looks finished.
@@ -49,12 +51,18 @@ TYPE_HELP = ("GGUF tensor type of the matrices (norms and biases stay f32): f16 
              "back to f16), f32 (exact)")
 
 
+BLOCK_BYTES = 16 * 2**20  # float32 rows cast and encoded at a time (a tensor stored as it is)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tensor:
     name: str
     shape: tuple  # numpy (HF) order
     qtype: object  # gguf.GGMLQuantizationType
     make: Callable[[], np.ndarray]  # float32, HF layout, llama.cpp's transforms applied
+    # the model's own array when the file stores it only cast (no transform, not fused): written
+    # a block of rows at a time, never whole in float32
+    stored: Optional[Callable[[], np.ndarray]] = None
 
 
 def check_exportable(config: ModelConfig, *, gguf_file: Optional[str],
@@ -194,14 +202,19 @@ def _plan(config: ModelConfig, weights: Optional[ModelWeights], gguf_type: str,
              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
 
     def tensor(name, shape, make):
-        return _Tensor(name, tuple(shape), _type_of(name, shape, qtype), make)
+        stored = getattr(make, "stored", None)
+        return _Tensor(name, tuple(shape), _type_of(name, shape, qtype), make, stored)
 
     def source(canonical, layer=None):
+        def stored():
+            return (weights.globals[canonical] if layer is None
+                    else weights.layers[canonical][layer])
+
         def make():
-            arr = (weights.globals[canonical] if layer is None
-                   else weights.layers[canonical][layer])
-            arr = np.asarray(arr, dtype=np.float32)
+            arr = np.asarray(stored(), dtype=np.float32)
             return to_file[canonical](arr) if canonical in to_file else arr
+        if canonical not in to_file:
+            make.stored = stored
         return make
 
     out = [tensor(n, a.shape, lambda a=a: a) for n, a in (extra or {}).items()]
@@ -381,10 +394,34 @@ def _write_tensors(writer, tensors: list[_Tensor], name: str) -> None:
     bar = progress.counter(sum(_nbytes(t) for t in tensors), f"writing {name}", "B",
                            unit_scale=True, unit_divisor=1024)
     for t in tensors:
-        data = _encode(t, t.make())
+        data = _encode(t, t.make()) if t.stored is None else _RowBlocks(t)
         writer.write_tensor_data(data)
         bar.update(data.nbytes)
         del data
     bar.close()
     writer.fout[0].flush()
     os.fsync(writer.fout[0].fileno())
+
+
+class _RowBlocks:
+    """A stored-as-is tensor as the writer takes an array (`nbytes`, `tofile`), cast and encoded
+    BLOCK_BYTES of float32 rows at a time: the same bytes as encoding it whole (every type's
+    blocks lie within a row)."""
+
+    def __init__(self, t: _Tensor):
+        self.t, self.nbytes = t, _nbytes(t)
+
+    def tofile(self, f) -> None:
+        arr = self.t.stored()
+        if tuple(arr.shape) != self.t.shape:
+            raise AssertionError(f"{self.t.name}: stored {arr.shape}, planned {self.t.shape}")
+        rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1 else arr.reshape(1, -1)
+        step = max(1, BLOCK_BYTES // (4 * rows.shape[1]))
+        written = 0
+        for start in range(0, rows.shape[0], step):
+            block = np.asarray(rows[start:start + step], dtype=np.float32)
+            data = _encode(dataclasses.replace(self.t, shape=block.shape), block)
+            data.tofile(f)
+            written += data.nbytes
+        if written != self.nbytes:
+            raise AssertionError(f"{self.t.name}: wrote {written} bytes, planned {self.nbytes}")
