@@ -13,9 +13,9 @@ Streaming: the header (metadata and every tensor's name, shape and type) is writ
 each tensor is made from the model (cast, transformed, fused, quantised) just before it is written.
 A tensor stored as the model holds it (embeddings, head, FFN matrices: the largest) is cast and
 encoded BLOCK_BYTES of float32 rows at a time; only transformed or fused ones (q/k, norms, fused
-q/k/v) are made whole, so memory holds the model plus about one attention matrix. Before any tensor data, the written metadata is read
-back with our own GGUF reader and the model it describes is compared with the source's: a field
-the file would not carry is refused then. The file is written in a staged folder renamed into
+q/k/v) are made whole, so memory holds the model plus about one attention matrix. Before any
+tensor data, the written metadata is read back with our own GGUF reader and the model it
+describes is compared with the source's: a field the file would not carry is refused then. The file is written in a staged folder renamed into
 place when complete (files/atomic.py), so a partial file never looks finished.
 """
 from __future__ import annotations
