@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_episode import ensure_reference  # noqa: E402
+from bench_episode import build_reference  # noqa: E402
 
 PHASES = ("select", "slice", "orbax", "hf_export")
 
@@ -274,7 +274,7 @@ def main() -> None:
         if not args.out_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
     if args.reference and os.path.exists(os.path.join(args.ref_venv, "bin", "python")):
-        ensure_reference(args.ref_venv, args.model_dir)
+        build_reference(args.ref_venv, args.model_dir)
         result["reference"] = ref = time_reference(args.ref_venv, args.model_dir,
                                                          args.ref_checkpoints or len(checkpoints), ratios)
         print_reference(ref)
